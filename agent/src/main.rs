@@ -1,0 +1,2 @@
+//! weir-agent entry point.
+fn main() {}

@@ -1,0 +1,287 @@
+//! `CachePolicy`: the response cache (in-process L1, Redis L2), the
+//! semantic cache, engine prefix caching and request coalescing.
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{CommonStatus, SecretKeyRef};
+
+/// Caching settings that Models refer to by name.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "weir.dev",
+    version = "v1alpha1",
+    kind = "CachePolicy",
+    namespaced,
+    status = "CachePolicyStatus",
+    shortname = "wcp",
+    category = "weir",
+    printcolumn = r#"{"name":"Cacheable","type":"string","jsonPath":".spec.responseCache.cacheable"}"#,
+    printcolumn = r#"{"name":"Semantic","type":"boolean","jsonPath":".spec.semanticCache.enabled"}"#,
+    printcolumn = r#"{"name":"Models","type":"integer","jsonPath":".status.modelCount"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CachePolicySpec {
+    /// Exact-match response cache.
+    #[serde(default)]
+    pub response_cache: ResponseCacheSpec,
+    /// Cache keyed by meaning of the last user message.
+    #[serde(default)]
+    pub semantic_cache: SemanticCacheSpec,
+    /// Engine reuse of KV blocks for shared prompt prefixes.
+    #[serde(default)]
+    pub prefix_cache: PrefixCacheSpec,
+    /// Identical requests in flight share one generation.
+    #[serde(default)]
+    pub coalescing: CoalescingSpec,
+}
+
+/// Which responses may be cached.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Cacheability {
+    /// Only requests whose output is fixed by their inputs: temperature 0,
+    /// or a seed. Sampled output is never replayed to another client.
+    #[default]
+    DeterministicOnly,
+    /// Every successful response, sampled ones included.
+    All,
+}
+
+/// Exact-match response cache: L1 in process, L2 in Redis.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResponseCacheSpec {
+    /// Whether responses are cached at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Which responses may be cached.
+    #[serde(default)]
+    pub cacheable: Cacheability,
+    /// In-process cache on each agent.
+    #[serde(default)]
+    pub l1: L1CacheSpec,
+    /// Shared Redis cache. Unset disables L2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2: Option<RedisCacheSpec>,
+}
+
+impl Default for ResponseCacheSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cacheable: Cacheability::default(),
+            l1: L1CacheSpec::default(),
+            l2: None,
+        }
+    }
+}
+
+/// Bounds of the in-process cache.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct L1CacheSpec {
+    /// Most cached responses.
+    #[serde(default = "default_l1_entries")]
+    #[schemars(range(min = 1, max = 10000000))]
+    pub max_entries: u64,
+    /// Most bytes of cached responses (a Kubernetes quantity, e.g. `256Mi`).
+    #[serde(default = "default_l1_bytes")]
+    pub max_bytes: Quantity,
+    /// Seconds an entry lives.
+    #[serde(default = "default_l1_ttl")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub ttl_seconds: u32,
+}
+
+impl Default for L1CacheSpec {
+    fn default() -> Self {
+        Self {
+            max_entries: default_l1_entries(),
+            max_bytes: default_l1_bytes(),
+            ttl_seconds: default_l1_ttl(),
+        }
+    }
+}
+
+/// When writes reach Redis.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum WriteMode {
+    /// The response is written before the request completes.
+    #[default]
+    WriteThrough,
+    /// Writes go through a bounded queue; when it is full they are dropped
+    /// and counted.
+    WriteBehind,
+}
+
+/// The shared Redis cache.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisCacheSpec {
+    /// Secret key holding the Redis URL (`redis://` or `rediss://`, with
+    /// credentials if any).
+    pub url_secret_ref: SecretKeyRef,
+    /// Prefix of every key Weir writes.
+    #[serde(default = "default_key_prefix")]
+    #[schemars(length(min = 1, max = 128))]
+    pub key_prefix: String,
+    /// Seconds an entry lives in Redis.
+    #[serde(default = "default_l2_ttl")]
+    #[schemars(range(min = 1, max = 2592000))]
+    pub ttl_seconds: u32,
+    /// Values larger than this many bytes are compressed with zstd.
+    #[serde(default = "default_compress_above")]
+    #[schemars(range(min = 0, max = 67108864))]
+    pub compress_above_bytes: u32,
+    /// When writes reach Redis.
+    #[serde(default)]
+    pub write_mode: WriteMode,
+    /// Capacity of the write-behind queue.
+    #[serde(default = "default_write_queue")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub write_behind_queue: u32,
+    /// Time limit of every Redis call; a slower call is a miss.
+    #[serde(default = "default_redis_timeout")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub timeout_ms: u32,
+}
+
+/// What the semantic cache compares.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum SemanticScope {
+    /// Earlier turns must match exactly; the last user message is compared
+    /// by meaning.
+    #[default]
+    LastUserMessage,
+    /// The whole conversation is embedded and compared by meaning.
+    Conversation,
+}
+
+/// Cache that answers requests whose meaning matches an earlier one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SemanticCacheSpec {
+    /// Off by default: a semantic hit returns an answer to a different
+    /// wording of the question.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Sentence-embedding model (a served Model's name, or a built-in one).
+    #[serde(default = "default_embedding_model")]
+    #[schemars(length(min = 1, max = 253))]
+    pub embedding_model: String,
+    /// Least cosine similarity (0..1) for a hit.
+    #[serde(default = "default_threshold")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub threshold: f64,
+    /// What is compared by meaning.
+    #[serde(default)]
+    pub scope: SemanticScope,
+    /// Most entries in the index.
+    #[serde(default = "default_semantic_entries")]
+    #[schemars(range(min = 1, max = 10000000))]
+    pub max_entries: u64,
+}
+
+impl Default for SemanticCacheSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            embedding_model: default_embedding_model(),
+            threshold: default_threshold(),
+            scope: SemanticScope::default(),
+            max_entries: default_semantic_entries(),
+        }
+    }
+}
+
+/// Engine reuse of KV blocks for shared prompt prefixes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefixCacheSpec {
+    /// Keep and reuse full KV blocks of earlier prompts.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for PrefixCacheSpec {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// Sharing of one generation among identical requests in flight.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CoalescingSpec {
+    /// Identical cacheable requests in flight share one generation.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Most requests sharing one generation; later ones start their own.
+    #[serde(default = "default_subscribers")]
+    #[schemars(range(min = 2, max = 100000))]
+    pub max_subscribers: u32,
+}
+
+impl Default for CoalescingSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_subscribers: default_subscribers(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_l1_entries() -> u64 {
+    10_000
+}
+fn default_l1_bytes() -> Quantity {
+    Quantity("256Mi".to_owned())
+}
+fn default_l1_ttl() -> u32 {
+    600
+}
+fn default_key_prefix() -> String {
+    "weir:".to_owned()
+}
+fn default_l2_ttl() -> u32 {
+    86_400
+}
+fn default_compress_above() -> u32 {
+    1024
+}
+fn default_write_queue() -> u32 {
+    1024
+}
+fn default_redis_timeout() -> u32 {
+    50
+}
+fn default_embedding_model() -> String {
+    "all-MiniLM-L6-v2".to_owned()
+}
+fn default_threshold() -> f64 {
+    0.95
+}
+fn default_semantic_entries() -> u64 {
+    10_000
+}
+fn default_subscribers() -> u32 {
+    1024
+}
+
+/// Observed state of a CachePolicy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CachePolicyStatus {
+    /// Generation and conditions.
+    #[serde(flatten)]
+    pub common: CommonStatus,
+    /// Models that refer to this policy.
+    #[serde(default)]
+    pub model_count: u32,
+}

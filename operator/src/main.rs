@@ -1,0 +1,2 @@
+//! weir-operator entry point.
+fn main() {}
