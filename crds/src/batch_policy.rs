@@ -11,6 +11,7 @@ use crate::common::{CommonStatus, PriorityClass};
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "weir.dev",
+    doc = "Batching, priority, admission queue and circuit breaker settings that Models refer to.",
     version = "v1alpha1",
     kind = "BatchPolicy",
     namespaced,

@@ -12,6 +12,7 @@ use crate::common::{CommonStatus, SecretKeyRef};
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "weir.dev",
+    doc = "Response, semantic and prefix caching and request coalescing settings that Models refer to.",
     version = "v1alpha1",
     kind = "CachePolicy",
     namespaced,

@@ -13,6 +13,7 @@ use crate::common::{CommonStatus, LocalRef, SecretKeyRef};
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "weir.dev",
+    doc = "One public model name spread over member Models or external OpenAI-compatible endpoints.",
     version = "v1alpha1",
     kind = "ModelEnsemble",
     namespaced,
@@ -34,7 +35,10 @@ pub struct ModelEnsembleSpec {
     /// Model name clients put in the `model` field. Defaults to the
     /// object's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    )]
     pub served_name: Option<String>,
     /// The members requests are spread over.
     #[schemars(length(min = 1, max = 32))]
@@ -60,7 +64,10 @@ pub struct ModelEnsembleSpec {
 ]))]
 pub struct EnsembleMember {
     /// Member name, unique in the ensemble; used in status and metrics.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// A Model in this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]

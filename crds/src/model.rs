@@ -14,6 +14,7 @@ use crate::common::{CommonStatus, EngineConfig, LocalRef, SecretKeyRef};
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "weir.dev",
+    doc = "A model to serve: where its weights come from, engine settings, replicas and placement.",
     version = "v1alpha1",
     kind = "Model",
     namespaced,
@@ -34,7 +35,10 @@ pub struct ModelSpec {
     /// Model name clients put in the `model` field of OpenAI requests.
     /// Defaults to the object's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    )]
     pub served_name: Option<String>,
     /// Engine settings: dtype, context length, KV block size, memory share
     /// and batch limits.
@@ -68,7 +72,9 @@ pub struct ModelSpec {
 pub struct ModelSource {
     /// `hf://org/name` (Hugging Face Hub), `file:///path` (a directory on
     /// the node) or `pvc://claim/path` (a directory in a PersistentVolumeClaim).
-    #[schemars(regex(pattern = r"^(hf://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|file:///.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*)$"))]
+    #[schemars(regex(
+        pattern = r"^(hf://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|file:///.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*)$"
+    ))]
     pub uri: String,
     /// Branch, tag or commit for `hf://` sources.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -16,6 +16,7 @@ use crate::model::ModelSource;
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "weir.dev",
+    doc = "The models one GPU node serves (written by the operator) and what its agent reports (written by the agent).",
     version = "v1alpha1",
     kind = "NodeAgent",
     status = "NodeAgentStatus",

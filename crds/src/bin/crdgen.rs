@@ -12,7 +12,9 @@ fn main() -> ExitCode {
         match arg.as_str() {
             "--check" => check = true,
             "-h" | "--help" => {
-                eprintln!("usage: crdgen [--check] [DIR...]   (default DIRs: crds charts/weir/crds)");
+                eprintln!(
+                    "usage: crdgen [--check] [DIR...]   (default DIRs: crds charts/weir/crds)"
+                );
                 return ExitCode::SUCCESS;
             }
             dir => dirs.push(PathBuf::from(dir)),
@@ -38,7 +40,9 @@ fn main() -> ExitCode {
             }
             if check {
                 stale.push(path.display().to_string());
-            } else if let Err(err) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, &text)) {
+            } else if let Err(err) =
+                std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, &text))
+            {
                 eprintln!("crdgen: writing {}: {err}", path.display());
                 return ExitCode::FAILURE;
             } else {
@@ -47,7 +51,10 @@ fn main() -> ExitCode {
         }
     }
     if !stale.is_empty() {
-        eprintln!("crdgen: out of date (run `cargo run -p weir-crds --bin crdgen`): {}", stale.join(", "));
+        eprintln!(
+            "crdgen: out of date (run `cargo run -p weir-crds --bin crdgen`): {}",
+            stale.join(", ")
+        );
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
