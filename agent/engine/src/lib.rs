@@ -1,1 +1,5 @@
-//! Weir inference engine.
+//! Weir's inference engine: the paged KV block pool, the continuous-batching
+//! scheduler, the sampler, the Llama-family model and its backends.
+//!
+//! The engine knows token ids, blocks and tensors; it has no HTTP and no
+//! Kubernetes dependency, so it can be tested and benchmarked alone.
