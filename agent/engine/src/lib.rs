@@ -3,3 +3,12 @@
 //!
 //! The engine knows token ids, blocks and tensors; it has no HTTP and no
 //! Kubernetes dependency, so it can be tested and benchmarked alone.
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod testmodel;
+pub mod weights;
+
+pub use error::{EngineError, Result};

@@ -1,0 +1,309 @@
+//! The CPU backend: f32 math, multithreaded with rayon. It is the reference
+//! the CUDA backend is checked against, and it runs everywhere, CI included.
+//!
+//! Matrix products are written here rather than taken from a BLAS crate so
+//! that the backend stays free of `unsafe`: decode (few rows) is bound by
+//! reading the weights, and a row-parallel dot-product kernel reads each
+//! weight row once per step, which is what that case needs.
+
+use rayon::prelude::*;
+
+use super::{AttentionShape, Backend, BatchLayout, KvCacheShape, RopeTable};
+use crate::error::{EngineError, Result};
+use crate::weights::TensorView;
+
+/// A row-major f32 matrix (`rows × cols`); vectors have one row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// `rows * cols` values.
+    pub data: Vec<f32>,
+}
+
+impl CpuTensor {
+    fn zeros(rows: usize, cols: usize) -> Self {
+        Self {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+}
+
+/// Paged K and V blocks of every layer:
+/// `[layer][block][offset][kv_head][head_dim]`, flattened.
+pub struct CpuKvCache {
+    shape: KvCacheShape,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl CpuKvCache {
+    fn slot_width(&self) -> usize {
+        self.shape.num_kv_heads * self.shape.head_dim
+    }
+}
+
+/// The f32 CPU backend.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+fn shape_err(what: &str, detail: String) -> EngineError {
+    EngineError::Backend(format!("{what}: {detail}"))
+}
+
+/// Dot product with eight independent accumulators, so the compiler can
+/// keep them in one vector register.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_rest) = b.split_at(a8.len());
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuTensor;
+    type KvCache = CpuKvCache;
+    type Batch = BatchLayout;
+    type Rope = RopeTable;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn load_weight(&self, view: &TensorView<'_>) -> Result<CpuTensor> {
+        let (rows, cols) = match view.shape.as_slice() {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            other => return Err(shape_err("load_weight", format!("unsupported rank {other:?}"))),
+        };
+        Ok(CpuTensor {
+            rows,
+            cols,
+            data: view.to_f32(),
+        })
+    }
+
+    fn load_rope(&self, table: &RopeTable) -> Result<RopeTable> {
+        Ok(table.clone())
+    }
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache> {
+        let per_layer = shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim;
+        Ok(CpuKvCache {
+            shape,
+            k: (0..shape.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..shape.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+        })
+    }
+
+    fn prepare(&self, layout: &BatchLayout) -> Result<BatchLayout> {
+        Ok(layout.clone())
+    }
+
+    fn embed(&self, table: &CpuTensor, batch: &BatchLayout) -> Result<CpuTensor> {
+        let mut out = CpuTensor::zeros(batch.token_ids.len(), table.cols);
+        for (row, &id) in out.data.chunks_exact_mut(table.cols).zip(&batch.token_ids) {
+            if id as usize >= table.rows {
+                return Err(shape_err("embed", format!("token {id} ≥ vocab {}", table.rows)));
+            }
+            row.copy_from_slice(table.row(id as usize));
+        }
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        if weight.data.len() != x.cols {
+            return Err(shape_err("rms_norm", format!("{} vs {}", weight.data.len(), x.cols)));
+        }
+        let mut out = x.clone();
+        out.data.par_chunks_exact_mut(x.cols).for_each(|row| {
+            let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+            let scale = 1.0 / (mean_sq + eps).sqrt();
+            for (v, w) in row.iter_mut().zip(&weight.data) {
+                *v = *v * scale * w;
+            }
+        });
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
+        if w.cols != x.cols {
+            return Err(shape_err("linear", format!("x has {} cols, w is {}x{}", x.cols, w.rows, w.cols)));
+        }
+        // Transposed result: one output feature per task, so each weight row
+        // is read once while every activation row stays in cache.
+        let mut out_t = vec![0.0f32; w.rows * x.rows];
+        out_t
+            .par_chunks_exact_mut(x.rows)
+            .enumerate()
+            .for_each(|(j, col)| {
+                let w_row = w.row(j);
+                let b = bias.map_or(0.0, |b| b.data[j]);
+                for (i, out) in col.iter_mut().enumerate() {
+                    *out = dot(x.row(i), w_row) + b;
+                }
+            });
+        let mut out = CpuTensor::zeros(x.rows, w.rows);
+        for j in 0..w.rows {
+            for i in 0..x.rows {
+                out.data[i * w.rows + j] = out_t[j * x.rows + i];
+            }
+        }
+        Ok(out)
+    }
+
+    fn rope(
+        &self,
+        x: &mut CpuTensor,
+        rope: &RopeTable,
+        batch: &BatchLayout,
+        num_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let half = head_dim / 2;
+        if half != rope.half_dim || x.cols != num_heads * head_dim {
+            return Err(shape_err("rope", format!("head_dim {head_dim}, cols {}", x.cols)));
+        }
+        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= rope.max_positions) {
+            return Err(shape_err("rope", format!("position {p} ≥ {}", rope.max_positions)));
+        }
+        x.data
+            .par_chunks_exact_mut(x.cols)
+            .zip(&batch.positions)
+            .for_each(|(row, &pos)| {
+                let cos = &rope.cos[pos as usize * half..][..half];
+                let sin = &rope.sin[pos as usize * half..][..half];
+                for head in row.chunks_exact_mut(head_dim) {
+                    let (lo, hi) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (lo[i], hi[i]);
+                        lo[i] = a * cos[i] - b * sin[i];
+                        hi[i] = b * cos[i] + a * sin[i];
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    fn write_kv(
+        &self,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        batch: &BatchLayout,
+    ) -> Result<()> {
+        let width = cache.slot_width();
+        let slots = cache.shape.num_blocks * cache.shape.block_size;
+        if k.cols != width || v.cols != width {
+            return Err(shape_err("write_kv", format!("{} cols, slot width {width}", k.cols)));
+        }
+        for (row, &slot) in batch.slot_mapping.iter().enumerate() {
+            let slot = slot as usize;
+            if slot >= slots {
+                return Err(shape_err("write_kv", format!("slot {slot} ≥ {slots}")));
+            }
+            cache.k[layer][slot * width..][..width].copy_from_slice(k.row(row));
+            cache.v[layer][slot * width..][..width].copy_from_slice(v.row(row));
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        cache: &CpuKvCache,
+        layer: usize,
+        batch: &BatchLayout,
+        shape: AttentionShape,
+    ) -> Result<CpuTensor> {
+        let AttentionShape { num_heads, num_kv_heads, head_dim } = shape;
+        let group = num_heads / num_kv_heads;
+        let width = cache.slot_width();
+        let bs = cache.shape.block_size;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let (keys, values) = (&cache.k[layer], &cache.v[layer]);
+        // One task per (row, head): the row's position bounds its context.
+        let mut row_seq = vec![0usize; q.rows];
+        for (s, seq) in batch.seqs.iter().enumerate() {
+            if seq.block_table.len() * bs < seq.context_len {
+                return Err(shape_err("attention", format!("sequence {s} has too few blocks")));
+            }
+            row_seq[seq.query_start..seq.query_start + seq.query_len].fill(s);
+        }
+        let mut out = CpuTensor::zeros(q.rows, num_heads * head_dim);
+        out.data
+            .par_chunks_exact_mut(head_dim)
+            .enumerate()
+            .for_each(|(task, out_head)| {
+                let (row, head) = (task / num_heads, task % num_heads);
+                let seq = &batch.seqs[row_seq[row]];
+                let pos = seq.context_len - seq.query_len + (row - seq.query_start);
+                let qh = &q.row(row)[head * head_dim..][..head_dim];
+                let kv_off = (head / group) * head_dim;
+                let slot = |t: usize| seq.block_table[t / bs] as usize * bs + t % bs;
+                let mut scores: Vec<f32> = (0..=pos)
+                    .map(|t| dot(qh, &keys[slot(t) * width + kv_off..][..head_dim]) * scale)
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in &mut scores {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for (t, p) in scores.iter().enumerate() {
+                    let vh = &values[slot(t) * width + kv_off..][..head_dim];
+                    for (o, v) in out_head.iter_mut().zip(vh) {
+                        *o += p / sum * v;
+                    }
+                }
+            });
+        Ok(out)
+    }
+
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+        if gate.data.len() != up.data.len() {
+            return Err(shape_err("silu_mul", format!("{} vs {}", gate.data.len(), up.data.len())));
+        }
+        let mut out = gate.clone();
+        out.data.par_iter_mut().zip(&up.data).for_each(|(g, u)| {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        });
+        Ok(out)
+    }
+
+    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        if x.data.len() != y.data.len() {
+            return Err(shape_err("add_assign", format!("{} vs {}", x.data.len(), y.data.len())));
+        }
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn gather_logits_rows(&self, x: &CpuTensor, batch: &BatchLayout) -> Result<CpuTensor> {
+        let mut out = CpuTensor::zeros(batch.logits_rows.len(), x.cols);
+        for (dst, &row) in out.data.chunks_exact_mut(x.cols).zip(&batch.logits_rows) {
+            dst.copy_from_slice(x.row(row as usize));
+        }
+        Ok(out)
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
+    }
+}

@@ -1,0 +1,201 @@
+//! Safetensors weights of a Hugging Face directory: one `model.safetensors`
+//! or shards listed in `model.safetensors.index.json`, memory-mapped, read
+//! as bf16, f16 or f32 and checked against the shape the model expects.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{EngineError, Result};
+
+/// Element type of a stored tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// bfloat16.
+    BF16,
+    /// IEEE half.
+    F16,
+    /// IEEE single.
+    F32,
+}
+
+/// A tensor as stored: type, shape and little-endian bytes.
+#[derive(Debug)]
+pub struct TensorView<'a> {
+    /// Element type.
+    pub dtype: WeightDtype,
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    /// Raw little-endian data.
+    pub data: &'a [u8],
+}
+
+impl TensorView<'_> {
+    /// The values widened to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self.dtype {
+            WeightDtype::F32 => self
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            WeightDtype::BF16 => self
+                .data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            WeightDtype::F16 => self
+                .data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
+}
+
+/// Every weight file of a model directory, memory-mapped.
+pub struct Weights {
+    dir: PathBuf,
+    files: Vec<(PathBuf, Mmap)>,
+    /// Tensor name → index into `files`.
+    index: HashMap<String, usize>,
+}
+
+impl Weights {
+    /// Opens `dir/model.safetensors`, or the shards that
+    /// `dir/model.safetensors.index.json` lists.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let names: Vec<String> = if index_path.exists() {
+            shard_names(&index_path)?
+        } else if single.exists() {
+            vec!["model.safetensors".to_owned()]
+        } else {
+            return Err(EngineError::Weights {
+                path: dir.to_path_buf(),
+                tensor: "*".into(),
+                message: "neither model.safetensors nor model.safetensors.index.json found"
+                    .into(),
+            });
+        };
+        Self::open_files(dir, names)
+    }
+
+    fn open_files(dir: &Path, names: Vec<String>) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for name in names {
+            let path = dir.join(&name);
+            let file = std::fs::File::open(&path).map_err(|source| EngineError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: the map is read-only; the engine requires that weight
+            // files are not modified while a model is loaded from them.
+            #[allow(unsafe_code)]
+            let map = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let tensors = SafeTensors::deserialize(&map).map_err(|e| EngineError::Weights {
+                path: path.clone(),
+                tensor: "*".into(),
+                message: format!("not a valid safetensors file: {e}"),
+            })?;
+            for tensor_name in tensors.names() {
+                index.insert(tensor_name.to_string(), files.len());
+            }
+            files.push((path, map));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+        })
+    }
+
+    /// Opens one safetensors file (not a model directory).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Self::open_files(&dir, vec![name])
+    }
+
+    /// The tensor `name`, whatever its shape.
+    pub fn get_any(&self, name: &str) -> Result<TensorView<'_>> {
+        self.view(name, None)
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The tensor `name`, checked to have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<TensorView<'_>> {
+        self.view(name, Some(shape))
+    }
+
+    fn view(&self, name: &str, shape: Option<&[usize]>) -> Result<TensorView<'_>> {
+        let err = |message: String| EngineError::Weights {
+            path: self.dir.clone(),
+            tensor: name.to_owned(),
+            message,
+        };
+        let file = *self.index.get(name).ok_or_else(|| err("missing".into()))?;
+        let (path, map) = &self.files[file];
+        let tensors = SafeTensors::deserialize(map).map_err(|e| EngineError::Weights {
+            path: path.clone(),
+            tensor: name.to_owned(),
+            message: e.to_string(),
+        })?;
+        let view = tensors.tensor(name).map_err(|e| err(e.to_string()))?;
+        let dtype = match view.dtype() {
+            Dtype::BF16 => WeightDtype::BF16,
+            Dtype::F16 => WeightDtype::F16,
+            Dtype::F32 => WeightDtype::F32,
+            other => return Err(err(format!("dtype {other:?} is not supported (bf16, f16, f32)"))),
+        };
+        if let Some(shape) = shape
+            && view.shape() != shape
+        {
+            return Err(err(format!("shape {:?}, expected {shape:?}", view.shape())));
+        }
+        Ok(TensorView {
+            dtype,
+            shape: view.shape().to_vec(),
+            data: view.data(),
+        })
+    }
+}
+
+fn shard_names(index_path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index_path).map_err(|source| EngineError::Io {
+        path: index_path.to_path_buf(),
+        source,
+    })?;
+    let err = |message: String| EngineError::Config {
+        path: index_path.to_path_buf(),
+        field: "weight_map".into(),
+        message,
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| err("missing or not an object".into()))?;
+    let mut names = BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| err(format!("`{tensor}` does not name a file")))?;
+        if file.contains('/') || file.contains("..") {
+            return Err(err(format!("shard `{file}` is outside the model directory")));
+        }
+        names.insert(file.to_owned());
+    }
+    Ok(names.into_iter().collect())
+}
