@@ -10,6 +10,9 @@ struct Cli {}
 
 fn main() {
     let _cli = Cli::parse();
-    eprintln!("weir-agent {}: no command yet; run with --help", env!("CARGO_PKG_VERSION"));
+    eprintln!(
+        "weir-agent {}: no command yet; run with --help",
+        env!("CARGO_PKG_VERSION")
+    );
     std::process::exit(2);
 }

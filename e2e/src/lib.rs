@@ -42,5 +42,9 @@ pub async fn cluster_client() -> Option<kube::Client> {
         eprintln!("KUBECONFIG is not set: skipping the cluster suite");
         return None;
     }
-    Some(kube::Client::try_default().await.expect("KUBECONFIG names a reachable cluster"))
+    Some(
+        kube::Client::try_default()
+            .await
+            .expect("KUBECONFIG names a reachable cluster"),
+    )
 }

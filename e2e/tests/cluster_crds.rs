@@ -43,7 +43,10 @@ async fn install_crds(client: &kube::Client) {
             if established {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "CRD {name} never became Established");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "CRD {name} never became Established"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -51,9 +54,14 @@ async fn install_crds(client: &kube::Client) {
 
 #[tokio::test]
 async fn api_server_accepts_crds_and_examples_and_rejects_invalid_ones() {
-    let Some(client) = cluster_client().await else { return };
+    let Some(client) = cluster_client().await else {
+        return;
+    };
     install_crds(&client).await;
-    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
 
     for file in yaml_files(&repo_root().join("charts/weir/examples")) {
         for doc in yaml_docs(&file) {
@@ -61,13 +69,18 @@ async fn api_server_accepts_crds_and_examples_and_rejects_invalid_ones() {
             api_for(&client, &doc)
                 .create(&dry_run, &object)
                 .await
-                .unwrap_or_else(|e| panic!("{}: API server rejected an example: {e}", file.display()));
+                .unwrap_or_else(|e| {
+                    panic!("{}: API server rejected an example: {e}", file.display())
+                });
         }
     }
 
     for file in yaml_files(&repo_root().join("docs/examples/invalid")) {
         let text = std::fs::read_to_string(&file).unwrap();
-        let field = text.lines().find_map(|l| l.strip_prefix("# expect-field: ")).expect("expect-field");
+        let field = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect-field: "))
+            .expect("expect-field");
         let doc = yaml_docs(&file).remove(0);
         let object: DynamicObject = serde_json::from_value(doc.clone()).expect("object");
         match api_for(&client, &doc).create(&dry_run, &object).await {

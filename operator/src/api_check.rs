@@ -7,7 +7,13 @@ use kube::discovery::Discovery;
 use crate::http::State;
 
 /// Kinds the operator needs the API server to serve.
-const KINDS: [&str; 5] = ["Model", "ModelEnsemble", "CachePolicy", "BatchPolicy", "NodeAgent"];
+const KINDS: [&str; 5] = [
+    "Model",
+    "ModelEnsemble",
+    "CachePolicy",
+    "BatchPolicy",
+    "NodeAgent",
+];
 
 /// Kinds of `weir.dev/v1alpha1` missing from the cluster's discovery data.
 pub async fn missing_kinds(client: &kube::Client) -> Result<Vec<&'static str>, kube::Error> {
@@ -20,7 +26,10 @@ pub async fn missing_kinds(client: &kube::Client) -> Result<Vec<&'static str>, k
         .flat_map(|g| g.versioned_resources(weir_crds::VERSION))
         .map(|(resource, _)| resource.kind)
         .collect();
-    Ok(KINDS.into_iter().filter(|k| !served.iter().any(|s| s == k)).collect())
+    Ok(KINDS
+        .into_iter()
+        .filter(|k| !served.iter().any(|s| s == k))
+        .collect())
 }
 
 /// Polls discovery until every Weir kind is served, then marks the

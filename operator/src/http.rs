@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use axum::Router;
 use axum::extract::State as Extract;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -26,8 +26,16 @@ impl State {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("weir_operator");
         let ready_gauge = Gauge::default();
-        registry.register("ready", "1 when the Weir API is installed and the operator can act", ready_gauge.clone());
-        Self { ready: Arc::new(AtomicBool::new(false)), ready_gauge, registry: Arc::new(registry) }
+        registry.register(
+            "ready",
+            "1 when the Weir API is installed and the operator can act",
+            ready_gauge.clone(),
+        );
+        Self {
+            ready: Arc::new(AtomicBool::new(false)),
+            ready_gauge,
+            registry: Arc::new(registry),
+        }
     }
 
     /// Marks the operator ready or not.
@@ -64,7 +72,10 @@ async fn metrics(Extract(state): Extract<State>) -> impl IntoResponse {
     match encode(&mut body, &state.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         )
             .into_response(),
@@ -85,7 +96,9 @@ mod tests {
             .await
             .unwrap();
         let status = response.status();
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
         (status, String::from_utf8(bytes.to_vec()).unwrap())
     }
 
@@ -93,10 +106,23 @@ mod tests {
     async fn ready_follows_the_api_check_and_metrics_report_it() {
         let state = State::new();
         assert_eq!(get(&state, "/health").await.0, StatusCode::OK);
-        assert_eq!(get(&state, "/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(get(&state, "/metrics").await.1.contains("weir_operator_ready 0"));
+        assert_eq!(
+            get(&state, "/ready").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(
+            get(&state, "/metrics")
+                .await
+                .1
+                .contains("weir_operator_ready 0")
+        );
         state.set_ready(true);
         assert_eq!(get(&state, "/ready").await.0, StatusCode::OK);
-        assert!(get(&state, "/metrics").await.1.contains("weir_operator_ready 1"));
+        assert!(
+            get(&state, "/metrics")
+                .await
+                .1
+                .contains("weir_operator_ready 1")
+        );
     }
 }

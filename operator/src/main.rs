@@ -14,7 +14,11 @@ mod http;
 
 /// Command line of the operator.
 #[derive(Parser, Debug)]
-#[command(name = "weir-operator", version, about = "The Weir Kubernetes operator")]
+#[command(
+    name = "weir-operator",
+    version,
+    about = "The Weir Kubernetes operator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -159,12 +159,18 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(err("head_dim", format!("{head_dim} is odd; RoPE needs pairs")));
+            return Err(err(
+                "head_dim",
+                format!("{head_dim} is odd; RoPE needs pairs"),
+            ));
         }
         if let Some(act) = &raw.hidden_act
             && act != "silu"
         {
-            return Err(err("hidden_act", format!("`{act}` is not supported (only silu)")));
+            return Err(err(
+                "hidden_act",
+                format!("`{act}` is not supported (only silu)"),
+            ));
         }
         if raw.mlp_bias == Some(true) {
             return Err(err("mlp_bias", "MLP bias is not supported".into()));
@@ -264,7 +270,9 @@ fn rope_scaling(value: Option<&Value>) -> std::result::Result<RopeScaling, Strin
     };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
@@ -326,16 +334,42 @@ mod tests {
     fn errors_name_file_and_field() {
         let unknown = LLAMA.replace("LlamaForCausalLM", "GPT2LMHeadModel");
         let e = parse(&unknown).unwrap_err().to_string();
-        assert!(e.contains("m/config.json") && e.contains("architectures"), "{e}");
+        assert!(
+            e.contains("m/config.json") && e.contains("architectures"),
+            "{e}"
+        );
         let missing = LLAMA.replace(r#""vocab_size":300,"#, "");
-        assert!(parse(&missing).unwrap_err().to_string().contains("`vocab_size`: missing"));
+        assert!(
+            parse(&missing)
+                .unwrap_err()
+                .to_string()
+                .contains("`vocab_size`: missing")
+        );
         let gqa = LLAMA.replace(r#""num_key_value_heads":2"#, r#""num_key_value_heads":3"#);
-        assert!(parse(&gqa).unwrap_err().to_string().contains("num_key_value_heads"));
-        let act = LLAMA.replace(r#""vocab_size":300"#, r#""vocab_size":300,"hidden_act":"gelu""#);
+        assert!(
+            parse(&gqa)
+                .unwrap_err()
+                .to_string()
+                .contains("num_key_value_heads")
+        );
+        let act = LLAMA.replace(
+            r#""vocab_size":300"#,
+            r#""vocab_size":300,"hidden_act":"gelu""#,
+        );
         assert!(parse(&act).unwrap_err().to_string().contains("hidden_act"));
         let rope = LLAMA.replace("llama3", "yarn");
-        assert!(parse(&rope).unwrap_err().to_string().contains("rope_scaling"));
-        assert!(parse("not json").unwrap_err().to_string().contains("m/config.json"));
+        assert!(
+            parse(&rope)
+                .unwrap_err()
+                .to_string()
+                .contains("rope_scaling")
+        );
+        assert!(
+            parse("not json")
+                .unwrap_err()
+                .to_string()
+                .contains("m/config.json")
+        );
     }
 
     #[test]

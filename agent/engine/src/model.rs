@@ -59,7 +59,11 @@ impl<B: Backend> LlamaModel<B> {
         let qd = c.num_heads * c.head_dim;
         let load = |name: &str, shape: &[usize]| backend.load_weight(&weights.get(name, shape)?);
         let opt = |name: &str, shape: &[usize], on: bool| -> Result<Option<B::Weight>> {
-            if on { load(name, shape).map(Some) } else { Ok(None) }
+            if on {
+                load(name, shape).map(Some)
+            } else {
+                Ok(None)
+            }
         };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -75,9 +79,18 @@ impl<B: Backend> LlamaModel<B> {
                 o: load(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?,
                 o_bias: opt(&format!("{p}.self_attn.o_proj.bias"), &[h], c.o_bias)?,
                 post_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate: load(&format!("{p}.mlp.gate_proj.weight"), &[c.intermediate_size, h])?,
-                up: load(&format!("{p}.mlp.up_proj.weight"), &[c.intermediate_size, h])?,
-                down: load(&format!("{p}.mlp.down_proj.weight"), &[h, c.intermediate_size])?,
+                gate: load(
+                    &format!("{p}.mlp.gate_proj.weight"),
+                    &[c.intermediate_size, h],
+                )?,
+                up: load(
+                    &format!("{p}.mlp.up_proj.weight"),
+                    &[c.intermediate_size, h],
+                )?,
+                down: load(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    &[h, c.intermediate_size],
+                )?,
             });
         }
         let embed = load("model.embed_tokens.weight", &[c.vocab_size, h])?;
@@ -111,7 +124,8 @@ impl<B: Backend> LlamaModel<B> {
 
     /// Allocates a KV cache of `num_blocks` blocks of `block_size` tokens.
     pub fn alloc_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<B::KvCache> {
-        self.backend.alloc_kv_cache(self.kv_cache_shape(num_blocks, block_size))
+        self.backend
+            .alloc_kv_cache(self.kv_cache_shape(num_blocks, block_size))
     }
 
     /// The KV cache shape for `num_blocks` blocks of `block_size` tokens.
@@ -193,8 +207,8 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f64> {
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })

@@ -89,7 +89,9 @@ What is the capital of France? The capital of France is Paris. How many tokens p
 Numbers like 12, 345 and 6789 appear too, as do symbols: {}, [], (), <>, #, %, &. \
 Naïve café résumé, 東京, and emoji 🙂 keep the byte-level fallback honest.";
 
-fn special_tokens(arch: Architecture) -> (Vec<&'static str>, Option<&'static str>, Vec<&'static str>) {
+fn special_tokens(
+    arch: Architecture,
+) -> (Vec<&'static str>, Option<&'static str>, Vec<&'static str>) {
     match arch {
         Architecture::Qwen2 => (
             vec!["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -149,7 +151,12 @@ pub fn train_tokenizer(spec: &TinyModelSpec) -> Result<Tokenizer> {
         .min_frequency(2)
         .show_progress(false)
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .special_tokens(specials.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .special_tokens(
+            specials
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
         .build()
         .into();
     let mut tokenizer = Tokenizer::new(BPE::default());
@@ -157,7 +164,9 @@ pub fn train_tokenizer(spec: &TinyModelSpec) -> Result<Tokenizer> {
     tokenizer.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     let lines: Vec<&str> = CORPUS.split(". ").collect();
-    tokenizer.train(&mut trainer, lines.into_iter()).map_err(tok_err)?;
+    tokenizer
+        .train(&mut trainer, lines.into_iter())
+        .map_err(tok_err)?;
     Ok(tokenizer)
 }
 
@@ -179,14 +188,23 @@ impl SplitMix {
 
 fn encode(values: &[f32], dtype: WeightDtype) -> (Dtype, Vec<u8>) {
     match dtype {
-        WeightDtype::F32 => (Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        WeightDtype::F32 => (
+            Dtype::F32,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
         WeightDtype::BF16 => (
             Dtype::BF16,
-            values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+            values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
         ),
         WeightDtype::F16 => (
             Dtype::F16,
-            values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
         ),
     }
 }
@@ -195,7 +213,11 @@ fn encode(values: &[f32], dtype: WeightDtype) -> (Dtype, Vec<u8>) {
 fn weight_values(spec: &TinyModelSpec, vocab: usize) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut rng = SplitMix(spec.seed);
     let (h, hd) = (spec.hidden_size, spec.head_dim());
-    let (qd, kvd, i) = (spec.num_heads * hd, spec.num_kv_heads * hd, spec.intermediate_size);
+    let (qd, kvd, i) = (
+        spec.num_heads * hd,
+        spec.num_kv_heads * hd,
+        spec.intermediate_size,
+    );
     let mut out = Vec::new();
     let mut tensor = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
         let n = shape.iter().product();
@@ -207,16 +229,41 @@ fn weight_values(spec: &TinyModelSpec, vocab: usize) -> Vec<(String, Vec<usize>,
     for l in 0..spec.num_layers {
         let p = format!("model.layers.{l}");
         tensor(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0);
-        tensor(format!("{p}.self_attn.q_proj.weight"), vec![qd, h], w(h), 0.0);
-        tensor(format!("{p}.self_attn.k_proj.weight"), vec![kvd, h], w(h), 0.0);
-        tensor(format!("{p}.self_attn.v_proj.weight"), vec![kvd, h], w(h), 0.0);
+        tensor(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![qd, h],
+            w(h),
+            0.0,
+        );
+        tensor(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kvd, h],
+            w(h),
+            0.0,
+        );
+        tensor(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kvd, h],
+            w(h),
+            0.0,
+        );
         if spec.architecture == Architecture::Qwen2 {
             tensor(format!("{p}.self_attn.q_proj.bias"), vec![qd], 0.1, 0.0);
             tensor(format!("{p}.self_attn.k_proj.bias"), vec![kvd], 0.1, 0.0);
             tensor(format!("{p}.self_attn.v_proj.bias"), vec![kvd], 0.1, 0.0);
         }
-        tensor(format!("{p}.self_attn.o_proj.weight"), vec![h, qd], w(qd), 0.0);
-        tensor(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.1, 1.0);
+        tensor(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, qd],
+            w(qd),
+            0.0,
+        );
+        tensor(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            0.1,
+            1.0,
+        );
         tensor(format!("{p}.mlp.gate_proj.weight"), vec![i, h], w(h), 0.0);
         tensor(format!("{p}.mlp.up_proj.weight"), vec![i, h], w(h), 0.0);
         tensor(format!("{p}.mlp.down_proj.weight"), vec![h, i], w(i), 0.0);
@@ -247,10 +294,17 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<()> {
     write(&dir.join("tokenizer.json"), tokenizer_json.as_bytes())?;
 
     let (_, bos, eos) = special_tokens(spec.architecture);
-    let id = |t: &str| tokenizer.token_to_id(t).ok_or_else(|| tok_err(format!("{t} not in vocabulary")));
+    let id = |t: &str| {
+        tokenizer
+            .token_to_id(t)
+            .ok_or_else(|| tok_err(format!("{t} not in vocabulary")))
+    };
     let eos_ids = eos.iter().map(|t| id(t)).collect::<Result<Vec<u32>>>()?;
     let bos_id = bos.map(id).transpose()?;
-    write(&dir.join("config.json"), config_json(spec, vocab, bos_id, &eos_ids).as_bytes())?;
+    write(
+        &dir.join("config.json"),
+        config_json(spec, vocab, bos_id, &eos_ids).as_bytes(),
+    )?;
     let tokenizer_config = json!({
         "bos_token": bos,
         "eos_token": eos[0],
@@ -260,7 +314,10 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<()> {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "chat_template": chat_template(spec.architecture),
     });
-    write(&dir.join("tokenizer_config.json"), pretty(&tokenizer_config).as_bytes())?;
+    write(
+        &dir.join("tokenizer_config.json"),
+        pretty(&tokenizer_config).as_bytes(),
+    )?;
 
     let tensors: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = weight_values(spec, vocab)
         .into_iter()
@@ -277,7 +334,8 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<()> {
                 .map_err(|e| EngineError::Backend(e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| EngineError::Backend(e.to_string()))?;
+    let bytes =
+        safetensors::serialize(views, None).map_err(|e| EngineError::Backend(e.to_string()))?;
     write(&dir.join("model.safetensors"), &bytes)
 }
 

@@ -77,8 +77,7 @@ impl Weights {
             return Err(EngineError::Weights {
                 path: dir.to_path_buf(),
                 tensor: "*".into(),
-                message: "neither model.safetensors nor model.safetensors.index.json found"
-                    .into(),
+                message: "neither model.safetensors nor model.safetensors.index.json found".into(),
             });
         };
         Self::open_files(dir, names)
@@ -120,7 +119,10 @@ impl Weights {
     /// Opens one safetensors file (not a model directory).
     pub fn open_file(path: &Path) -> Result<Self> {
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         Self::open_files(&dir, vec![name])
     }
 
@@ -157,7 +159,11 @@ impl Weights {
             Dtype::BF16 => WeightDtype::BF16,
             Dtype::F16 => WeightDtype::F16,
             Dtype::F32 => WeightDtype::F32,
-            other => return Err(err(format!("dtype {other:?} is not supported (bf16, f16, f32)"))),
+            other => {
+                return Err(err(format!(
+                    "dtype {other:?} is not supported (bf16, f16, f32)"
+                )));
+            }
         };
         if let Some(shape) = shape
             && view.shape() != shape
@@ -193,7 +199,9 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>> {
             .as_str()
             .ok_or_else(|| err(format!("`{tensor}` does not name a file")))?;
         if file.contains('/') || file.contains("..") {
-            return Err(err(format!("shard `{file}` is outside the model directory")));
+            return Err(err(format!(
+                "shard `{file}` is outside the model directory"
+            )));
         }
         names.insert(file.to_owned());
     }

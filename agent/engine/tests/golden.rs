@@ -22,11 +22,18 @@ struct Golden {
 }
 
 fn golden(name: &str) -> Golden {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let ids = |key: &str| -> Vec<u32> {
-        record[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+        record[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
     };
     let weights = Weights::open_file(&dir.join("golden.safetensors")).unwrap();
     let view = weights.get_any("logits").unwrap();
@@ -42,12 +49,17 @@ fn golden(name: &str) -> Golden {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// A scattered block table, so that paging (not contiguity) is tested.
 fn block_table(blocks: usize) -> Vec<u32> {
-    (0..blocks as u32).map(|i| (i * 7 + 3) % blocks as u32).collect()
+    (0..blocks as u32)
+        .map(|i| (i * 7 + 3) % blocks as u32)
+        .collect()
 }
 
 const BLOCK: usize = 4;
@@ -66,7 +78,11 @@ fn run_chunks(g: &Golden, chunk: usize) {
         let logits = model.forward(&layout, &mut cache).unwrap();
         let expected = &g.logits[start * g.vocab..end * g.vocab];
         let diff = max_diff(&logits, expected);
-        assert!(diff <= TOLERANCE, "{}: chunk {chunk}, positions {start}..{end}: max |Δ| {diff}", g.dir.display());
+        assert!(
+            diff <= TOLERANCE,
+            "{}: chunk {chunk}, positions {start}..{end}: max |Δ| {diff}",
+            g.dir.display()
+        );
         start = end;
     }
 }
@@ -87,7 +103,9 @@ fn greedy(g: &Golden) {
         let next = logits
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 { (i, v) } else { best }
+            })
             .0 as u32;
         tokens.push(next);
     }
@@ -96,7 +114,11 @@ fn greedy(g: &Golden) {
 
 fn tokenizer_parity(g: &Golden) {
     let tokenizer = tokenizers::Tokenizer::from_file(g.dir.join("tokenizer.json")).unwrap();
-    let ids = tokenizer.encode(g.prompt.as_str(), false).unwrap().get_ids().to_vec();
+    let ids = tokenizer
+        .encode(g.prompt.as_str(), false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     let bos = usize::from(g.ids.len() > ids.len());
     assert_eq!(ids, g.ids[bos..], "{}", g.dir.display());
 }

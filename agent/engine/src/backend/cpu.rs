@@ -89,7 +89,12 @@ impl Backend for CpuBackend {
         let (rows, cols) = match view.shape.as_slice() {
             [n] => (1, *n),
             [r, c] => (*r, *c),
-            other => return Err(shape_err("load_weight", format!("unsupported rank {other:?}"))),
+            other => {
+                return Err(shape_err(
+                    "load_weight",
+                    format!("unsupported rank {other:?}"),
+                ));
+            }
         };
         Ok(CpuTensor {
             rows,
@@ -106,8 +111,12 @@ impl Backend for CpuBackend {
         let per_layer = shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim;
         Ok(CpuKvCache {
             shape,
-            k: (0..shape.num_layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..shape.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            k: (0..shape.num_layers)
+                .map(|_| vec![0.0; per_layer])
+                .collect(),
+            v: (0..shape.num_layers)
+                .map(|_| vec![0.0; per_layer])
+                .collect(),
         })
     }
 
@@ -119,7 +128,10 @@ impl Backend for CpuBackend {
         let mut out = CpuTensor::zeros(batch.token_ids.len(), table.cols);
         for (row, &id) in out.data.chunks_exact_mut(table.cols).zip(&batch.token_ids) {
             if id as usize >= table.rows {
-                return Err(shape_err("embed", format!("token {id} ≥ vocab {}", table.rows)));
+                return Err(shape_err(
+                    "embed",
+                    format!("token {id} ≥ vocab {}", table.rows),
+                ));
             }
             row.copy_from_slice(table.row(id as usize));
         }
@@ -128,7 +140,10 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
         if weight.data.len() != x.cols {
-            return Err(shape_err("rms_norm", format!("{} vs {}", weight.data.len(), x.cols)));
+            return Err(shape_err(
+                "rms_norm",
+                format!("{} vs {}", weight.data.len(), x.cols),
+            ));
         }
         let mut out = x.clone();
         out.data.par_chunks_exact_mut(x.cols).for_each(|row| {
@@ -143,7 +158,10 @@ impl Backend for CpuBackend {
 
     fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
         if w.cols != x.cols {
-            return Err(shape_err("linear", format!("x has {} cols, w is {}x{}", x.cols, w.rows, w.cols)));
+            return Err(shape_err(
+                "linear",
+                format!("x has {} cols, w is {}x{}", x.cols, w.rows, w.cols),
+            ));
         }
         // Transposed result: one output feature per task, so each weight row
         // is read once while every activation row stays in cache.
@@ -177,10 +195,20 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let half = head_dim / 2;
         if half != rope.half_dim || x.cols != num_heads * head_dim {
-            return Err(shape_err("rope", format!("head_dim {head_dim}, cols {}", x.cols)));
+            return Err(shape_err(
+                "rope",
+                format!("head_dim {head_dim}, cols {}", x.cols),
+            ));
         }
-        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= rope.max_positions) {
-            return Err(shape_err("rope", format!("position {p} ≥ {}", rope.max_positions)));
+        if let Some(&p) = batch
+            .positions
+            .iter()
+            .find(|&&p| p as usize >= rope.max_positions)
+        {
+            return Err(shape_err(
+                "rope",
+                format!("position {p} ≥ {}", rope.max_positions),
+            ));
         }
         x.data
             .par_chunks_exact_mut(x.cols)
@@ -211,7 +239,10 @@ impl Backend for CpuBackend {
         let width = cache.slot_width();
         let slots = cache.shape.num_blocks * cache.shape.block_size;
         if k.cols != width || v.cols != width {
-            return Err(shape_err("write_kv", format!("{} cols, slot width {width}", k.cols)));
+            return Err(shape_err(
+                "write_kv",
+                format!("{} cols, slot width {width}", k.cols),
+            ));
         }
         for (row, &slot) in batch.slot_mapping.iter().enumerate() {
             let slot = slot as usize;
@@ -232,7 +263,11 @@ impl Backend for CpuBackend {
         batch: &BatchLayout,
         shape: AttentionShape,
     ) -> Result<CpuTensor> {
-        let AttentionShape { num_heads, num_kv_heads, head_dim } = shape;
+        let AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        } = shape;
         let group = num_heads / num_kv_heads;
         let width = cache.slot_width();
         let bs = cache.shape.block_size;
@@ -242,7 +277,10 @@ impl Backend for CpuBackend {
         let mut row_seq = vec![0usize; q.rows];
         for (s, seq) in batch.seqs.iter().enumerate() {
             if seq.block_table.len() * bs < seq.context_len {
-                return Err(shape_err("attention", format!("sequence {s} has too few blocks")));
+                return Err(shape_err(
+                    "attention",
+                    format!("sequence {s} has too few blocks"),
+                ));
             }
             row_seq[seq.query_start..seq.query_start + seq.query_len].fill(s);
         }
@@ -278,7 +316,10 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
         if gate.data.len() != up.data.len() {
-            return Err(shape_err("silu_mul", format!("{} vs {}", gate.data.len(), up.data.len())));
+            return Err(shape_err(
+                "silu_mul",
+                format!("{} vs {}", gate.data.len(), up.data.len()),
+            ));
         }
         let mut out = gate.clone();
         out.data.par_iter_mut().zip(&up.data).for_each(|(g, u)| {
@@ -289,7 +330,10 @@ impl Backend for CpuBackend {
 
     fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
         if x.data.len() != y.data.len() {
-            return Err(shape_err("add_assign", format!("{} vs {}", x.data.len(), y.data.len())));
+            return Err(shape_err(
+                "add_assign",
+                format!("{} vs {}", x.data.len(), y.data.len()),
+            ));
         }
         x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
         Ok(())

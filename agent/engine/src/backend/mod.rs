@@ -66,7 +66,8 @@ impl BatchLayout {
                 .push(block * block_size as u32 + (pos % block_size) as u32);
         }
         if want_logits && !tokens.is_empty() {
-            self.logits_rows.push((query_start + tokens.len() - 1) as u32);
+            self.logits_rows
+                .push((query_start + tokens.len() - 1) as u32);
         }
         self.seqs.push(SeqLayout {
             query_start,
