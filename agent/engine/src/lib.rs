@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod model;
 pub mod testmodel;
+pub mod tokenizer;
 pub mod weights;
 
 pub use error::{EngineError, Result};

@@ -158,3 +158,72 @@ fn tokenizer_matches_transformers() {
     tokenizer_parity(&golden("tiny-llama"));
     tokenizer_parity(&golden("tiny-qwen2"));
 }
+
+fn chat_template_parity(name: &str) {
+    use weir_engine::tokenizer::{ChatMessage, TextTokenizer};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let messages: Vec<ChatMessage> = record["conversation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| ChatMessage {
+            role: m["role"].as_str().unwrap().into(),
+            content: m["content"].as_str().unwrap().into(),
+        })
+        .collect();
+    let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+    let rendered = tokenizer
+        .apply_chat_template(&messages, true, None)
+        .unwrap();
+    assert_eq!(rendered, record["chat_prompt"].as_str().unwrap(), "{name}");
+}
+
+#[test]
+fn chat_template_matches_transformers() {
+    chat_template_parity("tiny-llama");
+    chat_template_parity("tiny-qwen2");
+}
+
+#[test]
+fn incremental_decoding_reassembles_the_text_exactly() {
+    use weir_engine::tokenizer::{IncrementalDecoder, TextTokenizer};
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let g = golden(name);
+        let tokenizer = TextTokenizer::from_dir(&g.dir).unwrap();
+        let split = 3;
+        let mut decoder = IncrementalDecoder::new(&g.ids[..split]);
+        let mut text = String::new();
+        for &id in &g.ids[split..] {
+            let delta = decoder.push(&tokenizer, id).unwrap();
+            assert!(
+                !delta.contains('\u{FFFD}'),
+                "{name}: broken UTF-8 in {delta:?}"
+            );
+            text.push_str(&delta);
+        }
+        let whole = tokenizer.decode(&g.ids, true).unwrap();
+        let head = tokenizer.decode(&g.ids[..split], true).unwrap();
+        assert_eq!(format!("{head}{text}"), whole, "{name}");
+        assert!(whole.contains("🙂") && whole.contains("Naïve"), "{whole}");
+    }
+}
+
+#[test]
+fn unknown_role_raises_a_template_error() {
+    use weir_engine::tokenizer::{ChatMessage, TextTokenizer};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+    let bad = [ChatMessage {
+        role: "wizard".into(),
+        content: "hi".into(),
+    }];
+    let err = tokenizer
+        .apply_chat_template(&bad, true, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown role wizard"), "{err}");
+}
