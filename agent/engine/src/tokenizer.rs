@@ -251,7 +251,7 @@ impl StopStrings {
             .flat_map(|s| {
                 (1..s.len())
                     .filter(|&n| s.is_char_boundary(n))
-                    .filter_map(|n| self.pending.ends_with(&s[..n]).then_some(n))
+                    .filter(|&n| self.pending.ends_with(&s[..n]))
             })
             .max()
             .unwrap_or(0);
