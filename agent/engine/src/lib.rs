@@ -6,8 +6,13 @@
 
 pub mod backend;
 pub mod config;
+pub mod engine;
 pub mod error;
+pub mod kv_pool;
 pub mod model;
+pub mod sampler;
+pub mod scheduler;
+pub mod stats;
 pub mod testmodel;
 pub mod tokenizer;
 pub mod weights;

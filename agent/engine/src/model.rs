@@ -173,6 +173,9 @@ impl<B: Backend> LlamaModel<B> {
             let mlp = b.linear(&b.silu_mul(&gate, &up)?, &layer.down, None)?;
             b.add_assign(&mut x, &mlp)?;
         }
+        if layout.logits_rows.is_empty() {
+            return Ok(Vec::new());
+        }
         let last = b.gather_logits_rows(&x, &batch)?;
         let normed = b.rms_norm(&last, &self.norm, eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);

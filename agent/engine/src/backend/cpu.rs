@@ -163,6 +163,9 @@ impl Backend for CpuBackend {
                 format!("x has {} cols, w is {}x{}", x.cols, w.rows, w.cols),
             ));
         }
+        if x.rows == 0 {
+            return Ok(CpuTensor::zeros(0, w.rows));
+        }
         // Transposed result: one output feature per task, so each weight row
         // is read once while every activation row stays in cache.
         let mut out_t = vec![0.0f32; w.rows * x.rows];
