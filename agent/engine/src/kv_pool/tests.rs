@@ -43,10 +43,6 @@ fn new_rejects_unusable_sizes() {
 fn hash_is_deterministic_and_chained() {
     // Pinned: hashes are compared across processes and replicas.
     assert_eq!(
-        BlockHash::chain(None, &[1, 2, 3, 4]),
-        BlockHash::chain(None, &[1, 2, 3, 4])
-    );
-    assert_eq!(
         BlockHash::chain(None, &[1, 2, 3, 4]).0,
         0xf232_d1a0_da75_193f
     );

@@ -1,4 +1,5 @@
-//! Log-probability helpers: the `n` most likely tokens, and the raw (unprocessed) log probabilities captured before processing.
+//! Log-probability helpers: the `n` most likely tokens, and the raw
+//! (unprocessed) log probabilities captured before processing.
 
 use std::cmp::Ordering;
 
@@ -111,5 +112,8 @@ mod tests {
         assert_eq!(top_n(items(), 10).len(), 5);
         // Reverse order of arrival gives the same answer.
         assert_eq!(top_n(items().rev(), 3), vec![(1, 3.0), (3, 3.0), (4, 2.0)]);
+        // A tie arriving later with a lower id displaces the full buffer's last.
+        assert_eq!(top_n([(5, 1.0), (2, 1.0)].into_iter(), 1), vec![(2, 1.0)]);
+        assert_eq!(top_n([(2, 1.0), (5, 1.0)].into_iter(), 1), vec![(2, 1.0)]);
     }
 }

@@ -39,7 +39,7 @@ pub(crate) fn exp_nonpos(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let e_r = p * (r * r) + r + 1.0;
     // n is an integer in [-126, 0], so the biased exponent stays normal.
     let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
@@ -67,11 +67,10 @@ pub(crate) fn max(values: &[f32]) -> f32 {
 /// The first NaN or `+inf` in the row, if any.
 pub(crate) fn first_invalid(values: &[f32]) -> Option<usize> {
     // Branch-free scan first (vectorised); locate only if something is bad.
-    let bad = values
-        .iter()
-        .fold(false, |acc, &v| acc | !(v < f32::INFINITY));
+    let invalid = |v: f32| v.is_nan() | (v == f32::INFINITY);
+    let bad = values.iter().fold(false, |acc, &v| acc | invalid(v));
     if bad {
-        values.iter().position(|&v| !(v < f32::INFINITY))
+        values.iter().position(|&v| invalid(v))
     } else {
         None
     }

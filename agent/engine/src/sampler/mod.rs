@@ -18,13 +18,22 @@
 //!    `top_k`, `top_p` (each renormalising what is left) and one draw from
 //!    the request's RNG.
 //!
-//! Cost per step: O(vocab + distinct history tokens + bias), plus
-//! O(k log k) for `top_k` and a partial sort of the nucleus for `top_p`;
-//! the whole vocabulary is never sorted.
+//! Cost per step: O(vocab + distinct history tokens + bias) and no sort of
+//! the vocabulary. `top_k` selects (`select_nth_unstable`) among the tokens
+//! above a bound taken from a sample of the row, then sorts the `k` kept;
+//! `top_p` drops tokens provably outside the nucleus, then sorts only as
+//! much of the rest as the nucleus needs. Log probabilities, when asked
+//! for, cost one more pass.
 //!
 //! Log probabilities follow [`LogprobsMode`]: raw model log-softmax by
 //! default (vLLM's default), or the processed distribution the token was
 //! drawn from.
+//!
+//! Determinism: a request's tokens depend only on its logits, parameters,
+//! history and [`SequenceRng`] (seeded from `seed`), never on the batch.
+//! The token choice uses only IEEE-754 arithmetic in a fixed order (`exp`
+//! is our own polynomial, not the platform's libm), so a seed gives the
+//! same tokens on every platform for the same logits.
 
 mod error;
 mod history;

@@ -81,9 +81,10 @@ pub struct SamplingParams {
     /// it from system entropy. The sampler itself never reads it: it is here
     /// so that one struct carries the request's sampling settings.
     pub seed: Option<u64>,
-    /// Return this many most likely tokens with their log probabilities per
-    /// step, at most [`MAX_LOGPROBS`]. `None` or `Some(0)`: none (the sampled
-    /// token's own log probability is always returned).
+    /// Log probabilities to return per step: `None`, none (the cheapest);
+    /// `Some(0)`, the sampled token's only; `Some(n)`, also the `n` most
+    /// likely tokens, `n` at most [`MAX_LOGPROBS`]. OpenAI's `logprobs` and
+    /// `top_logprobs` map to `None`, `Some(0)` and `Some(top_logprobs)`.
     pub logprobs: Option<usize>,
     /// Which distribution the returned log probabilities describe.
     pub logprobs_mode: LogprobsMode,

@@ -30,7 +30,7 @@ impl Scheduler {
         self.waiting.len()
     }
 
-    /// Queued requests per class, indexed by [`Priority::index`].
+    /// Queued requests per class, indexed by [`Priority::index`](super::Priority::index).
     pub fn num_waiting_by_priority(&self) -> [usize; 5] {
         self.waiting_by_class
     }
@@ -81,11 +81,15 @@ impl Scheduler {
             return bad("running and waiting do not list every live request once".into());
         }
         let mut by_class = [0; 5];
+        let mut listed = std::collections::HashSet::new();
         for (ids, status) in [
             (&self.running, SequenceStatus::Running),
             (&self.waiting, SequenceStatus::Waiting),
         ] {
             for id in ids {
+                if !listed.insert(*id) {
+                    return bad(format!("request {id} is listed twice"));
+                }
                 match self.seqs.get(id) {
                     Some(s) if s.status == status => {
                         by_class[s.priority.index()] +=
@@ -121,7 +125,10 @@ impl Scheduler {
                 ));
             }
             for &b in &s.blocks {
-                refs[b as usize] += 1;
+                match refs.get_mut(b as usize) {
+                    Some(n) => *n += 1,
+                    None => return bad(format!("request {id} holds unknown block {b}")),
+                }
             }
         }
         for (b, &n) in refs.iter().enumerate() {

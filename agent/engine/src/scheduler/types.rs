@@ -190,7 +190,7 @@ pub struct ScheduledSeq {
 /// The plan of one model step.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SchedulerOutput {
-    /// Sequences to run, most urgent first.
+    /// Sequences to run: running ones most urgent first, then newly admitted ones.
     pub scheduled: Vec<ScheduledSeq>,
     /// Sequences that lost their KV blocks this step and will be recomputed.
     pub preempted: Vec<RequestId>,
