@@ -6,6 +6,8 @@
 //! their ratio, measured in the same run; scheduler step time with 1,000
 //! live sequences; KV pool allocate/free rate.
 
+#![allow(clippy::print_stdout)] // a benchmark reports on stdout
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,7 +104,9 @@ fn sequential_vs_continuous(engine: &EngineHandle, requests: &[GenerateRequest])
         .iter()
         .map(|r| engine.submit(r.clone()).expect("submit"))
         .collect();
-    streams.into_iter().for_each(|s| drop(drain(s)));
+    streams.into_iter().for_each(|s| {
+        drain(s);
+    });
     (sequential, start.elapsed().as_secs_f64())
 }
 
@@ -124,7 +128,7 @@ fn scheduler_step(live: usize) -> f64 {
             .add(SequenceRequest::new(id, prompt, 1_000_000, now))
             .expect("add");
     }
-    let mut step = |scheduler: &mut Scheduler| {
+    let step = |scheduler: &mut Scheduler| {
         let out = scheduler.schedule(now);
         let sampled: Vec<_> = out
             .scheduled

@@ -132,7 +132,7 @@ pub enum SubmitError {
 enum Command {
     Add {
         id: u64,
-        request: GenerateRequest,
+        request: Box<GenerateRequest>,
         events: out::Sender<Event>,
     },
     Abort(u64),
@@ -241,7 +241,7 @@ impl EngineHandle {
         let (events_tx, events) = out::channel(request.max_tokens.saturating_add(2));
         let command = Command::Add {
             id,
-            request,
+            request: Box::new(request),
             events: events_tx,
         };
         match self.commands.try_send(command) {
@@ -333,7 +333,7 @@ impl<B: Backend> Worker<B> {
                 id,
                 request,
                 events,
-            } => self.add(id, request, events),
+            } => self.add(id, *request, events),
             Command::Abort(id) => {
                 if self.live.remove(&id).is_some() {
                     let _ = self.scheduler.abort(id);
