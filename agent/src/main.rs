@@ -1,18 +1,113 @@
-//! `weir-agent`: the node agent. It runs the inference engine and serves the
-//! OpenAI API; the `serve` command lands with the engine and server work.
+//! `weir-agent`: the node agent. `weir-agent serve` with no arguments serves
+//! a small built-in model on the CPU at http://127.0.0.1:8080.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use weir_agent::models::{BUILTIN_MODEL, ModelRegistry, ModelSpec, ServedModel, ensure_builtin};
+use weir_agent::server::{AppState, router};
 
 /// Command line of the node agent.
 #[derive(Parser, Debug)]
 #[command(name = "weir-agent", version, about = "The Weir node agent")]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the OpenAI API.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "WEIR_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Serve this Hugging Face directory instead of the built-in model.
+    #[arg(long, conflicts_with = "config")]
+    model: Option<PathBuf>,
+    /// Name to serve `--model` under (default: the directory name).
+    #[arg(long, requires = "model")]
+    served_name: Option<String>,
+    /// Serve the Model, CachePolicy and BatchPolicy resources in this YAML file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where downloaded and built-in models are kept.
+    #[arg(long, env = "WEIR_MODEL_CACHE")]
+    model_cache: Option<PathBuf>,
+}
+
+fn default_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("weir")
+}
+
+fn model_specs(args: &ServeArgs) -> anyhow::Result<Vec<ModelSpec>> {
+    if let Some(path) = &args.config {
+        return Ok(weir_agent::config::load(path)?);
+    }
+    let spec = |name: String, dir: PathBuf| ModelSpec {
+        name,
+        dir,
+        engine: Default::default(),
+        cache: Default::default(),
+        batch: Default::default(),
+    };
+    if let Some(dir) = &args.model {
+        let name = args.served_name.clone().unwrap_or_else(|| {
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        return Ok(vec![spec(name, dir.clone())]);
+    }
+    let cache = args.model_cache.clone().unwrap_or_else(default_cache);
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let dir = ensure_builtin(&cache).context("writing the built-in model")?;
+    Ok(vec![spec(BUILTIN_MODEL.to_owned(), dir)])
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut registry = ModelRegistry::default();
+    let specs = model_specs(&args)?;
+    for spec in &specs {
+        tracing::info!(model = %spec.name, dir = %spec.dir.display(), "loading");
+        registry.insert(ServedModel::load(spec)?);
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let first = specs.first().map(|s| s.name.clone()).unwrap_or_default();
+    tracing::info!(%addr, "serving the OpenAI API (backend: cpu)");
     eprintln!(
-        "weir-agent {}: no command yet; run with --help",
-        env!("CARGO_PKG_VERSION")
+        "Weir agent serving `{first}` on http://{addr}\nTry:\n  curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{first}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 32}}'"
     );
-    std::process::exit(2);
+    axum::serve(listener, router(AppState::new(registry)))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("HTTP server")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+    }
 }

@@ -1,0 +1,140 @@
+//! The one mapping from what went wrong to an HTTP status and OpenAI's error
+//! body (`{"error": {"message", "type", "param", "code"}}`), also used for
+//! errors in the middle of a stream.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An error answered in OpenAI's shape.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or asks for something impossible (400).
+    #[error("{message}")]
+    InvalidRequest {
+        /// What is wrong.
+        message: String,
+        /// The offending parameter, if one.
+        param: Option<String>,
+    },
+    /// The body parses but has wrong types or missing fields (422).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// Missing or wrong API key (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// No such model (404).
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    /// No such route (404).
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    /// The body is larger than the limit (413).
+    #[error("the request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    /// Overloaded: retry after the given delay (429).
+    #[error("{message}")]
+    Overloaded {
+        /// Why.
+        message: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// The model is loading or unavailable (503).
+    #[error("{message}")]
+    Unavailable {
+        /// Why.
+        message: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// Something failed inside (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 naming a parameter.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: Some(param.to_owned()),
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `error.type`, also the metric label.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest { .. } | Self::Unprocessable(_) | Self::BodyTooLarge(_) => {
+                "invalid_request_error"
+            }
+            Self::Unauthorized(_) => "authentication_error",
+            Self::ModelNotFound(_) | Self::RouteNotFound(_) => "not_found_error",
+            Self::Overloaded { .. } => "rate_limit_error",
+            Self::Unavailable { .. } => "service_unavailable_error",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::ModelNotFound(_) => Some("model_not_found"),
+            Self::BodyTooLarge(_) => Some("request_too_large"),
+            Self::Overloaded { .. } => Some("rate_limit_exceeded"),
+            _ => None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        let param = match self {
+            Self::InvalidRequest { param, .. } => param.clone(),
+            Self::ModelNotFound(_) => Some("model".to_owned()),
+            _ => None,
+        };
+        json!({"error": {
+            "message": self.to_string(),
+            "type": self.error_type(),
+            "param": param,
+            "code": self.code(),
+        }})
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Overloaded { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if let Some(after) = self.retry_after() {
+            let secs = after.as_secs().max(1).to_string();
+            if let Ok(value) = HeaderValue::from_str(&secs) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}

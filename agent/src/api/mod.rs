@@ -1,0 +1,8 @@
+//! The OpenAI-compatible API surface: bodies, errors and the JSON extractor.
+
+pub mod error;
+pub mod extract;
+pub mod types;
+
+pub use error::ApiError;
+pub use extract::OpenAiJson;

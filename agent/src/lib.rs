@@ -1,0 +1,14 @@
+//! The Weir node agent: the OpenAI-compatible server in front of the
+//! engine, with admission control, circuit breaking, response caching,
+//! coalescing and metrics, in standalone or cluster mode.
+
+pub mod admission;
+pub mod api;
+pub mod breaker;
+pub mod config;
+pub mod generate;
+pub mod metrics;
+pub mod models;
+pub mod render;
+pub mod serve;
+pub mod server;

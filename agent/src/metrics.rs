@@ -1,0 +1,286 @@
+//! Prometheus metrics on `/metrics`. Where the meaning is the same as
+//! vLLM's, the name is vLLM's (`vllm:num_requests_running`,
+//! `vllm:kv_cache_usage_perc`, the latency histograms, ...), so dashboards,
+//! KEDA triggers and inference-gateway endpoint pickers work unchanged;
+//! Weir's own figures are `weir_*`.
+
+use std::sync::{Arc, RwLock};
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use weir_engine::stats::StatsSnapshot;
+
+use crate::models::ModelRegistry;
+
+/// `model_name` label, as vLLM labels its metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    /// Served model name.
+    pub model_name: String,
+}
+
+/// Model and cache tier.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabel {
+    /// Served model name.
+    pub model_name: String,
+    /// `l1`, `l2` or `semantic`.
+    pub tier: String,
+}
+
+/// Model and outcome of a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// Served model name.
+    pub model_name: String,
+    /// `success` or the OpenAI error type.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PriorityLabel {
+    model_name: String,
+    priority: String,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+        20.0, 40.0, 80.0,
+    ]
+    .into_iter()
+}
+
+/// Every metric the agent updates as requests flow.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// Time to first token.
+    pub ttft: Family<ModelLabel, Histogram>,
+    /// Time between tokens.
+    pub inter_token: Family<ModelLabel, Histogram>,
+    /// Request latency, end to end.
+    pub e2e: Family<ModelLabel, Histogram>,
+    /// Time from arrival to the first engine step.
+    pub queue_time: Family<ModelLabel, Histogram>,
+    /// Finished requests by outcome.
+    pub requests: Family<OutcomeLabel, Counter>,
+    /// Response cache hits by tier.
+    pub cache_hits: Family<TierLabel, Counter>,
+    /// Response cache misses.
+    pub cache_misses: Family<ModelLabel, Counter>,
+    /// Requests served by joining an identical one in flight.
+    pub coalesced: Family<ModelLabel, Counter>,
+    /// Requests refused by admission control (429).
+    pub rejected: Family<ModelLabel, Counter>,
+}
+
+fn histogram_family() -> Family<ModelLabel, Histogram> {
+    Family::new_with_constructor(|| Histogram::new(latency_buckets()))
+}
+
+impl Metrics {
+    /// Registers every metric, and a collector that reads the engines' live
+    /// counters at scrape time.
+    pub fn new(models: Arc<RwLock<ModelRegistry>>) -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            registry: Arc::new(Registry::default()),
+            ttft: histogram_family(),
+            inter_token: histogram_family(),
+            e2e: histogram_family(),
+            queue_time: histogram_family(),
+            requests: Family::default(),
+            cache_hits: Family::default(),
+            cache_misses: Family::default(),
+            coalesced: Family::default(),
+            rejected: Family::default(),
+        };
+        registry.register(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token",
+            m.ttft.clone(),
+        );
+        registry.register(
+            "vllm:inter_token_latency_seconds",
+            "Time between output tokens",
+            m.inter_token.clone(),
+        );
+        registry.register(
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency",
+            m.e2e.clone(),
+        );
+        registry.register(
+            "vllm:request_queue_time_seconds",
+            "Time waiting before the first step",
+            m.queue_time.clone(),
+        );
+        registry.register(
+            "weir_requests",
+            "Finished requests by outcome",
+            m.requests.clone(),
+        );
+        registry.register(
+            "weir_cache_hits",
+            "Response cache hits by tier",
+            m.cache_hits.clone(),
+        );
+        registry.register(
+            "weir_cache_misses",
+            "Response cache misses",
+            m.cache_misses.clone(),
+        );
+        registry.register(
+            "weir_coalesced_requests",
+            "Requests that joined an identical one in flight",
+            m.coalesced.clone(),
+        );
+        registry.register(
+            "weir_rejected_requests",
+            "Requests refused by admission control",
+            m.rejected.clone(),
+        );
+        registry.register_collector(Box::new(EngineCollector { models }));
+        Self {
+            registry: Arc::new(registry),
+            ..m
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Reads each engine's counters when scraped, so nothing is copied on the
+/// request path.
+#[derive(Debug)]
+struct EngineCollector {
+    models: Arc<RwLock<ModelRegistry>>,
+}
+
+impl std::fmt::Debug for ModelRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|m| &m.name))
+            .finish()
+    }
+}
+
+/// Name, help text and reader of one engine figure.
+type Figure<T> = (&'static str, &'static str, fn(&StatsSnapshot) -> T);
+
+const PRIORITIES: [&str; 5] = ["critical", "high", "normal", "low", "background"];
+
+impl prometheus_client::collector::Collector for EngineCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let snaps: Vec<_> = models
+            .iter()
+            .map(|m| {
+                (
+                    ModelLabel {
+                        model_name: m.name.clone(),
+                    },
+                    m.engine.stats().snapshot(),
+                    m,
+                )
+            })
+            .collect();
+        let gauges: [Figure<f64>; 3] = [
+            (
+                "vllm:num_requests_running",
+                "Requests in the running batch",
+                |s| s.running as f64,
+            ),
+            (
+                "vllm:num_requests_waiting",
+                "Requests waiting to be scheduled",
+                |s| s.waiting as f64,
+            ),
+            (
+                "vllm:kv_cache_usage_perc",
+                "Share of KV cache blocks in use (0-1)",
+                |s| s.kv_usage,
+            ),
+        ];
+        for (name, help, get) in gauges {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (label, snap, _) in &snaps {
+                ConstGauge::new(get(snap)).encode(family.encode_family(label)?)?;
+            }
+        }
+        let counters: [Figure<u64>; 5] = [
+            ("vllm:prompt_tokens", "Prompt tokens computed", |s| {
+                s.prompt_tokens
+            }),
+            ("vllm:generation_tokens", "Tokens generated", |s| {
+                s.generation_tokens
+            }),
+            (
+                "vllm:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache",
+                |s| s.prefix_queries,
+            ),
+            (
+                "vllm:prefix_cache_hits",
+                "Prompt tokens found in the prefix cache",
+                |s| s.prefix_hits,
+            ),
+            ("vllm:num_preemptions", "Requests preempted", |s| {
+                s.preemptions
+            }),
+        ];
+        for (name, help, get) in counters {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (label, snap, _) in &snaps {
+                ConstCounter::new(get(snap)).encode(family.encode_family(label)?)?;
+            }
+        }
+        let mut queue = encoder.encode_descriptor(
+            "weir_queue_depth",
+            "Waiting requests by priority class",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (label, snap, _) in &snaps {
+            for (i, p) in PRIORITIES.iter().enumerate() {
+                let l = PriorityLabel {
+                    model_name: label.model_name.clone(),
+                    priority: (*p).to_owned(),
+                };
+                ConstGauge::new(snap.waiting_by_priority[i] as i64)
+                    .encode(queue.encode_family(&l)?)?;
+            }
+        }
+        let mut breaker = encoder.encode_descriptor(
+            "weir_breaker_state",
+            "Engine circuit breaker: 0 closed, 1 open, 2 half-open",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (label, _, model) in &snaps {
+            ConstGauge::new(model.breaker.state() as i64).encode(breaker.encode_family(label)?)?;
+        }
+        Ok(())
+    }
+}

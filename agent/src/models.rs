@@ -1,0 +1,211 @@
+//! The models an agent serves: loading a Hugging Face directory onto the
+//! engine, the built-in standalone model, and the registry the server looks
+//! names up in.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use weir_crds::batch_policy::BatchPolicySpec;
+use weir_crds::cache_policy::CachePolicySpec;
+use weir_crds::common::EngineConfig;
+use weir_engine::backend::cpu::CpuBackend;
+use weir_engine::engine::{EngineHandle, EngineOptions};
+use weir_engine::model::LlamaModel;
+use weir_engine::scheduler::SchedulerConfig;
+use weir_engine::testmodel::{TinyModelSpec, write_tiny_model};
+use weir_engine::tokenizer::TextTokenizer;
+
+use crate::admission::Admission;
+use crate::breaker::CircuitBreaker;
+
+/// Name the built-in model is served under.
+pub const BUILTIN_MODEL: &str = "weir-tiny";
+
+/// Everything needed to serve one model.
+pub struct ServedModel {
+    /// Name clients use.
+    pub name: String,
+    /// The engine.
+    pub engine: EngineHandle,
+    /// Its tokenizer and chat template.
+    pub tokenizer: Arc<TextTokenizer>,
+    /// Context length.
+    pub max_model_len: usize,
+    /// Unix seconds when loaded.
+    pub created: u64,
+    /// Cache settings.
+    pub cache_policy: CachePolicySpec,
+    /// Batching and admission settings.
+    pub batch_policy: BatchPolicySpec,
+    /// Admission control (bounded queue with priorities).
+    pub admission: Admission,
+    /// Circuit breaker around the engine.
+    pub breaker: CircuitBreaker,
+}
+
+/// A model to load: where, under what name, with which settings.
+#[derive(Clone, Debug)]
+pub struct ModelSpec {
+    /// Name clients use.
+    pub name: String,
+    /// Hugging Face directory.
+    pub dir: PathBuf,
+    /// Engine settings.
+    pub engine: EngineConfig,
+    /// Cache settings.
+    pub cache: CachePolicySpec,
+    /// Batching settings.
+    pub batch: BatchPolicySpec,
+}
+
+/// Errors loading a model.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The engine refused the model or its settings.
+    #[error("model `{name}`: {source}")]
+    Engine {
+        /// The model.
+        name: String,
+        /// The cause.
+        source: weir_engine::EngineError,
+    },
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// KV blocks for the CPU backend: enough for `max_num_seqs` sequences of a
+/// quarter of the context each, at least two full contexts.
+fn cpu_kv_blocks(max_model_len: usize, block_size: usize, max_num_seqs: usize) -> usize {
+    let per_seq = max_model_len.div_ceil(block_size);
+    (per_seq * 2).max(per_seq * max_num_seqs / 4).min(1 << 16)
+}
+
+impl ServedModel {
+    /// Loads `spec` onto the CPU backend and starts its engine.
+    pub fn load(spec: &ModelSpec) -> Result<Self, LoadError> {
+        let err = |source| LoadError::Engine {
+            name: spec.name.clone(),
+            source,
+        };
+        let config = weir_engine::config::ModelConfig::from_dir(&spec.dir).map_err(err)?;
+        let max_model_len = spec
+            .engine
+            .max_model_len
+            .map_or(config.max_position_embeddings, |m| {
+                (m as usize).min(config.max_position_embeddings)
+            });
+        let model = LlamaModel::load(&spec.dir, CpuBackend, max_model_len).map_err(err)?;
+        let tokenizer = Arc::new(TextTokenizer::from_dir(&spec.dir).map_err(err)?);
+        let block_size = spec.engine.block_size as usize;
+        let max_num_seqs = spec.batch.max_num_seqs.min(spec.engine.max_num_seqs) as usize;
+        let max_num_batched_tokens = spec
+            .batch
+            .max_num_batched_tokens
+            .min(spec.engine.max_num_batched_tokens) as usize;
+        let chunk = if spec.batch.chunked_prefill.enabled {
+            spec.batch.chunked_prefill.chunk_size as usize
+        } else {
+            max_num_batched_tokens
+        };
+        let options = EngineOptions {
+            scheduler: SchedulerConfig {
+                max_num_seqs,
+                max_num_batched_tokens,
+                long_prefill_chunk: chunk.min(max_num_batched_tokens),
+                max_model_len,
+                aging: Duration::from_secs(u64::from(spec.batch.priority.aging_seconds)),
+                prefix_caching: spec.cache.prefix_cache.enabled,
+            },
+            num_blocks: cpu_kv_blocks(max_model_len, block_size, max_num_seqs),
+            block_size,
+            queue_capacity: spec.batch.queue.max_queued as usize + max_num_seqs,
+        };
+        let engine = EngineHandle::start(model, tokenizer.clone(), options).map_err(err)?;
+        Ok(Self {
+            name: spec.name.clone(),
+            engine,
+            tokenizer,
+            max_model_len,
+            created: now_secs(),
+            admission: Admission::new(&spec.batch, max_num_seqs),
+            breaker: CircuitBreaker::new(
+                spec.batch.circuit_breaker.failure_threshold,
+                Duration::from_secs(u64::from(spec.batch.circuit_breaker.open_seconds)),
+                spec.batch.circuit_breaker.enabled,
+            ),
+            cache_policy: spec.cache.clone(),
+            batch_policy: spec.batch.clone(),
+        })
+    }
+}
+
+/// Served models by name.
+#[derive(Default, Clone)]
+pub struct ModelRegistry {
+    models: BTreeMap<String, Arc<ServedModel>>,
+}
+
+impl ModelRegistry {
+    /// Adds (or replaces) a model.
+    pub fn insert(&mut self, model: ServedModel) {
+        self.models.insert(model.name.clone(), Arc::new(model));
+    }
+
+    /// The model named `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<ServedModel>> {
+        self.models.get(name).cloned()
+    }
+
+    /// Every model, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
+        self.models.values()
+    }
+}
+
+/// The built-in model's shape: small enough to answer at interactive speed
+/// on a laptop CPU (4 layers, width 256).
+pub fn builtin_spec() -> TinyModelSpec {
+    TinyModelSpec {
+        hidden_size: 256,
+        intermediate_size: 768,
+        num_layers: 4,
+        num_heads: 8,
+        num_kv_heads: 2,
+        seed: 2026,
+        ..TinyModelSpec::llama()
+    }
+}
+
+/// Writes the built-in model into `cache_dir/builtin-<version>` unless it is
+/// already there (made deterministically, so every agent has the same one),
+/// and returns the directory.
+pub fn ensure_builtin(cache_dir: &Path) -> Result<PathBuf, weir_engine::EngineError> {
+    let dir = cache_dir.join(format!("builtin-{}", env!("CARGO_PKG_VERSION")));
+    if dir.join("model.safetensors").exists() && dir.join("tokenizer_config.json").exists() {
+        return Ok(dir);
+    }
+    // Write into a temporary sibling and rename, so a crash never leaves a
+    // half-written model behind.
+    let tmp = cache_dir.join(format!(
+        ".builtin-{}-{}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    ));
+    write_tiny_model(&tmp, &builtin_spec())?;
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        // Another process finished first: its copy is identical.
+        Err(_) if dir.join("model.safetensors").exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(source) => Err(weir_engine::EngineError::Io { path: dir, source }),
+    }
+}

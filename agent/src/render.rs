@@ -1,0 +1,329 @@
+//! Rendering [`GenEvent`]s as OpenAI responses: a whole JSON body, or a
+//! server-sent event stream of chunks ending in `data: [DONE]`, with an
+//! error event in OpenAI's shape when generation fails mid-stream.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+
+use axum::response::sse::Event as SseEvent;
+use futures::stream::{self, Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::api::types::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
+    ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs,
+    TokenLogprob as ChatTokenLogprob, TopLogprob, Usage,
+};
+use crate::generate::{GenEvent, GenStream, TokenLogprob};
+
+/// A finished generation: what the response cache stores and replays.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Generation {
+    /// Per choice: text, finish reason, token log probabilities.
+    pub choices: Vec<ChoiceResult>,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// One finished choice.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ChoiceResult {
+    /// The text.
+    pub text: String,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+    /// Per-token log probabilities, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// Collects a stream into a [`Generation`], or the error it ended with.
+pub async fn collect(mut events: GenStream) -> Result<Generation, (u16, serde_json::Value)> {
+    let mut generation = Generation::default();
+    while let Some(event) = events.next().await {
+        match event {
+            GenEvent::Delta {
+                index,
+                text,
+                logprobs,
+            } => {
+                let choice = choice_mut(&mut generation, index);
+                choice.text.push_str(&text);
+                choice.logprobs.extend(logprobs);
+            }
+            GenEvent::ChoiceDone {
+                index,
+                finish_reason,
+            } => {
+                choice_mut(&mut generation, index).finish_reason = finish_reason;
+            }
+            GenEvent::Done { usage } => {
+                generation.usage = usage;
+                return Ok(generation);
+            }
+            GenEvent::Error { status, body } => return Err((status, body)),
+        }
+    }
+    Err((
+        500,
+        serde_json::json!({"error": {"message": "generation ended early", "type": "internal_error"}}),
+    ))
+}
+
+fn choice_mut(g: &mut Generation, index: usize) -> &mut ChoiceResult {
+    if g.choices.len() <= index {
+        g.choices.resize_with(index + 1, ChoiceResult::default);
+    }
+    &mut g.choices[index]
+}
+
+/// Replays a stored generation as events (one delta per choice).
+pub fn replay(generation: &Generation) -> GenStream {
+    let mut events = Vec::new();
+    for (index, c) in generation.choices.iter().enumerate() {
+        events.push(GenEvent::Delta {
+            index,
+            text: c.text.clone(),
+            logprobs: c.logprobs.clone(),
+        });
+        events.push(GenEvent::ChoiceDone {
+            index,
+            finish_reason: c.finish_reason.clone(),
+        });
+    }
+    events.push(GenEvent::Done {
+        usage: generation.usage,
+    });
+    Box::pin(stream::iter(events))
+}
+
+fn chat_logprobs(lps: &[TokenLogprob]) -> ChoiceLogprobs {
+    ChoiceLogprobs {
+        content: lps
+            .iter()
+            .map(|t| ChatTokenLogprob {
+                token: t.token.clone(),
+                logprob: t.logprob,
+                bytes: t.token.as_bytes().to_vec(),
+                top_logprobs: t
+                    .top
+                    .iter()
+                    .map(|(token, logprob)| TopLogprob {
+                        token: token.clone(),
+                        logprob: *logprob,
+                        bytes: token.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn legacy_logprobs(lps: &[TokenLogprob]) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut offset = 0;
+    for t in lps {
+        out.tokens.push(t.token.clone());
+        out.token_logprobs.push(t.logprob);
+        out.top_logprobs
+            .push(t.top.iter().cloned().collect::<BTreeMap<_, _>>());
+        out.text_offset.push(offset);
+        offset += t.token.len();
+    }
+    out
+}
+
+/// Identity of one response: id, creation time, model name, logprobs asked.
+#[derive(Clone, Debug)]
+pub struct ResponseMeta {
+    /// Response id.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// Model name as requested.
+    pub model: String,
+    /// Whether log probabilities were asked for.
+    pub logprobs: bool,
+    /// Whether to send a usage chunk at the end of a stream.
+    pub include_usage: bool,
+}
+
+/// The chat response body for a finished generation.
+pub fn chat_body(meta: &ResponseMeta, g: &Generation) -> ChatCompletion {
+    ChatCompletion {
+        id: meta.id.clone(),
+        object: "chat.completion".into(),
+        created: meta.created,
+        model: meta.model.clone(),
+        choices: g
+            .choices
+            .iter()
+            .enumerate()
+            .map(|(index, c)| ChatChoice {
+                index,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: c.text.clone(),
+                },
+                logprobs: meta.logprobs.then(|| chat_logprobs(&c.logprobs)),
+                finish_reason: c.finish_reason.clone(),
+            })
+            .collect(),
+        usage: g.usage,
+    }
+}
+
+/// The completion response body for a finished generation.
+pub fn completion_body(meta: &ResponseMeta, g: &Generation) -> Completion {
+    Completion {
+        id: meta.id.clone(),
+        object: "text_completion".into(),
+        created: meta.created,
+        model: meta.model.clone(),
+        choices: g
+            .choices
+            .iter()
+            .enumerate()
+            .map(|(index, c)| CompletionChoice {
+                index,
+                text: c.text.clone(),
+                logprobs: meta.logprobs.then(|| legacy_logprobs(&c.logprobs)),
+                finish_reason: Some(c.finish_reason.clone()),
+            })
+            .collect(),
+        usage: Some(g.usage),
+    }
+}
+
+fn json_event<T: Serialize>(value: &T) -> SseEvent {
+    SseEvent::default().data(serde_json::to_string(value).unwrap_or_else(|e| {
+        format!(
+            "{{\"error\":{{\"message\":\"serializing a chunk: {e}\",\"type\":\"internal_error\"}}}}"
+        )
+    }))
+}
+
+/// Which response shape a stream renders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// `chat.completion.chunk`.
+    Chat,
+    /// `text_completion`.
+    Completion,
+}
+
+/// Renders events as SSE chunks, ending with `[DONE]`.
+pub fn sse(
+    meta: ResponseMeta,
+    shape: Shape,
+    events: GenStream,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let mut started = std::collections::HashSet::new();
+    events.flat_map(move |event| {
+        let out: Vec<SseEvent> = match event {
+            GenEvent::Delta {
+                index,
+                text,
+                logprobs,
+            } => {
+                let first = started.insert(index);
+                vec![delta_chunk(
+                    &meta, shape, index, first, text, &logprobs, None,
+                )]
+            }
+            GenEvent::ChoiceDone {
+                index,
+                finish_reason,
+            } => {
+                let first = started.insert(index);
+                vec![delta_chunk(
+                    &meta,
+                    shape,
+                    index,
+                    first,
+                    String::new(),
+                    &[],
+                    Some(finish_reason),
+                )]
+            }
+            GenEvent::Done { usage } => {
+                let mut v = Vec::new();
+                if meta.include_usage {
+                    v.push(usage_chunk(&meta, shape, usage));
+                }
+                v.push(SseEvent::default().data("[DONE]"));
+                v
+            }
+            GenEvent::Error { body, .. } => {
+                vec![
+                    SseEvent::default().data(body.to_string()),
+                    SseEvent::default().data("[DONE]"),
+                ]
+            }
+        };
+        stream::iter(out.into_iter().map(Ok))
+    })
+}
+
+fn delta_chunk(
+    meta: &ResponseMeta,
+    shape: Shape,
+    index: usize,
+    first: bool,
+    text: String,
+    logprobs: &[TokenLogprob],
+    finish_reason: Option<String>,
+) -> SseEvent {
+    match shape {
+        Shape::Chat => json_event(&ChatCompletionChunk {
+            id: meta.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: vec![ChatChunkChoice {
+                index,
+                delta: ChatDelta {
+                    role: first.then(|| "assistant".to_owned()),
+                    content: (!text.is_empty() || finish_reason.is_none()).then_some(text),
+                },
+                logprobs: (meta.logprobs && !logprobs.is_empty()).then(|| chat_logprobs(logprobs)),
+                finish_reason,
+            }],
+            usage: None,
+        }),
+        Shape::Completion => json_event(&Completion {
+            id: meta.id.clone(),
+            object: "text_completion".into(),
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: vec![CompletionChoice {
+                index,
+                text,
+                logprobs: (meta.logprobs && !logprobs.is_empty())
+                    .then(|| legacy_logprobs(logprobs)),
+                finish_reason,
+            }],
+            usage: None,
+        }),
+    }
+}
+
+fn usage_chunk(meta: &ResponseMeta, shape: Shape, usage: Usage) -> SseEvent {
+    match shape {
+        Shape::Chat => json_event(&ChatCompletionChunk {
+            id: meta.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: Vec::new(),
+            usage: Some(usage),
+        }),
+        Shape::Completion => json_event(&Completion {
+            id: meta.id.clone(),
+            object: "text_completion".into(),
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: Vec::new(),
+            usage: Some(usage),
+        }),
+    }
+}

@@ -1,0 +1,348 @@
+//! The HTTP server: OpenAI routes, health, readiness and metrics. Handlers
+//! only translate: requests become [`Job`]s, jobs become engine requests
+//! through [`crate::serve`], and events become JSON or SSE.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use weir_engine::tokenizer::ChatMessage;
+
+use crate::api::types::{
+    ChatCompletionRequest, CompletionRequest, MessageContent, ModelCard, ModelList, Prompt,
+    SamplingFields,
+};
+use crate::api::{ApiError, OpenAiJson};
+use crate::generate::{Job, LogprobsWanted, build_template, parse_priority};
+use crate::metrics::Metrics;
+use crate::models::{ModelRegistry, ServedModel};
+use crate::render::{ResponseMeta, Shape};
+use crate::serve::respond;
+
+/// State shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// Served models.
+    pub models: Arc<RwLock<ModelRegistry>>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Whether the agent takes traffic.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl AppState {
+    /// State over `models`, ready.
+    pub fn new(models: ModelRegistry) -> Self {
+        let models = Arc::new(RwLock::new(models));
+        Self {
+            metrics: Metrics::new(models.clone()),
+            models,
+            ready: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    fn model(&self, name: &str) -> Result<Arc<ServedModel>, ApiError> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .get(name)
+            .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))
+    }
+}
+
+/// The agent's router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })
+        .layer(DefaultBodyLimit::max(crate::api::extract::MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn response_id(prefix: &str) -> String {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{:x}{:08x}", unix_now(), n)
+}
+
+/// The priority from the body, else the `x-weir-priority` header.
+fn requested_priority(
+    fields: &SamplingFields,
+    headers: &HeaderMap,
+) -> Result<Option<weir_engine::scheduler::Priority>, ApiError> {
+    let header = headers.get("x-weir-priority").map(|v| {
+        v.to_str()
+            .map_err(|_| ApiError::invalid("x-weir-priority", "the header is not ASCII"))
+    });
+    match (&fields.priority, header) {
+        (Some(p), _) => parse_priority(p).map(Some),
+        (None, Some(h)) => parse_priority(h?).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
+    if request.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    request
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.kind.as_str(), &part.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    &format!("messages[{i}].content"),
+                                    format!("content parts of type `{kind}` are not supported by this model"),
+                                ));
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            let role = if m.role == "developer" { "system".to_owned() } else { m.role.clone() };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OpenAiJson(request): OpenAiJson<ChatCompletionRequest>,
+) -> Response {
+    match chat_job(&state, &headers, &request) {
+        Ok((model, job, meta, stream)) => {
+            respond(state, model, job, meta, Shape::Chat, stream).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+type Prepared = (Arc<ServedModel>, Job, ResponseMeta, bool);
+
+fn chat_job(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: &ChatCompletionRequest,
+) -> Result<Prepared, ApiError> {
+    let model = state.model(&request.model)?;
+    let messages = chat_messages(request)?;
+    let prompt_text = model
+        .tokenizer
+        .apply_chat_template(&messages, true, request.tools.as_ref())
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let prompt = model
+        .tokenizer
+        .encode(&prompt_text, false)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let logprobs = match (request.logprobs, request.top_logprobs) {
+        (Some(true), top) => LogprobsWanted::Yes(top_logprobs(top, 20)?),
+        (_, Some(t)) if t > 0 => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            ));
+        }
+        _ => LogprobsWanted::No,
+    };
+    prepare(
+        state,
+        model,
+        headers,
+        &request.sampling,
+        vec![prompt],
+        logprobs,
+        &request.model,
+        "chatcmpl",
+    )
+}
+
+fn top_logprobs(value: Option<i64>, max: i64) -> Result<usize, ApiError> {
+    match value.unwrap_or(0) {
+        n if (0..=max).contains(&n) => Ok(n as usize),
+        n => Err(ApiError::invalid(
+            "top_logprobs",
+            format!("must be between 0 and {max}, got {n}"),
+        )),
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one call site per route; a struct would only rename them
+fn prepare(
+    state: &AppState,
+    model: Arc<ServedModel>,
+    headers: &HeaderMap,
+    fields: &SamplingFields,
+    prompts: Vec<Vec<u32>>,
+    logprobs: LogprobsWanted,
+    requested_name: &str,
+    id_prefix: &str,
+) -> Result<Prepared, ApiError> {
+    let _ = state;
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    let priority = model
+        .admission
+        .effective_priority(requested_priority(fields, headers)?);
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let (template, n) = build_template(fields, priority, logprobs, longest, model.max_model_len)?;
+    let stream = fields.stream.unwrap_or(false);
+    let meta = ResponseMeta {
+        id: response_id(id_prefix),
+        created: unix_now(),
+        model: requested_name.to_owned(),
+        logprobs: logprobs != LogprobsWanted::No,
+        include_usage: stream
+            && fields
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+    };
+    Ok((
+        model,
+        Job {
+            prompts,
+            n,
+            template,
+            logprobs,
+        },
+        meta,
+        stream,
+    ))
+}
+
+async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OpenAiJson(request): OpenAiJson<CompletionRequest>,
+) -> Response {
+    match completion_job(&state, &headers, &request) {
+        Ok((model, job, meta, stream)) => {
+            respond(state, model, job, meta, Shape::Completion, stream).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+fn completion_job(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: &CompletionRequest,
+) -> Result<Prepared, ApiError> {
+    let model = state.model(&request.model)?;
+    let encode = |text: &str| {
+        model
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| ApiError::invalid("prompt", e.to_string()))
+    };
+    let prompts = match &request.prompt {
+        Prompt::Text(t) => vec![encode(t)?],
+        Prompt::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        Prompt::Tokens(ids) => vec![ids.clone()],
+        Prompt::TokenLists(lists) => lists.clone(),
+    };
+    if prompts.is_empty() || prompts.len() > 64 {
+        return Err(ApiError::invalid("prompt", "give between 1 and 64 prompts"));
+    }
+    let vocab = model.tokenizer.vocab_size() as u32;
+    if let Some(bad) = prompts.iter().flatten().find(|&&id| id >= vocab) {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    if request.echo == Some(true) {
+        return Err(ApiError::invalid("echo", "echo is not supported"));
+    }
+    let logprobs = match request.logprobs {
+        None => LogprobsWanted::No,
+        Some(n) => LogprobsWanted::Yes(top_logprobs(Some(n), 5).map_err(|_| {
+            ApiError::invalid(
+                "logprobs",
+                format!("logprobs must be between 0 and 5, got {n}"),
+            )
+        })?),
+    };
+    prepare(
+        state,
+        model,
+        headers,
+        &request.sampling,
+        prompts,
+        logprobs,
+        &request.model,
+        "cmpl",
+    )
+}
+
+async fn list_models(State(state): State<AppState>) -> axum::Json<ModelList> {
+    let models = state.models.read().unwrap_or_else(|p| p.into_inner());
+    axum::Json(ModelList {
+        object: "list".into(),
+        data: models
+            .iter()
+            .map(|m| ModelCard {
+                id: m.name.clone(),
+                object: "model".into(),
+                created: m.created,
+                owned_by: "weir".into(),
+            })
+            .collect(),
+    })
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let has_models = state
+        .models
+        .read()
+        .map(|m| m.iter().next().is_some())
+        .unwrap_or(false);
+    if state.ready.load(Ordering::Acquire) && has_models {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    match state.metrics.encode() {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => ApiError::Internal(format!("encoding metrics: {e}")).into_response(),
+    }
+}
