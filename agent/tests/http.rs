@@ -1,0 +1,334 @@
+//! The agent over real HTTP on a loopback socket, serving the built-in model:
+//! the OpenAI routes, streaming, errors in OpenAI's shape, overload, many
+//! concurrent streams, and client disconnects freeing engine resources.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use weir_agent::models::{ModelRegistry, ModelSpec, ServedModel, ensure_builtin};
+use weir_agent::server::{AppState, router};
+use weir_crds::BatchPolicySpec;
+
+fn builtin_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = std::env::temp_dir().join(format!("weir-agent-http-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        ensure_builtin(&root).unwrap()
+    })
+    .clone()
+}
+
+/// Starts an agent serving the built-in model as `tiny`; returns its base URL.
+async fn start(batch: BatchPolicySpec) -> String {
+    let spec = ModelSpec {
+        name: "tiny".into(),
+        dir: builtin_dir(),
+        engine: Default::default(),
+        cache: Default::default(),
+        batch,
+    };
+    let mut registry = ModelRegistry::default();
+    registry.insert(ServedModel::load(&spec).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router(AppState::new(registry))).await });
+    format!("http://{addr}")
+}
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0})
+}
+
+async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// Reads an SSE response to the end: the JSON of each `data:` line, and
+/// whether it ended with `[DONE]`.
+async fn sse(resp: reqwest::Response) -> (Vec<Value>, bool) {
+    let body = resp.text().await.unwrap();
+    let mut events = Vec::new();
+    let mut done = false;
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            done = true;
+        } else {
+            events.push(serde_json::from_str(line).unwrap());
+        }
+    }
+    (events, done)
+}
+
+async fn metric(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l.contains("model_name=\"tiny\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_json_and_stream_agree_and_report_usage() {
+    let base = start(BatchPolicySpec::default()).await;
+    let (status, body) = post(&base, "/v1/chat/completions", &chat("Hello there", 12)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let usage = &body["usage"];
+    assert_eq!(
+        usage["total_tokens"],
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+
+    let mut req = chat("Hello there", 12);
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let (events, done) = sse(resp).await;
+    assert!(done, "stream did not end with [DONE]");
+    let streamed: String = events
+        .iter()
+        .flat_map(|e| e["choices"].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| c["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(streamed, text, "greedy stream and JSON differ");
+    let last = events.last().unwrap();
+    assert_eq!(last["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        usage["completion_tokens"]
+    );
+    let finish = events
+        .iter()
+        .rev()
+        .find_map(|e| e["choices"][0]["finish_reason"].as_str())
+        .unwrap();
+    assert_eq!(
+        finish,
+        body["choices"][0]["finish_reason"].as_str().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_models_n_and_logprobs() {
+    let base = start(BatchPolicySpec::default()).await;
+    let models: Value = reqwest::get(format!("{base}/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+    let (status, body) = post(
+        &base,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "The cache", "max_tokens": 5, "n": 3, "seed": 7, "temperature": 1.0, "logprobs": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    assert_eq!(body["usage"]["completion_tokens"], 15);
+    let lp = &choices[0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 5);
+    assert!(lp["token_logprobs"][0].as_f64().unwrap() <= 0.0);
+    assert!(lp["top_logprobs"][0].as_object().unwrap().len() <= 2);
+    // Same seed, same answers.
+    let (_, again) = post(
+        &base,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "The cache", "max_tokens": 5, "n": 3, "seed": 7, "temperature": 1.0}),
+    )
+    .await;
+    for i in 0..3 {
+        assert_eq!(again["choices"][i]["text"], choices[i]["text"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors() {
+    let base = start(BatchPolicySpec::default()).await;
+    let client = reqwest::Client::new();
+    let raw = |body: Vec<u8>| {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"{not json".to_vec(), 400, "not valid JSON"),
+        (b"{\"model\": \"tiny\", \"messages\": [{\"role\": \"user\", \"content\": \"\xff\"}]}".to_vec(), 400, "UTF-8"),
+        (br#"{"model": "tiny"}"#.to_vec(), 422, "messages"),
+        (br#"{"model": "tiny", "messages": [], "max_tokens": 5}"#.to_vec(), 400, "messages"),
+        (br#"{"model": "tiny", "messages": [{"role":"user","content":"x"}], "max_tokens": "ten"}"#.to_vec(), 422, "max_tokens"),
+        (br#"{"model": "tiny", "messages": [{"role":"user","content":"x"}], "max_tokens": -1}"#.to_vec(), 400, "max_tokens"),
+        (br#"{"model": "tiny", "messages": [{"role":"user","content":"x"}], "max_tokens": 100000000}"#.to_vec(), 400, "max_tokens"),
+        (br#"{"model": "tiny", "messages": [{"role":"user","content":"x"}], "temperature": 9}"#.to_vec(), 400, "temperature"),
+        (br#"{"model": "tiny", "messages": [{"role":"user","content":"x"}], "priority": "urgent"}"#.to_vec(), 400, "priority"),
+        (br#"{"model": "missing", "messages": [{"role":"user","content":"x"}]}"#.to_vec(), 404, "missing"),
+        (vec![b' '; 10 * 1024 * 1024], 413, "larger than"),
+    ];
+    for (body, status, needle) in cases {
+        let r = raw(body).await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{needle}");
+        let err: Value = r.json().await.unwrap();
+        let message = err["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no OpenAI error body: {err}"));
+        assert!(message.contains(needle), "{status}: {message}");
+        assert!(err["error"]["type"].is_string());
+    }
+    let r = client
+        .get(format!("{base}/v2/unknown"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .header("x-weir-priority", "nonsense")
+        .json(&chat("x", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_answered_429_with_retry_after_never_a_hang() {
+    let mut batch = BatchPolicySpec::default();
+    batch.max_num_seqs = 2;
+    batch.queue.max_queued = 4;
+    let base = start(batch).await;
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!("{base}/v1/chat/completions");
+            tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .json(&chat(&format!("load {i}"), 24))
+                    .send()
+                    .await
+                    .unwrap();
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let status = r.status().as_u16();
+                let body = r.text().await.unwrap();
+                (status, retry, body)
+            })
+        })
+        .collect();
+    let results = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(tasks))
+        .await
+        .expect("requests hung");
+    let mut ok = 0;
+    let mut limited = 0;
+    for r in results {
+        match r.unwrap() {
+            (200, _, _) => ok += 1,
+            (429, Some(after), _) => {
+                assert!(after.parse::<u64>().unwrap() >= 1);
+                limited += 1;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(ok >= 2 && limited > 0, "ok {ok}, limited {limited}");
+    assert!(metric(&base, "weir_rejected_requests_total").await >= limited as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_streams_all_complete() {
+    let base = start(BatchPolicySpec::default()).await;
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..500)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!("{base}/v1/chat/completions");
+            tokio::spawn(async move {
+                let mut body = chat(&format!("client {i}"), 4);
+                body["stream"] = json!(true);
+                let r = client.post(url).json(&body).send().await.unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                sse(r).await
+            })
+        })
+        .collect();
+    let results = tokio::time::timeout(Duration::from_secs(300), futures::future::join_all(tasks))
+        .await
+        .expect("streams hung");
+    for r in results {
+        let (events, done) = r.unwrap();
+        assert!(done);
+        assert!(
+            events
+                .iter()
+                .any(|e| e["choices"][0]["finish_reason"].is_string()),
+            "{events:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_client_frees_its_slot() {
+    let base = start(BatchPolicySpec::default()).await;
+    let mut body = chat("go on for a long time", 1500);
+    body["stream"] = json!(true);
+    body["ignore_eos"] = json!(true);
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut chunks = resp.bytes_stream();
+    chunks.next().await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&base, "vllm:num_requests_running").await < 1.0 {
+        assert!(Instant::now() < deadline, "request never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(chunks);
+    while metric(&base, "vllm:num_requests_running").await > 0.0
+        || metric(&base, "vllm:kv_cache_usage_perc").await > 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the engine kept generating for a client that left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(metric(&base, "vllm:generation_tokens_total").await < 1500.0);
+}
