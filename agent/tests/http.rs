@@ -224,8 +224,7 @@ async fn bad_requests_get_openai_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_answered_429_with_retry_after_never_a_hang() {
-    let mut batch = BatchPolicySpec::default();
-    batch.max_num_seqs = 2;
+    let mut batch = BatchPolicySpec { max_num_seqs: 2, ..Default::default() };
     batch.queue.max_queued = 4;
     let base = start(batch).await;
     let client = reqwest::Client::new();
