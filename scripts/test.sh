@@ -3,13 +3,24 @@
 # Rust toolchain (cargo, rustfmt, clippy, cargo-nextest) and python3:
 #   formatting, lints, CRD drift, all Rust tests, and the Helm chart check
 #   (rendered with default and CI values, validated against the Kubernetes
-#   schemas). It installs what is missing (a Python venv in .venv).
+#   schemas), and the official OpenAI SDK against a running agent. It
+#   installs what is missing (redis-server from Debian, a Python venv in .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "Python tools for the chart check (.venv)"
+step "System packages (redis-server for the cache tests)"
+if ! command -v redis-server >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+# The tests start their own servers on free ports; stop the distribution's.
+if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server >/dev/null 2>&1 || true; fi
+
+step "Python tools: chart check, OpenAI SDK check (.venv)"
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
@@ -26,6 +37,10 @@ cargo run --quiet --locked -p weir-crds --bin crdgen -- --check
 
 step "Rust tests"
 cargo nextest run --workspace --locked --no-fail-fast
+
+step "The official OpenAI Python SDK against a running agent"
+cargo build --quiet --locked -p weir-agent
+.venv/bin/python e2e/python/openai_sdk_check.py target/debug/weir-agent
 
 step "Helm chart: lint, render, Kubernetes schema validation"
 .venv/bin/python scripts/check_chart.py

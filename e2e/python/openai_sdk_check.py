@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""The official `openai` Python SDK against a real weir-agent process.
+
+Starts `weir-agent serve` (the built-in model) on a free loopback port, waits
+for /ready, then drives it with the unchanged SDK: models, chat and
+completions (plain and streaming with usage), n, seeds, logprobs, and the
+SDK's error types for bad requests. Exits non-zero on the first mismatch.
+
+    python3 e2e/python/openai_sdk_check.py target/debug/weir-agent
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import openai
+from openai import OpenAI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, proc: subprocess.Popen, deadline: float) -> None:
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"weir-agent exited early with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    sys.exit("weir-agent did not become ready")
+
+
+def check(cond: bool, what: str) -> None:
+    if not cond:
+        sys.exit(f"FAILED: {what}")
+    print(f"ok  {what}")
+
+
+def expect_error(kind, what, call) -> None:
+    try:
+        call()
+    except kind as e:
+        check(isinstance(e.body, dict) and "message" in e.body, f"{what} -> {kind.__name__} with an OpenAI error body")
+        return
+    except openai.APIError as e:  # a different error type
+        sys.exit(f"FAILED: {what}: expected {kind.__name__}, got {type(e).__name__}: {e}")
+    sys.exit(f"FAILED: {what}: no error")
+
+
+def run(client: OpenAI) -> None:
+    models = client.models.list()
+    check([m.id for m in models.data] == ["weir-tiny"], "models.list names the built-in model")
+
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model="weir-tiny", messages=msgs, max_tokens=8, temperature=0)
+    check(chat.object == "chat.completion" and chat.choices[0].message.role == "assistant", "chat completion shape")
+    check(chat.choices[0].finish_reason in ("stop", "length"), "finish_reason")
+    check(chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens, "usage adds up")
+
+    stream = client.chat.completions.create(
+        model="weir-tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+    check(text == chat.choices[0].message.content, "streamed text equals the non-streamed text (greedy)")
+    check(usage is not None and usage.completion_tokens == chat.usage.completion_tokens, "stream usage chunk")
+
+    many = client.chat.completions.create(model="weir-tiny", messages=msgs, max_tokens=4, n=2, seed=3, temperature=0.9)
+    check(len(many.choices) == 2, "n=2 gives two choices")
+    lp = client.chat.completions.create(model="weir-tiny", messages=msgs, max_tokens=3, logprobs=True, top_logprobs=2)
+    content = lp.choices[0].logprobs.content
+    check(len(content) == lp.usage.completion_tokens and len(content[0].top_logprobs) <= 2, "chat logprobs")
+
+    comp = client.completions.create(model="weir-tiny", prompt="The cache", max_tokens=5, temperature=0)
+    check(comp.object == "text_completion" and comp.usage.completion_tokens <= 5, "completion shape")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="weir-tiny", prompt="The cache", max_tokens=5, temperature=0, stream=True) if c.choices)
+    check(streamed == comp.choices[0].text, "streamed completion equals the non-streamed one")
+
+    expect_error(openai.NotFoundError, "unknown model",
+                 lambda: client.chat.completions.create(model="nope", messages=msgs))
+    expect_error(openai.BadRequestError, "temperature out of range",
+                 lambda: client.chat.completions.create(model="weir-tiny", messages=msgs, temperature=7))
+    expect_error(openai.BadRequestError, "max_tokens beyond the context",
+                 lambda: client.chat.completions.create(model="weir-tiny", messages=msgs, max_tokens=10**9))
+    expect_error(openai.UnprocessableEntityError, "wrong field type",
+                 lambda: client.chat.completions.create(model="weir-tiny", messages=msgs, extra_body={"n": "two"}))
+
+
+def main() -> None:
+    binary = sys.argv[1] if len(sys.argv) > 1 else "target/debug/weir-agent"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as cache:
+        proc = subprocess.Popen(
+            [binary, "serve", "--listen", f"127.0.0.1:{port}", "--model-cache", cache],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "RUST_LOG": "warn"},
+        )
+        try:
+            wait_ready(base, proc, time.time() + 60)
+            run(OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    print(f"openai SDK {openai.__version__}: all checks passed")
+
+
+if __name__ == "__main__":
+    main()
