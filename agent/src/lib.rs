@@ -2,11 +2,13 @@
 //! engine, with admission control, circuit breaking, response caching,
 //! coalescing and metrics, in standalone or cluster mode.
 
+pub mod adaptive;
 pub mod admission;
 pub mod api;
 pub mod breaker;
 pub mod config;
 pub mod generate;
+pub mod gpu;
 pub mod metrics;
 pub mod models;
 pub mod render;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use weir_agent::gpu::GpuMonitor;
 use weir_agent::models::{BUILTIN_MODEL, ModelRegistry, ModelSpec, ServedModel, ensure_builtin};
 use weir_agent::server::{AppState, router};
 
@@ -37,6 +38,9 @@ struct ServeArgs {
     /// Serve the Model, CachePolicy and BatchPolicy resources in this YAML file.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Require `Authorization: Bearer <key>` on the OpenAI routes.
+    #[arg(long, env = "WEIR_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Where downloaded and built-in models are kept.
     #[arg(long, env = "WEIR_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
@@ -91,12 +95,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     eprintln!(
         "Weir agent serving `{first}` on http://{addr}\nTry:\n  curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{first}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 32}}'"
     );
-    axum::serve(listener, router(AppState::new(registry)))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("HTTP server")
+    let gpu = GpuMonitor::start(std::time::Duration::from_secs(2));
+    for model in registry.iter() {
+        weir_agent::adaptive::spawn(model.clone(), gpu.clone());
+    }
+    axum::serve(
+        listener,
+        router(AppState::with(registry, gpu, args.api_key.clone())),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+    .context("HTTP server")
 }
 
 #[tokio::main]

@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 
 use weir_engine::stats::StatsSnapshot;
 
+use crate::gpu::{GpuMonitor, GpuReading};
 use crate::models::ModelRegistry;
 
 /// `model_name` label, as vLLM labels its metrics.
@@ -87,7 +88,7 @@ fn histogram_family() -> Family<ModelLabel, Histogram> {
 impl Metrics {
     /// Registers every metric, and a collector that reads the engines' live
     /// counters at scrape time.
-    pub fn new(models: Arc<RwLock<ModelRegistry>>) -> Self {
+    pub fn new(models: Arc<RwLock<ModelRegistry>>, gpu: Arc<GpuMonitor>) -> Self {
         let mut registry = Registry::default();
         let m = Self {
             registry: Arc::new(Registry::default()),
@@ -146,7 +147,7 @@ impl Metrics {
             "Requests refused by admission control",
             m.rejected.clone(),
         );
-        registry.register_collector(Box::new(EngineCollector { models }));
+        registry.register_collector(Box::new(EngineCollector { models, gpu }));
         Self {
             registry: Arc::new(registry),
             ..m
@@ -166,6 +167,50 @@ impl Metrics {
 #[derive(Debug)]
 struct EngineCollector {
     models: Arc<RwLock<ModelRegistry>>,
+    gpu: Arc<GpuMonitor>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabel {
+    gpu: String,
+    name: String,
+}
+
+impl EngineCollector {
+    fn encode_gpus(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let readings = self.gpu.readings();
+        let figures: [Figure<GpuReading, f64>; 3] = [
+            (
+                "weir_gpu_memory_used_bytes",
+                "GPU memory in use (NVML)",
+                |r| r.memory_used_bytes as f64,
+            ),
+            ("weir_gpu_memory_total_bytes", "GPU memory (NVML)", |r| {
+                r.memory_total_bytes as f64
+            }),
+            (
+                "weir_gpu_utilization_ratio",
+                "GPU utilization, 0-1 (NVML)",
+                |r| r.utilization,
+            ),
+        ];
+        for (name, help, get) in figures {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for r in &readings {
+                let label = GpuLabel {
+                    gpu: r.index.to_string(),
+                    name: r.name.clone(),
+                };
+                ConstGauge::new(get(r)).encode(family.encode_family(&label)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for ModelRegistry {
@@ -176,8 +221,8 @@ impl std::fmt::Debug for ModelRegistry {
     }
 }
 
-/// Name, help text and reader of one engine figure.
-type Figure<T> = (&'static str, &'static str, fn(&StatsSnapshot) -> T);
+/// Name, help text and reader of one figure.
+type Figure<S, T> = (&'static str, &'static str, fn(&S) -> T);
 
 const PRIORITIES: [&str; 5] = ["critical", "high", "normal", "low", "background"];
 
@@ -196,7 +241,7 @@ impl prometheus_client::collector::Collector for EngineCollector {
                 )
             })
             .collect();
-        let gauges: [Figure<f64>; 3] = [
+        let gauges: [Figure<StatsSnapshot, f64>; 3] = [
             (
                 "vllm:num_requests_running",
                 "Requests in the running batch",
@@ -224,7 +269,7 @@ impl prometheus_client::collector::Collector for EngineCollector {
                 ConstGauge::new(get(snap)).encode(family.encode_family(label)?)?;
             }
         }
-        let counters: [Figure<u64>; 5] = [
+        let counters: [Figure<StatsSnapshot, u64>; 5] = [
             ("vllm:prompt_tokens", "Prompt tokens computed", |s| {
                 s.prompt_tokens
             }),
@@ -281,6 +326,6 @@ impl prometheus_client::collector::Collector for EngineCollector {
         for (label, _, model) in &snaps {
             ConstGauge::new(model.breaker.state() as i64).encode(breaker.encode_family(label)?)?;
         }
-        Ok(())
+        self.encode_gpus(&mut encoder)
     }
 }

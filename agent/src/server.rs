@@ -19,6 +19,7 @@ use crate::api::types::{
 };
 use crate::api::{ApiError, OpenAiJson};
 use crate::generate::{Job, LogprobsWanted, build_template, parse_priority};
+use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
 use crate::models::{ModelRegistry, ServedModel};
 use crate::render::{ResponseMeta, Shape};
@@ -33,16 +34,27 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Whether the agent takes traffic.
     pub ready: Arc<AtomicBool>,
+    /// GPU readings.
+    pub gpu: Arc<GpuMonitor>,
+    /// Bearer key clients must send, if set.
+    pub api_key: Option<Arc<str>>,
 }
 
 impl AppState {
-    /// State over `models`, ready.
+    /// State over `models`, ready, without GPUs or an API key.
     pub fn new(models: ModelRegistry) -> Self {
+        Self::with(models, Arc::new(GpuMonitor::default()), None)
+    }
+
+    /// State over `models` with a GPU monitor and an optional API key.
+    pub fn with(models: ModelRegistry, gpu: Arc<GpuMonitor>, api_key: Option<String>) -> Self {
         let models = Arc::new(RwLock::new(models));
         Self {
-            metrics: Metrics::new(models.clone()),
+            metrics: Metrics::new(models.clone(), gpu.clone()),
             models,
             ready: Arc::new(AtomicBool::new(true)),
+            gpu,
+            api_key: api_key.map(Arc::from),
         }
     }
 
@@ -56,16 +68,44 @@ impl AppState {
 
 /// The agent's router.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_key,
+        ));
+    Router::new()
+        .merge(api)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })
         .layer(DefaultBodyLimit::max(crate::api::extract::MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Checks `Authorization: Bearer <key>` when the agent has an API key.
+async fn require_key(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = &state.api_key {
+        let sent = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if sent != Some(key.as_ref()) {
+            return ApiError::Unauthorized(
+                "a valid API key is required (Authorization: Bearer ...)".into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 fn unix_now() -> u64 {

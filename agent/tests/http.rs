@@ -24,6 +24,10 @@ fn builtin_dir() -> PathBuf {
 
 /// Starts an agent serving the built-in model as `tiny`; returns its base URL.
 async fn start(batch: BatchPolicySpec) -> String {
+    start_with_key(batch, None).await
+}
+
+async fn start_with_key(batch: BatchPolicySpec, key: Option<&str>) -> String {
     let spec = ModelSpec {
         name: "tiny".into(),
         dir: builtin_dir(),
@@ -35,7 +39,8 @@ async fn start(batch: BatchPolicySpec) -> String {
     registry.insert(ServedModel::load(&spec).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router(AppState::new(registry))).await });
+    let state = AppState::with(registry, Default::default(), key.map(str::to_owned));
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
     format!("http://{addr}")
 }
 
@@ -224,7 +229,10 @@ async fn bad_requests_get_openai_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_answered_429_with_retry_after_never_a_hang() {
-    let mut batch = BatchPolicySpec { max_num_seqs: 2, ..Default::default() };
+    let mut batch = BatchPolicySpec {
+        max_num_seqs: 2,
+        ..Default::default()
+    };
     batch.queue.max_queued = 4;
     let base = start(batch).await;
     let client = reqwest::Client::new();
@@ -330,4 +338,48 @@ async fn a_disconnected_client_frees_its_slot() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(metric(&base, "vllm:generation_tokens_total").await < 1500.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_is_required_when_configured() {
+    let base = start_with_key(BatchPolicySpec::default(), Some("s3cret")).await;
+    let client = reqwest::Client::new();
+    let url = format!("{base}/v1/chat/completions");
+    let r = client.post(&url).json(&chat("hi", 2)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["type"], "authentication_error");
+    let r = client
+        .post(&url)
+        .bearer_auth("wrong")
+        .json(&chat("hi", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = client
+        .post(&url)
+        .bearer_auth("s3cret")
+        .json(&chat("hi", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // Probes and metrics stay open for the kubelet and Prometheus.
+    assert_eq!(
+        reqwest::get(format!("{base}/health"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
 }

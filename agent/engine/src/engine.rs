@@ -136,6 +136,10 @@ enum Command {
         events: out::Sender<Event>,
     },
     Abort(u64),
+    SetLimits {
+        max_num_seqs: usize,
+        max_num_batched_tokens: usize,
+    },
 }
 
 /// The outputs of one request. Dropping it aborts the request.
@@ -203,6 +207,7 @@ impl EngineHandle {
             .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(options.queue_capacity.max(1));
         let stats = Arc::new(EngineStats::default());
+        stats.update_from(&scheduler);
         let eos = model.config().eos_token_ids.clone();
         let max_model_len = options.scheduler.max_model_len;
         let worker = Worker {
@@ -230,6 +235,23 @@ impl EngineHandle {
     /// Live counters (running, waiting, KV usage, prefix hits, ...).
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// Changes the batch limits from the next step on (adaptive batching).
+    /// Invalid limits are ignored and logged by the engine thread.
+    pub fn set_limits(
+        &self,
+        max_num_seqs: usize,
+        max_num_batched_tokens: usize,
+    ) -> Result<(), SubmitError> {
+        match self.commands.try_send(Command::SetLimits {
+            max_num_seqs,
+            max_num_batched_tokens,
+        }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(SubmitError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
+        }
     }
 
     /// Submits a request; its outputs arrive on the returned stream.
@@ -338,6 +360,16 @@ impl<B: Backend> Worker<B> {
                 if self.live.remove(&id).is_some() {
                     let _ = self.scheduler.abort(id);
                 }
+            }
+            Command::SetLimits {
+                max_num_seqs,
+                max_num_batched_tokens,
+            } => {
+                // Limits come from a validated policy; a refusal keeps the old ones.
+                let _ = self
+                    .scheduler
+                    .set_limits(max_num_seqs, max_num_batched_tokens);
+                self.stats.update_from(&self.scheduler);
             }
         }
     }

@@ -18,6 +18,8 @@ pub struct EngineStats {
     steps: AtomicU64,
     prompt_tokens: AtomicU64,
     generation_tokens: AtomicU64,
+    max_num_seqs: AtomicU64,
+    max_num_batched_tokens: AtomicU64,
 }
 
 /// A consistent-enough copy of the counters.
@@ -43,6 +45,10 @@ pub struct StatsSnapshot {
     pub prompt_tokens: u64,
     /// Tokens generated (`vllm:generation_tokens`).
     pub generation_tokens: u64,
+    /// Current sequence limit of a step.
+    pub max_num_seqs: u64,
+    /// Current token limit of a step.
+    pub max_num_batched_tokens: u64,
 }
 
 impl EngineStats {
@@ -62,6 +68,11 @@ impl EngineStats {
         set(&self.prefix_hits, scheduler.prefix_cache_hits());
         set(&self.prefix_queries, scheduler.prefix_cache_queries());
         set(&self.preemptions, scheduler.num_preemptions());
+        set(&self.max_num_seqs, scheduler.config().max_num_seqs as u64);
+        set(
+            &self.max_num_batched_tokens,
+            scheduler.config().max_num_batched_tokens as u64,
+        );
     }
 
     /// Counts one model step and the tokens it computed.
@@ -87,6 +98,8 @@ impl EngineStats {
             steps: get(&self.steps),
             prompt_tokens: get(&self.prompt_tokens),
             generation_tokens: get(&self.generation_tokens),
+            max_num_seqs: get(&self.max_num_seqs),
+            max_num_batched_tokens: get(&self.max_num_batched_tokens),
         }
     }
 }

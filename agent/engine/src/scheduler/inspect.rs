@@ -60,6 +60,25 @@ impl Scheduler {
         &self.config
     }
 
+    /// Changes the batch limits between steps (adaptive batching). Lowering
+    /// `max_num_seqs` below the running count preempts nothing: no new
+    /// sequence is admitted until the batch has shrunk below the new limit.
+    /// On error nothing changes.
+    pub fn set_limits(
+        &mut self,
+        max_num_seqs: usize,
+        max_num_batched_tokens: usize,
+    ) -> Result<(), SchedulerError> {
+        let next = SchedulerConfig {
+            max_num_seqs,
+            max_num_batched_tokens,
+            ..self.config.clone()
+        };
+        next.validate()?;
+        self.config = next;
+        Ok(())
+    }
+
     /// The KV block pool (read only).
     pub fn pool(&self) -> &KvBlockPool {
         &self.pool
