@@ -6,6 +6,7 @@ pub mod adaptive;
 pub mod admission;
 pub mod api;
 pub mod breaker;
+pub mod cluster;
 pub mod config;
 pub mod generate;
 pub mod gpu;

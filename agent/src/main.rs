@@ -41,6 +41,19 @@ struct ServeArgs {
     /// Require `Authorization: Bearer <key>` on the OpenAI routes.
     #[arg(long, env = "WEIR_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Cluster mode: register this node's NodeAgent and serve what the
+    /// operator assigns (needs NODE_NAME and POD_IP, from the downward API).
+    #[arg(long, conflicts_with_all = ["model", "config"])]
+    cluster: bool,
+    /// Node name in cluster mode.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Pod IP in cluster mode (peers and the operator reach the agent there).
+    #[arg(long, env = "POD_IP")]
+    pod_ip: Option<String>,
+    /// Where PersistentVolumeClaims with models are mounted (`pvc://` sources).
+    #[arg(long, env = "WEIR_PVC_ROOT", default_value = "/mnt/weir/pvc")]
+    pvc_root: PathBuf,
     /// Where downloaded and built-in models are kept.
     #[arg(long, env = "WEIR_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
@@ -80,6 +93,9 @@ fn model_specs(args: &ServeArgs) -> anyhow::Result<Vec<ModelSpec>> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.cluster {
+        return serve_cluster(args).await;
+    }
     let mut registry = ModelRegistry::default();
     let specs = model_specs(&args)?;
     for spec in &specs {
@@ -108,6 +124,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
     .await
     .context("HTTP server")
+}
+
+async fn serve_cluster(args: ServeArgs) -> anyhow::Result<()> {
+    let node_name = args
+        .node_name
+        .clone()
+        .context("--cluster needs NODE_NAME (or --node-name)")?;
+    let pod_ip = args
+        .pod_ip
+        .clone()
+        .context("--cluster needs POD_IP (or --pod-ip)")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let port = listener.local_addr()?.port();
+    let gpu = GpuMonitor::start(std::time::Duration::from_secs(2));
+    let mut state = AppState::with(ModelRegistry::default(), gpu, args.api_key.clone());
+    state.cluster = true;
+    let config = weir_agent::cluster::ClusterConfig {
+        node_name,
+        endpoint: format!("http://{pod_ip}:{port}"),
+        heartbeat: std::time::Duration::from_secs(10),
+        roots: weir_agent::cluster::plan::SourceRoots {
+            model_cache: args.model_cache.clone().unwrap_or_else(default_cache),
+            pvc_root: args.pvc_root.clone(),
+        },
+    };
+    tracing::info!(node = %config.node_name, endpoint = %config.endpoint, "cluster mode");
+    tokio::spawn(weir_agent::cluster::run(client, config, state.clone()));
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("HTTP server")
 }
 
 #[tokio::main]

@@ -43,10 +43,12 @@ pub struct ServedModel {
     pub admission: Admission,
     /// Circuit breaker around the engine.
     pub breaker: CircuitBreaker,
+    /// What was loaded, for comparing with a new assignment.
+    pub spec: ModelSpec,
 }
 
 /// A model to load: where, under what name, with which settings.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
     /// Name clients use.
     pub name: String,
@@ -142,7 +144,39 @@ impl ServedModel {
             ),
             cache_policy: spec.cache.clone(),
             batch_policy: spec.batch.clone(),
+            spec: spec.clone(),
         })
+    }
+
+    /// The same engine under new cache and batch policies: the engine and
+    /// requests in flight carry on; new requests see the new admission
+    /// bounds, breaker and caching rules. Engine limits follow through
+    /// [`weir_engine::engine::EngineHandle::set_limits`].
+    pub fn with_policies(&self, spec: &ModelSpec) -> Self {
+        let max_num_seqs = spec.batch.max_num_seqs.min(spec.engine.max_num_seqs) as usize;
+        let max_tokens = spec
+            .batch
+            .max_num_batched_tokens
+            .min(spec.engine.max_num_batched_tokens) as usize;
+        if let Err(e) = self.engine.set_limits(max_num_seqs, max_tokens) {
+            tracing::warn!(model = %self.name, error = %e, "could not apply new batch limits");
+        }
+        Self {
+            name: spec.name.clone(),
+            engine: self.engine.clone(),
+            tokenizer: self.tokenizer.clone(),
+            max_model_len: self.max_model_len,
+            created: self.created,
+            cache_policy: spec.cache.clone(),
+            batch_policy: spec.batch.clone(),
+            admission: Admission::new(&spec.batch, max_num_seqs),
+            breaker: CircuitBreaker::new(
+                spec.batch.circuit_breaker.failure_threshold,
+                Duration::from_secs(u64::from(spec.batch.circuit_breaker.open_seconds)),
+                spec.batch.circuit_breaker.enabled,
+            ),
+            spec: spec.clone(),
+        }
     }
 }
 
@@ -153,9 +187,16 @@ pub struct ModelRegistry {
 }
 
 impl ModelRegistry {
-    /// Adds (or replaces) a model.
-    pub fn insert(&mut self, model: ServedModel) {
-        self.models.insert(model.name.clone(), Arc::new(model));
+    /// Adds (or replaces) a model; returns the shared handle.
+    pub fn insert(&mut self, model: ServedModel) -> Arc<ServedModel> {
+        let model = Arc::new(model);
+        self.models.insert(model.name.clone(), model.clone());
+        model
+    }
+
+    /// Removes a model; requests in flight keep their handle and finish.
+    pub fn remove(&mut self, name: &str) -> Option<Arc<ServedModel>> {
+        self.models.remove(name)
     }
 
     /// The model named `name`.

@@ -38,6 +38,8 @@ pub struct AppState {
     pub gpu: Arc<GpuMonitor>,
     /// Bearer key clients must send, if set.
     pub api_key: Option<Arc<str>>,
+    /// Cluster mode: ready once registered, even before models arrive.
+    pub cluster: bool,
 }
 
 impl AppState {
@@ -55,6 +57,7 @@ impl AppState {
             ready: Arc::new(AtomicBool::new(true)),
             gpu,
             api_key: api_key.map(Arc::from),
+            cluster: false,
         }
     }
 
@@ -366,7 +369,7 @@ async fn ready(State(state): State<AppState>) -> Response {
         .read()
         .map(|m| m.iter().next().is_some())
         .unwrap_or(false);
-    if state.ready.load(Ordering::Acquire) && has_models {
+    if state.ready.load(Ordering::Acquire) && (has_models || state.cluster) {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()

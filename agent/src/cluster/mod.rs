@@ -1,0 +1,266 @@
+//! Cluster mode: the agent registers the `NodeAgent` named after its node
+//! (owned by the Node, so it is collected with it, as a kubelet registers
+//! its Node), serves what the operator writes into its spec — loading,
+//! replacing and unloading models and applying new policies live — and
+//! heartbeats its status: endpoint, GPUs, each model's phase and load.
+
+pub mod plan;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use weir_crds::node_agent::{ModelPhase, NodeAgent, NodeAgentSpec};
+
+use crate::models::{ModelSpec, ServedModel};
+use crate::server::AppState;
+use plan::{SourceRoots, SyncAction};
+use status::ModelState;
+
+/// Field manager of everything the agent writes.
+pub const FIELD_MANAGER: &str = "weir-agent";
+
+/// Settings of cluster mode.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Node the agent runs on (and the NodeAgent's name).
+    pub node_name: String,
+    /// Base URL peers and the operator reach this agent at.
+    pub endpoint: String,
+    /// Seconds between heartbeats.
+    pub heartbeat: Duration,
+    /// Where sources are found on the node.
+    pub roots: SourceRoots,
+}
+
+/// Errors of cluster mode.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The API server refused or failed a call.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Per-model phases the agent reports (Loading, Ready, Failed ...).
+pub type ModelStates = Arc<RwLock<BTreeMap<String, ModelState>>>;
+
+/// Creates the NodeAgent for this node if it does not exist, owned by the
+/// Node so that deleting the Node collects it.
+pub async fn register(client: &kube::Client, node_name: &str) -> Result<NodeAgent, ClusterError> {
+    let agents: Api<NodeAgent> = Api::all(client.clone());
+    if let Some(existing) = agents.get_opt(node_name).await? {
+        return Ok(existing);
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    let owner = nodes.get_opt(node_name).await?.and_then(|node| {
+        Some(OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: node_name.to_owned(),
+            uid: node.metadata.uid?,
+            ..OwnerReference::default()
+        })
+    });
+    if owner.is_none() {
+        tracing::warn!(
+            node = node_name,
+            "no Node object of this name: the NodeAgent will not be collected with it"
+        );
+    }
+    let agent = NodeAgent {
+        metadata: ObjectMeta {
+            name: Some(node_name.to_owned()),
+            owner_references: owner.map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: NodeAgentSpec {
+            node_name: node_name.to_owned(),
+            ..NodeAgentSpec::default()
+        },
+        status: None,
+    };
+    match agents.create(&PostParams::default(), &agent).await {
+        Ok(created) => Ok(created),
+        // Another start of this agent won the race; use its object.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(agents.get(node_name).await?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes the agent's status with server-side apply.
+pub async fn heartbeat(
+    client: &kube::Client,
+    config: &ClusterConfig,
+    state: &AppState,
+    states: &ModelStates,
+    generation: Option<i64>,
+) -> Result<(), ClusterError> {
+    let agents: Api<NodeAgent> = Api::all(client.clone());
+    let status = status::build(
+        config,
+        state,
+        &states.read().unwrap_or_else(|p| p.into_inner()),
+        generation,
+    );
+    let patch = serde_json::json!({
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "NodeAgent",
+        "status": status,
+    });
+    agents
+        .patch_status(
+            &config.node_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Registers, then serves the NodeAgent's spec and heartbeats until the
+/// process ends. API errors are logged and retried; they never stop serving.
+pub async fn run(client: kube::Client, config: ClusterConfig, state: AppState) {
+    let states: ModelStates = Arc::default();
+    let generation = Arc::new(RwLock::new(None));
+    loop {
+        match register(&client, &config.node_name).await {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "registering the NodeAgent; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+    let beat = {
+        let (client, config, state, states, generation) = (
+            client.clone(),
+            config.clone(),
+            state.clone(),
+            states.clone(),
+            generation.clone(),
+        );
+        async move {
+            let mut tick = tokio::time::interval(config.heartbeat);
+            loop {
+                tick.tick().await;
+                let observed = *generation.read().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = heartbeat(&client, &config, &state, &states, observed).await {
+                    tracing::warn!(error = %e, "heartbeat");
+                }
+            }
+        }
+    };
+    tokio::spawn(beat);
+    let agents: Api<NodeAgent> = Api::all(client.clone());
+    let selector = format!("metadata.name={}", config.node_name);
+    let mut events = watcher(agents, watcher::Config::default().fields(&selector)).boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(agent) | watcher::Event::InitApply(agent)) => {
+                *generation.write().unwrap_or_else(|p| p.into_inner()) = agent.metadata.generation;
+                sync(&config, &state, &states, &agent.spec).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "watching the NodeAgent"),
+        }
+    }
+}
+
+fn set_state(states: &ModelStates, name: &str, state: ModelState) {
+    states
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name.to_owned(), state);
+}
+
+/// Brings the served models in line with `spec`.
+pub async fn sync(
+    config: &ClusterConfig,
+    state: &AppState,
+    states: &ModelStates,
+    spec: &NodeAgentSpec,
+) {
+    let mut desired = Vec::new();
+    for assigned in &spec.models {
+        match plan::model_spec(assigned, &config.roots) {
+            Ok(s) => desired.push(s),
+            Err(reason) => set_state(
+                states,
+                &assigned.served_name,
+                ModelState::failed("SourceUnavailable", reason),
+            ),
+        }
+    }
+    if spec.draining {
+        desired.clear();
+    }
+    let loaded: BTreeMap<String, ModelSpec> = {
+        let models = state.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .iter()
+            .map(|m| (m.name.clone(), m.spec.clone()))
+            .collect()
+    };
+    let assigned: Vec<&str> = spec.models.iter().map(|m| m.served_name.as_str()).collect();
+    states
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|name, _| assigned.contains(&name.as_str()));
+    for action in plan::plan(&loaded, &desired) {
+        apply(state, states, action).await;
+    }
+}
+
+async fn apply(state: &AppState, states: &ModelStates, action: SyncAction) {
+    match action {
+        SyncAction::Unload(name) => {
+            state
+                .models
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&name);
+            tracing::info!(model = %name, "unloaded");
+        }
+        SyncAction::UpdatePolicies(spec) => {
+            let mut models = state.models.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(current) = models.get(&spec.name) {
+                let updated = models.insert(current.with_policies(&spec));
+                crate::adaptive::spawn(updated, state.gpu.clone());
+                tracing::info!(model = %spec.name, "applied new cache and batch policies");
+            }
+        }
+        SyncAction::Load(spec) | SyncAction::Replace(spec) => {
+            set_state(states, &spec.name, ModelState::loading());
+            let name = spec.name.clone();
+            let loaded = tokio::task::spawn_blocking(move || ServedModel::load(&spec)).await;
+            match loaded {
+                Ok(Ok(model)) => {
+                    let model = state
+                        .models
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(model);
+                    crate::adaptive::spawn(model, state.gpu.clone());
+                    set_state(states, &name, ModelState::phase(ModelPhase::Ready));
+                    tracing::info!(model = %name, "loaded");
+                }
+                Ok(Err(e)) => set_state(
+                    states,
+                    &name,
+                    ModelState::failed("LoadFailed", e.to_string()),
+                ),
+                Err(e) => set_state(
+                    states,
+                    &name,
+                    ModelState::failed("LoadPanicked", e.to_string()),
+                ),
+            }
+        }
+    }
+}
