@@ -209,8 +209,8 @@ def check_operator(objects: list[tuple[str, Obj]], label: str, fails: Failures) 
         got = ((c.get(probe) or {}).get("httpGet") or {}).get("path")
         fails.check(got == path, where, f"{probe} is not an httpGet on {path} (got {got!r})")
     args = c.get("args") or []
-    fails.check(args[:1] == ["run"] and any(a.startswith("--listen=") for a in args), where,
-                f"args are not 'run --listen=...': {args}")
+    fails.check(args[:1] == ["run"] and "--leader-election" in args, where,
+                f"args are not 'run ... --leader-election': {args}")
     fails.check(env_field_path(c, "POD_NAMESPACE") == "metadata.namespace", where,
                 "POD_NAMESPACE is not from metadata.namespace")
     fails.check(any(p.get("name") == "metrics" for p in c.get("ports") or []), where,
@@ -261,9 +261,9 @@ def check_defaults(objects: list[tuple[str, Obj]], fails: Failures) -> None:
         fails.check("runtimeClassName" not in pod, where, "sets runtimeClassName by default")
     dep = check_operator(objects, label, fails)
     if dep is not None:
-        fails.check(dep["spec"]["replicas"] == 1, f"operator Deployment [{label}]", "replicas is not 1")
-    fails.check(not find(objects, "PodDisruptionBudget"), f"[{label}]",
-                "a PodDisruptionBudget for a single operator replica would block drains")
+        fails.check(dep["spec"]["replicas"] == 2, f"operator Deployment [{label}]", "replicas is not 2")
+    fails.check(len(find(objects, "PodDisruptionBudget")) == 1, f"[{label}]",
+                "no PodDisruptionBudget for 2 operator replicas")
     fails.check(not find(objects, "ServiceMonitor"), f"[{label}]", "ServiceMonitor rendered by default")
     for kind in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"):
         fails.check(bool(find(objects, kind)), f"[{label}]", f"no {kind}")

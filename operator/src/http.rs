@@ -18,7 +18,35 @@ use prometheus_client::registry::Registry;
 pub struct State {
     ready: Arc<AtomicBool>,
     ready_gauge: Gauge,
+    leader: Arc<std::sync::RwLock<Option<Arc<AtomicBool>>>>,
     registry: Arc<Registry>,
+}
+
+/// Reports leadership at scrape time.
+#[derive(Debug)]
+struct LeaderCollector(Arc<std::sync::RwLock<Option<Arc<AtomicBool>>>>);
+
+impl prometheus_client::collector::Collector for LeaderCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let leader = self
+            .0
+            .read()
+            .ok()
+            .and_then(|l| l.clone())
+            .is_some_and(|l| l.load(Ordering::Acquire));
+        let metric = prometheus_client::metrics::gauge::ConstGauge::new(i64::from(leader));
+        let family = encoder.encode_descriptor(
+            "weir_operator_leader",
+            "1 on the replica that holds the leader Lease",
+            None,
+            metric.metric_type(),
+        )?;
+        metric.encode(family)
+    }
 }
 
 impl State {
@@ -31,10 +59,20 @@ impl State {
             "1 when the Weir API is installed and the operator can act",
             ready_gauge.clone(),
         );
+        let leader = Arc::new(std::sync::RwLock::new(None));
+        registry.register_collector(Box::new(LeaderCollector(leader.clone())));
         Self {
             ready: Arc::new(AtomicBool::new(false)),
             ready_gauge,
+            leader,
             registry: Arc::new(registry),
+        }
+    }
+
+    /// Reports leadership from `leader` on `/metrics`.
+    pub fn watch_leadership(&self, leader: Arc<AtomicBool>) {
+        if let Ok(mut slot) = self.leader.write() {
+            *slot = Some(leader);
         }
     }
 

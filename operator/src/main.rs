@@ -6,11 +6,15 @@
 
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 mod api_check;
 mod http;
+mod leader;
 
 /// Command line of the operator.
 #[derive(Parser, Debug)]
@@ -27,11 +31,27 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the operator against the cluster from KUBECONFIG or the in-cluster config.
-    Run {
-        /// Address of the health and metrics endpoints.
-        #[arg(long, env = "WEIR_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
-        listen: SocketAddr,
-    },
+    Run(RunArgs),
+}
+
+/// Flags of `weir-operator run`.
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Address of the health and metrics endpoints.
+    #[arg(long, env = "WEIR_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Elect one active replica through a Lease (for more than one replica).
+    #[arg(long)]
+    leader_election: bool,
+    /// Namespace of the Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the Lease.
+    #[arg(long, default_value = "weir-operator")]
+    lease_name: String,
+    /// This replica's identity in the election (its pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 #[tokio::main]
@@ -43,11 +63,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { listen } => run(listen).await,
+        Command::Run(args) => run(args).await,
     }
 }
 
-async fn run(listen: SocketAddr) -> anyhow::Result<()> {
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let listen = args.listen;
     let state = http::State::new();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -59,6 +80,22 @@ async fn run(listen: SocketAddr) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
     api_check::wait_for_api(&client, &state).await;
+    let leader = Arc::new(AtomicBool::new(!args.leader_election));
+    if args.leader_election {
+        let identity = args
+            .identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .context("--leader-election needs an identity (POD_NAME or --identity)")?;
+        let election = leader::Election {
+            namespace: args.lease_namespace.clone(),
+            name: args.lease_name.clone(),
+            identity,
+            duration: std::time::Duration::from_secs(15),
+        };
+        tokio::spawn(leader::run(client.clone(), election, leader.clone()));
+    }
+    state.watch_leadership(leader.clone());
 
     tokio::select! {
         result = server => result.context("HTTP server task")?.context("HTTP server"),
