@@ -13,5 +13,6 @@ pub mod gpu;
 pub mod metrics;
 pub mod models;
 pub mod render;
+pub mod route;
 pub mod serve;
 pub mod server;

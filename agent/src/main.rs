@@ -38,6 +38,10 @@ struct ServeArgs {
     /// Serve the Model, CachePolicy and BatchPolicy resources in this YAML file.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Another agent to forward requests for models not served here
+    /// (standalone mode; repeat for several). Cluster mode finds peers itself.
+    #[arg(long = "peer", value_name = "URL")]
+    peers: Vec<String>,
     /// Require `Authorization: Bearer <key>` on the OpenAI routes.
     #[arg(long, env = "WEIR_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -115,15 +119,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for model in registry.iter() {
         weir_agent::adaptive::spawn(model.clone(), gpu.clone());
     }
-    axum::serve(
-        listener,
-        router(AppState::with(registry, gpu, args.api_key.clone())),
-    )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await
-    .context("HTTP server")
+    let state = AppState::with(registry, gpu, args.api_key.clone());
+    if !args.peers.is_empty() {
+        let peers = args
+            .peers
+            .iter()
+            .map(|p| p.trim_end_matches('/').to_owned())
+            .collect();
+        let period = std::time::Duration::from_secs(2);
+        weir_agent::route::peers::poll_static(
+            state.peers.clone(),
+            peers,
+            state.http.clone(),
+            period,
+        );
+    }
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("HTTP server")
 }
 
 async fn serve_cluster(args: ServeArgs) -> anyhow::Result<()> {

@@ -7,22 +7,25 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use weir_engine::tokenizer::ChatMessage;
 
+use crate::api::ApiError;
+use crate::api::extract::{OpenAiBytes, parse};
 use crate::api::types::{
     ChatCompletionRequest, CompletionRequest, MessageContent, ModelCard, ModelList, Prompt,
     SamplingFields,
 };
-use crate::api::{ApiError, OpenAiJson};
 use crate::generate::{Job, LogprobsWanted, build_template, parse_priority};
 use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
 use crate::models::{ModelRegistry, ServedModel};
 use crate::render::{ResponseMeta, Shape};
+use crate::route::{self, peers::PeerTable};
 use crate::serve::respond;
 
 /// State shared by every handler.
@@ -40,6 +43,10 @@ pub struct AppState {
     pub api_key: Option<Arc<str>>,
     /// Cluster mode: ready once registered, even before models arrive.
     pub cluster: bool,
+    /// Peers that serve other models.
+    pub peers: Arc<PeerTable>,
+    /// Pooled keep-alive client for forwarding.
+    pub http: reqwest::Client,
 }
 
 impl AppState {
@@ -58,6 +65,12 @@ impl AppState {
             gpu,
             api_key: api_key.map(Arc::from),
             cluster: false,
+            peers: Arc::default(),
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(std::time::Duration::from_secs(90))
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
         }
     }
 
@@ -66,6 +79,39 @@ impl AppState {
         models
             .get(name)
             .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))
+    }
+
+    fn is_local(&self, name: &str) -> bool {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .is_some()
+    }
+
+    /// Forwards a request for a model this agent does not hold.
+    async fn forward(
+        &self,
+        model: &str,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+        prefix: &str,
+    ) -> Response {
+        if route::was_forwarded(headers) {
+            return ApiError::ModelNotFound(model.to_owned()).into_response();
+        }
+        route::forward(
+            &self.http,
+            &self.peers,
+            model,
+            path,
+            headers,
+            body,
+            route::prefix_hash(prefix),
+        )
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
     }
 }
 
@@ -178,8 +224,28 @@ fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, Ap
 async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    OpenAiJson(request): OpenAiJson<ChatCompletionRequest>,
+    OpenAiBytes(body): OpenAiBytes,
 ) -> Response {
+    let request: ChatCompletionRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if !state.is_local(&request.model) {
+        let prefix = request.messages.iter().find_map(|m| match &m.content {
+            Some(MessageContent::Text(t)) => Some(t.clone()),
+            _ => None,
+        });
+        let path = "/v1/chat/completions";
+        return state
+            .forward(
+                &request.model,
+                path,
+                &headers,
+                body,
+                &prefix.unwrap_or_default(),
+            )
+            .await;
+    }
     match chat_job(&state, &headers, &request) {
         Ok((model, job, meta, stream)) => {
             respond(state, model, job, meta, Shape::Chat, stream).await
@@ -285,8 +351,25 @@ fn prepare(
 async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    OpenAiJson(request): OpenAiJson<CompletionRequest>,
+    OpenAiBytes(body): OpenAiBytes,
 ) -> Response {
+    let request: CompletionRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if !state.is_local(&request.model) {
+        let prefix = match &request.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Texts(ts) => ts.first().cloned().unwrap_or_default(),
+            Prompt::Tokens(ids) => format!("{:?}", &ids[..ids.len().min(64)]),
+            Prompt::TokenLists(l) => {
+                format!("{:?}", l.first().map(|ids| &ids[..ids.len().min(64)]))
+            }
+        };
+        return state
+            .forward(&request.model, "/v1/completions", &headers, body, &prefix)
+            .await;
+    }
     match completion_job(&state, &headers, &request) {
         Ok((model, job, meta, stream)) => {
             respond(state, model, job, meta, Shape::Completion, stream).await
@@ -347,19 +430,31 @@ fn completion_job(
     )
 }
 
-async fn list_models(State(state): State<AppState>) -> axum::Json<ModelList> {
-    let models = state.models.read().unwrap_or_else(|p| p.into_inner());
+async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> axum::Json<ModelList> {
+    let card = |id: String, created: u64| ModelCard {
+        id,
+        object: "model".into(),
+        created,
+        owned_by: "weir".into(),
+    };
+    let mut data: Vec<ModelCard> = {
+        let models = state.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .iter()
+            .map(|m| card(m.name.clone(), m.created))
+            .collect()
+    };
+    // Peers ask for what this agent holds itself; clients see the cluster.
+    if !route::was_forwarded(&headers) {
+        for name in state.peers.models() {
+            if !data.iter().any(|c| c.id == name) {
+                data.push(card(name, 0));
+            }
+        }
+    }
     axum::Json(ModelList {
         object: "list".into(),
-        data: models
-            .iter()
-            .map(|m| ModelCard {
-                id: m.name.clone(),
-                object: "model".into(),
-                created: m.created,
-                owned_by: "weir".into(),
-            })
-            .collect(),
+        data,
     })
 }
 

@@ -15,22 +15,39 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug)]
 pub struct OpenAiJson<T>(pub T);
 
+/// The raw body, with OpenAI-shaped rejections (for handlers that may
+/// forward the body unchanged).
+#[derive(Debug)]
+pub struct OpenAiBytes(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for OpenAiBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        read_body(req, state).await.map(OpenAiBytes)
+    }
+}
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OpenAiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::BodyTooLarge(MAX_BODY_BYTES)
-            } else {
-                ApiError::InvalidRequest {
-                    message: format!("could not read the request body: {}", rejection.body_text()),
-                    param: None,
-                }
-            }
-        })?;
+        let bytes = read_body(req, state).await?;
         parse(&bytes).map(OpenAiJson)
     }
+}
+
+async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BodyTooLarge(MAX_BODY_BYTES)
+        } else {
+            ApiError::InvalidRequest {
+                message: format!("could not read the request body: {}", rejection.body_text()),
+                param: None,
+            }
+        }
+    })
 }
 
 /// Parses a JSON body, classifying failures as OpenAI does.
