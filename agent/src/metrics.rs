@@ -241,7 +241,22 @@ impl prometheus_client::collector::Collector for EngineCollector {
                 )
             })
             .collect();
-        let gauges: [Figure<StatsSnapshot, f64>; 3] = [
+        let gauges: [Figure<StatsSnapshot, f64>; 6] = [
+            (
+                "weir_batch_size",
+                "Sequences in the latest engine step",
+                |s| s.last_batch_size as f64,
+            ),
+            (
+                "weir_max_num_seqs",
+                "Current sequence limit of a step (adaptive)",
+                |s| s.max_num_seqs as f64,
+            ),
+            (
+                "weir_max_num_batched_tokens",
+                "Current token limit of a step (adaptive)",
+                |s| s.max_num_batched_tokens as f64,
+            ),
             (
                 "vllm:num_requests_running",
                 "Requests in the running batch",

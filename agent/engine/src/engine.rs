@@ -455,7 +455,8 @@ impl<B: Backend> Worker<B> {
                 sampled.push((*id, token));
             }
         }
-        self.stats.record_step(prompt_rows, sampled.len());
+        self.stats
+            .record_step(output.scheduled.len(), prompt_rows, sampled.len());
         let finished = match self.scheduler.update(&sampled) {
             Ok(finished) => finished,
             Err(e) => return self.fail_all(&format!("scheduler: {e}")),

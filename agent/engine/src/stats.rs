@@ -20,6 +20,7 @@ pub struct EngineStats {
     generation_tokens: AtomicU64,
     max_num_seqs: AtomicU64,
     max_num_batched_tokens: AtomicU64,
+    last_batch_size: AtomicU64,
 }
 
 /// A consistent-enough copy of the counters.
@@ -49,6 +50,8 @@ pub struct StatsSnapshot {
     pub max_num_seqs: u64,
     /// Current token limit of a step.
     pub max_num_batched_tokens: u64,
+    /// Sequences in the latest step.
+    pub last_batch_size: u64,
 }
 
 impl EngineStats {
@@ -76,8 +79,10 @@ impl EngineStats {
     }
 
     /// Counts one model step and the tokens it computed.
-    pub(crate) fn record_step(&self, prompt_tokens: usize, generated: usize) {
+    pub(crate) fn record_step(&self, batch_size: usize, prompt_tokens: usize, generated: usize) {
         self.steps.fetch_add(1, Ordering::Relaxed);
+        self.last_batch_size
+            .store(batch_size as u64, Ordering::Relaxed);
         self.prompt_tokens
             .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         self.generation_tokens
@@ -100,6 +105,7 @@ impl EngineStats {
             generation_tokens: get(&self.generation_tokens),
             max_num_seqs: get(&self.max_num_seqs),
             max_num_batched_tokens: get(&self.max_num_batched_tokens),
+            last_batch_size: get(&self.last_batch_size),
         }
     }
 }
