@@ -12,9 +12,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-mod api_check;
-mod http;
-mod leader;
+use weir_operator::{api_check, http, leader};
 
 /// Command line of the operator.
 #[derive(Parser, Debug)]

@@ -1,0 +1,8 @@
+//! The Weir operator: leader election, collected agent metrics, and (as
+//! they land) the controllers that place models on nodes, autoscale them
+//! and reweight ensembles.
+
+pub mod api_check;
+pub mod http;
+pub mod leader;
+pub mod scrape;
