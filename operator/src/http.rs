@@ -49,6 +49,12 @@ impl prometheus_client::collector::Collector for LeaderCollector {
     }
 }
 
+impl Default for State {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl State {
     /// A not-yet-ready state with its metrics registered.
     pub fn new() -> Self {
