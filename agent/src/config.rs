@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use weir_crds::{BatchPolicySpec, CachePolicySpec, ModelSpec as ModelResource};
+use weir_crds::{BatchPolicySpec, CachePolicySpec, ModelEnsembleSpec, ModelSpec as ModelResource};
 
 use crate::models::ModelSpec;
 
@@ -46,6 +46,75 @@ struct Meta {
     name: String,
 }
 
+/// Everything a standalone configuration file declares.
+#[derive(Clone, Debug, Default)]
+pub struct Standalone {
+    /// Models to load.
+    pub models: Vec<ModelSpec>,
+    /// Ensembles: name and spec, `modelRef`s already mapped to served names.
+    pub ensembles: Vec<(String, ModelEnsembleSpec)>,
+}
+
+/// Reads `path`: Models (with their policies resolved) and ModelEnsembles.
+pub fn load_all(path: &Path) -> Result<Standalone, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let invalid = |index, message: String| ConfigError::Invalid {
+        path: path.into(),
+        index,
+        message,
+    };
+    let mut served = BTreeMap::new();
+    let mut ensembles = Vec::new();
+    for (index, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let value =
+            serde_yaml::Value::deserialize(de).map_err(|e| invalid(index, e.to_string()))?;
+        let kind = value
+            .get("kind")
+            .and_then(serde_yaml::Value::as_str)
+            .map(str::to_owned);
+        if !matches!(kind.as_deref(), Some("Model" | "ModelEnsemble")) {
+            continue;
+        }
+        let doc: Doc = serde_yaml::from_value(value).map_err(|e| invalid(index, e.to_string()))?;
+        if kind.as_deref() == Some("Model") {
+            let name = doc
+                .spec
+                .get("servedName")
+                .and_then(serde_yaml::Value::as_str)
+                .map(str::to_owned);
+            served.insert(doc.metadata.name.clone(), name.unwrap_or(doc.metadata.name));
+            continue;
+        }
+        let spec: ModelEnsembleSpec = serde_yaml::from_value(doc.spec)
+            .map_err(|e| invalid(index, format!("ModelEnsemble {}: {e}", doc.metadata.name)))?;
+        ensembles.push((index, doc.metadata.name, spec));
+    }
+    let models = load(path)?;
+    let ensembles = ensembles
+        .into_iter()
+        .map(|(index, name, mut spec)| {
+            for member in &mut spec.members {
+                if let Some(r) = &mut member.model_ref {
+                    r.name = served.get(&r.name).cloned().ok_or_else(|| {
+                        invalid(
+                            index,
+                            format!(
+                                "ModelEnsemble {name}: member {}: no Model named `{}`",
+                                member.name, r.name
+                            ),
+                        )
+                    })?;
+                }
+            }
+            Ok((name, spec))
+        })
+        .collect::<Result<_, ConfigError>>()?;
+    Ok(Standalone { models, ensembles })
+}
+
 /// Reads `path` and resolves every Model into a loadable spec: `file://`
 /// sources become directories, policy references are looked up by name.
 pub fn load(path: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
@@ -81,6 +150,7 @@ pub fn load(path: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
                     .map_err(|e| invalid(index, format!("BatchPolicy {name}: {e}")))?;
                 batches.insert(name, s);
             }
+            "ModelEnsemble" => {}
             "Model" => {
                 let s: ModelResource = serde_yaml::from_value(spec)
                     .map_err(|e| invalid(index, format!("Model {name}: {e}")))?;

@@ -8,6 +8,7 @@ pub mod api;
 pub mod breaker;
 pub mod cluster;
 pub mod config;
+pub mod ensemble_serve;
 pub mod generate;
 pub mod gpu;
 pub mod metrics;

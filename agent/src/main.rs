@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weir_agent::gpu::GpuMonitor;
 use weir_agent::models::{BUILTIN_MODEL, ModelRegistry, ModelSpec, ServedModel, ensure_builtin};
+use weir_agent::route::ensemble::Ensemble;
 use weir_agent::server::{AppState, router};
 
 /// Command line of the node agent.
@@ -58,6 +59,13 @@ struct ServeArgs {
     /// Where PersistentVolumeClaims with models are mounted (`pvc://` sources).
     #[arg(long, env = "WEIR_PVC_ROOT", default_value = "/mnt/weir/pvc")]
     pvc_root: PathBuf,
+    /// Where Secrets named by resources are mounted: `<dir>/<secret>/<key>`.
+    #[arg(
+        long,
+        env = "WEIR_SECRETS_DIR",
+        default_value = "/var/run/weir/secrets"
+    )]
+    secrets_dir: PathBuf,
     /// Where downloaded and built-in models are kept.
     #[arg(long, env = "WEIR_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
@@ -120,6 +128,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         weir_agent::adaptive::spawn(model.clone(), gpu.clone());
     }
     let state = AppState::with(registry, gpu, args.api_key.clone());
+    if let Some(path) = &args.config {
+        let ensembles = weir_agent::config::load_all(path)?
+            .ensembles
+            .iter()
+            .map(|(name, spec)| {
+                let secret = |secret: &str, key: &str| {
+                    let file = args.secrets_dir.join(secret).join(key);
+                    std::fs::read_to_string(&file)
+                        .map(|s| s.trim().to_owned())
+                        .ok()
+                };
+                Ensemble::resolve(name, spec, None, str::to_owned, secret)
+            })
+            .collect();
+        state.ensembles.replace(ensembles);
+    }
     if !args.peers.is_empty() {
         let peers = args
             .peers

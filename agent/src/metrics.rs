@@ -79,6 +79,32 @@ pub struct Metrics {
     pub coalesced: Family<ModelLabel, Counter>,
     /// Requests refused by admission control (429).
     pub rejected: Family<ModelLabel, Counter>,
+    /// Ensemble requests by member and outcome.
+    pub ensemble_requests: Family<MemberOutcome, Counter>,
+    /// Ensemble member latency (to the answer's headers when streaming).
+    pub ensemble_latency: Family<MemberKey, Histogram>,
+    /// Smoothed latency per (ensemble, member), for `BestOf`.
+    member_ewma: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), f64>>>,
+}
+
+/// Ensemble and member.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberKey {
+    /// Ensemble name.
+    pub ensemble: String,
+    /// Member name.
+    pub member: String,
+}
+
+/// Ensemble, member and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberOutcome {
+    /// Ensemble name.
+    pub ensemble: String,
+    /// Member name.
+    pub member: String,
+    /// `success` or `error`.
+    pub outcome: String,
 }
 
 fn histogram_family() -> Family<ModelLabel, Histogram> {
@@ -101,6 +127,9 @@ impl Metrics {
             cache_misses: Family::default(),
             coalesced: Family::default(),
             rejected: Family::default(),
+            ensemble_requests: Family::default(),
+            ensemble_latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            member_ewma: Arc::default(),
         };
         registry.register(
             "vllm:time_to_first_token_seconds",
@@ -147,11 +176,59 @@ impl Metrics {
             "Requests refused by admission control",
             m.rejected.clone(),
         );
+        registry.register(
+            "weir_ensemble_requests",
+            "Ensemble requests by member and outcome",
+            m.ensemble_requests.clone(),
+        );
+        registry.register(
+            "weir_ensemble_member_latency_seconds",
+            "Ensemble member latency",
+            m.ensemble_latency.clone(),
+        );
         registry.register_collector(Box::new(EngineCollector { models, gpu }));
         Self {
             registry: Arc::new(registry),
             ..m
         }
+    }
+
+    /// Records one attempt at an ensemble member.
+    pub fn record_member(
+        &self,
+        ensemble: &str,
+        member: &str,
+        ok: bool,
+        elapsed: std::time::Duration,
+    ) {
+        let outcome = if ok { "success" } else { "error" };
+        let key = MemberKey {
+            ensemble: ensemble.to_owned(),
+            member: member.to_owned(),
+        };
+        self.ensemble_requests
+            .get_or_create(&MemberOutcome {
+                ensemble: key.ensemble.clone(),
+                member: key.member.clone(),
+                outcome: outcome.into(),
+            })
+            .inc();
+        self.ensemble_latency
+            .get_or_create(&key)
+            .observe(elapsed.as_secs_f64());
+        if ok {
+            let mut ewma = self.member_ewma.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = ewma
+                .entry((key.ensemble, key.member))
+                .or_insert(elapsed.as_secs_f64());
+            *entry = 0.8 * *entry + 0.2 * elapsed.as_secs_f64();
+        }
+    }
+
+    /// Smoothed recent latency of a member in seconds, if it has answered.
+    pub fn member_latency(&self, ensemble: &str, member: &str) -> Option<f64> {
+        let ewma = self.member_ewma.lock().unwrap_or_else(|p| p.into_inner());
+        ewma.get(&(ensemble.to_owned(), member.to_owned())).copied()
     }
 
     /// The Prometheus text exposition.

@@ -25,6 +25,7 @@ use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
 use crate::models::{ModelRegistry, ServedModel};
 use crate::render::{ResponseMeta, Shape};
+use crate::route::ensemble::EnsembleTable;
 use crate::route::{self, peers::PeerTable};
 use crate::serve::respond;
 
@@ -45,6 +46,8 @@ pub struct AppState {
     pub cluster: bool,
     /// Peers that serve other models.
     pub peers: Arc<PeerTable>,
+    /// Ensembles by public name.
+    pub ensembles: Arc<EnsembleTable>,
     /// Pooled keep-alive client for forwarding.
     pub http: reqwest::Client,
 }
@@ -66,6 +69,7 @@ impl AppState {
             api_key: api_key.map(Arc::from),
             cluster: false,
             peers: Arc::default(),
+            ensembles: Arc::default(),
             http: reqwest::Client::builder()
                 .pool_idle_timeout(std::time::Duration::from_secs(90))
                 .connect_timeout(std::time::Duration::from_secs(2))
@@ -79,6 +83,15 @@ impl AppState {
         models
             .get(name)
             .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))
+    }
+
+    /// Requests running and waiting for `name` here (0 if not local).
+    pub fn load_of(&self, name: &str) -> f64 {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models.get(name).map_or(0.0, |m| {
+            let s = m.engine.stats().snapshot();
+            (s.running + s.waiting) as f64
+        })
     }
 
     fn is_local(&self, name: &str) -> bool {
@@ -221,11 +234,66 @@ fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, Ap
         .collect()
 }
 
+/// Which OpenAI route a body belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completion,
+}
+
+impl Kind {
+    /// The route's path.
+    pub fn path(self) -> &'static str {
+        match self {
+            Kind::Chat => "/v1/chat/completions",
+            Kind::Completion => "/v1/completions",
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ModelOnly {
+    model: String,
+}
+
 async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
     OpenAiBytes(body): OpenAiBytes,
 ) -> Response {
+    entry(state, headers, body, Kind::Chat).await
+}
+
+async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OpenAiBytes(body): OpenAiBytes,
+) -> Response {
+    entry(state, headers, body, Kind::Completion).await
+}
+
+/// Ensembles first, then models served here or by peers.
+async fn entry(state: AppState, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
+    if let Ok(ModelOnly { model }) = serde_json::from_slice::<ModelOnly>(&body)
+        && let Some(ensemble) = state.ensembles.get(&model)
+    {
+        return crate::ensemble_serve::serve(state, ensemble, headers, body, kind).await;
+    }
+    serve_model(state, headers, body, kind).await
+}
+
+/// Serves a body naming a model (not an ensemble): here if the model is
+/// local, else by forwarding to a peer.
+pub async fn serve_model(state: AppState, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
+    match kind {
+        Kind::Chat => serve_chat(state, headers, body).await,
+        Kind::Completion => serve_completion(state, headers, body).await,
+    }
+}
+
+async fn serve_chat(state: AppState, headers: HeaderMap, body: Bytes) -> Response {
     let request: ChatCompletionRequest = match parse(&body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -235,15 +303,9 @@ async fn chat_completions(
             Some(MessageContent::Text(t)) => Some(t.clone()),
             _ => None,
         });
-        let path = "/v1/chat/completions";
+        let prefix = prefix.unwrap_or_default();
         return state
-            .forward(
-                &request.model,
-                path,
-                &headers,
-                body,
-                &prefix.unwrap_or_default(),
-            )
+            .forward(&request.model, Kind::Chat.path(), &headers, body, &prefix)
             .await;
     }
     match chat_job(&state, &headers, &request) {
@@ -348,11 +410,7 @@ fn prepare(
     ))
 }
 
-async fn completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    OpenAiBytes(body): OpenAiBytes,
-) -> Response {
+async fn serve_completion(state: AppState, headers: HeaderMap, body: Bytes) -> Response {
     let request: CompletionRequest = match parse(&body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -367,7 +425,13 @@ async fn completions(
             }
         };
         return state
-            .forward(&request.model, "/v1/completions", &headers, body, &prefix)
+            .forward(
+                &request.model,
+                Kind::Completion.path(),
+                &headers,
+                body,
+                &prefix,
+            )
             .await;
     }
     match completion_job(&state, &headers, &request) {
@@ -446,7 +510,12 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> axum:
     };
     // Peers ask for what this agent holds itself; clients see the cluster.
     if !route::was_forwarded(&headers) {
-        for name in state.peers.models() {
+        for name in state
+            .peers
+            .models()
+            .into_iter()
+            .chain(state.ensembles.names())
+        {
             if !data.iter().any(|c| c.id == name) {
                 data.push(card(name, 0));
             }

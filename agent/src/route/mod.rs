@@ -5,6 +5,7 @@
 //! blocks without overloading one replica. A connection failure retries the
 //! next replica; a request already forwarded once is never forwarded again.
 
+pub mod ensemble;
 pub mod peers;
 
 use std::sync::atomic::Ordering;
