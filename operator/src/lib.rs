@@ -6,3 +6,4 @@ pub mod api_check;
 pub mod http;
 pub mod leader;
 pub mod scrape;
+pub mod world;
