@@ -3,7 +3,9 @@
 //! and reweight ensembles.
 
 pub mod api_check;
+pub mod apply;
 pub mod http;
 pub mod leader;
+pub mod placement;
 pub mod scrape;
 pub mod world;
