@@ -4,6 +4,7 @@
 
 pub mod api_check;
 pub mod apply;
+pub mod autoscale;
 pub mod http;
 pub mod leader;
 pub mod placement;
