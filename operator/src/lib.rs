@@ -8,5 +8,6 @@ pub mod autoscale;
 pub mod http;
 pub mod leader;
 pub mod placement;
+pub mod reweight;
 pub mod scrape;
 pub mod world;
