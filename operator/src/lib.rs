@@ -5,6 +5,8 @@
 pub mod api_check;
 pub mod apply;
 pub mod autoscale;
+pub mod controller;
+pub mod ensembles;
 pub mod http;
 pub mod leader;
 pub mod placement;

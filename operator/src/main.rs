@@ -1,8 +1,9 @@
 //! `weir-operator`: reconciles Weir resources into work for node agents.
 //!
-//! This binary starts the operator's HTTP endpoints (`/health`, `/ready`,
-//! `/metrics`) and checks that the Weir API is installed in the cluster.
-//! The controllers (placement, autoscaling, reweighting) build on it.
+//! This binary serves the operator's HTTP endpoints (`/health`, `/ready`,
+//! `/metrics`), waits for the Weir API to be installed, takes part in
+//! leader election, and runs the control loop (placement, autoscaling,
+//! ensemble reweighting, statuses and events) while it is the leader.
 
 use std::net::SocketAddr;
 
@@ -12,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use weir_operator::{api_check, http, leader};
+use weir_operator::{api_check, controller, http, leader};
 
 /// Command line of the operator.
 #[derive(Parser, Debug)]
@@ -94,6 +95,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(leader::run(client.clone(), election, leader.clone()));
     }
     state.watch_leadership(leader.clone());
+    let context = Arc::new(controller::Context::new(client.clone(), leader.clone()));
+    tokio::spawn(controller::run(context));
 
     tokio::select! {
         result = server => result.context("HTTP server task")?.context("HTTP server"),

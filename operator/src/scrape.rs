@@ -18,6 +18,19 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Adds another agent's histogram of the same series.
+    pub fn add(&mut self, other: &Histogram) {
+        for &(le, c) in &other.buckets {
+            match self.buckets.iter_mut().find(|(l, _)| *l == le) {
+                Some(b) => b.1 += c,
+                None => self.buckets.push((le, c)),
+            }
+        }
+        self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+
     /// Observations since `earlier` (counters only grow; a reset counts from zero).
     pub fn since(&self, earlier: &Histogram) -> Histogram {
         if self.count < earlier.count {
