@@ -4,6 +4,7 @@
 //! replacing and unloading models and applying new policies live — and
 //! heartbeats its status: endpoint, GPUs, each model's phase and load.
 
+pub mod discovery;
 pub mod plan;
 pub mod status;
 
@@ -157,6 +158,11 @@ pub async fn run(client: kube::Client, config: ClusterConfig, state: AppState) {
         }
     };
     tokio::spawn(beat);
+    tokio::spawn(discovery::run(
+        client.clone(),
+        config.node_name.clone(),
+        state.clone(),
+    ));
     let agents: Api<NodeAgent> = Api::all(client.clone());
     let selector = format!("metadata.name={}", config.node_name);
     let mut events = watcher(agents, watcher::Config::default().fields(&selector)).boxed();
