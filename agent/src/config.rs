@@ -191,7 +191,7 @@ pub fn load(path: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
                     invalid(index, format!("Model {name}: spec.batchPolicyRef: no BatchPolicy named `{}`", r.name))
                 })?,
             };
-            Ok(ModelSpec { name: m.served_name.clone().unwrap_or(name), dir, engine: m.engine, cache, batch })
+            Ok(ModelSpec { name: m.served_name.clone().unwrap_or(name), dir, engine: m.engine, cache, batch, redis_url: None })
         })
         .collect()
 }

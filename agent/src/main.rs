@@ -89,6 +89,7 @@ fn model_specs(args: &ServeArgs) -> anyhow::Result<Vec<ModelSpec>> {
         engine: Default::default(),
         cache: Default::default(),
         batch: Default::default(),
+        redis_url: None,
     };
     if let Some(dir) = &args.model {
         let name = args.served_name.clone().unwrap_or_else(|| {
@@ -109,7 +110,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         return serve_cluster(args).await;
     }
     let mut registry = ModelRegistry::default();
-    let specs = model_specs(&args)?;
+    let mut specs = model_specs(&args)?;
+    for spec in &mut specs {
+        // The Redis URL of an L2 cache comes from its mounted Secret.
+        if let Some(l2) = &spec.cache.response_cache.l2 {
+            let file = args
+                .secrets_dir
+                .join(&l2.url_secret_ref.name)
+                .join(&l2.url_secret_ref.key);
+            match std::fs::read_to_string(&file) {
+                Ok(url) => spec.redis_url = Some(url.trim().to_owned()),
+                Err(e) => {
+                    tracing::warn!(model = %spec.name, file = %file.display(), error = %e, "no Redis URL: L2 cache off")
+                }
+            }
+        }
+    }
     for spec in &specs {
         tracing::info!(model = %spec.name, dir = %spec.dir.display(), "loading");
         registry.insert(ServedModel::load(spec)?);

@@ -19,6 +19,9 @@ use weir_engine::tokenizer::TextTokenizer;
 
 use crate::admission::Admission;
 use crate::breaker::CircuitBreaker;
+use crate::cache::{CacheKey, ResponseCache};
+use crate::coalesce::Coalescer;
+use crate::generate::GenEvent;
 
 /// Name the built-in model is served under.
 pub const BUILTIN_MODEL: &str = "weir-tiny";
@@ -45,10 +48,14 @@ pub struct ServedModel {
     pub breaker: CircuitBreaker,
     /// What was loaded, for comparing with a new assignment.
     pub spec: ModelSpec,
+    /// Response cache (L1, optional Redis L2), when the policy enables it.
+    pub cache: Option<Arc<ResponseCache>>,
+    /// Identical requests in flight share one generation.
+    pub coalescer: Arc<Coalescer<CacheKey, GenEvent>>,
 }
 
 /// A model to load: where, under what name, with which settings.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ModelSpec {
     /// Name clients use.
     pub name: String,
@@ -60,11 +67,21 @@ pub struct ModelSpec {
     pub cache: CachePolicySpec,
     /// Batching settings.
     pub batch: BatchPolicySpec,
+    /// Redis URL for the L2 response cache (read from its Secret).
+    pub redis_url: Option<String>,
 }
 
 /// Errors loading a model.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The cache policy cannot be applied.
+    #[error("model `{name}`: {source}")]
+    Cache {
+        /// The model.
+        name: String,
+        /// The cause.
+        source: crate::cache::CacheError,
+    },
     /// The engine refused the model or its settings.
     #[error("model `{name}`: {source}")]
     Engine {
@@ -145,6 +162,10 @@ impl ServedModel {
             cache_policy: spec.cache.clone(),
             batch_policy: spec.batch.clone(),
             spec: spec.clone(),
+            cache: response_cache(spec)?,
+            coalescer: Arc::new(Coalescer::new(
+                spec.cache.coalescing.max_subscribers as usize,
+            )),
         })
     }
 
@@ -176,8 +197,27 @@ impl ServedModel {
                 spec.batch.circuit_breaker.enabled,
             ),
             spec: spec.clone(),
+            cache: response_cache(spec).unwrap_or_else(|e| {
+                tracing::warn!(model = %spec.name, error = %e, "response cache disabled");
+                None
+            }),
+            coalescer: Arc::new(Coalescer::new(
+                spec.cache.coalescing.max_subscribers as usize,
+            )),
         }
     }
+}
+
+fn response_cache(spec: &ModelSpec) -> Result<Option<Arc<ResponseCache>>, LoadError> {
+    if !spec.cache.response_cache.enabled {
+        return Ok(None);
+    }
+    ResponseCache::new(&spec.cache.response_cache, spec.redis_url.clone())
+        .map(|c| Some(Arc::new(c)))
+        .map_err(|e| LoadError::Cache {
+            name: spec.name.clone(),
+            source: e,
+        })
 }
 
 /// Served models by name.

@@ -14,13 +14,18 @@ use futures::stream::{self, StreamExt};
 
 use crate::admission::Permit;
 use crate::api::ApiError;
+use crate::coalesce::Joined;
 use crate::generate::{self, GenEvent, GenStream, Job};
-use crate::metrics::{Metrics, ModelLabel, OutcomeLabel};
+use crate::metrics::{Metrics, ModelLabel, OutcomeLabel, TierLabel};
 use crate::models::ServedModel;
+use crate::render::Generation;
 use crate::render::{self, ResponseMeta, Shape};
+use crate::reuse;
 use crate::server::AppState;
 
-/// Runs `job` on `model` and answers as JSON or SSE.
+/// Runs `job` on `model` and answers as JSON or SSE: from the response
+/// cache when it holds the answer, by joining an identical generation in
+/// flight when there is one, else on the engine (filling the cache).
 pub async fn respond(
     state: AppState,
     model: Arc<ServedModel>,
@@ -32,36 +37,114 @@ pub async fn respond(
     let label = ModelLabel {
         model_name: model.name.clone(),
     };
+    let key = reuse::cache_key(&model, &job);
+    if let (Some(key), Some(cache)) = (key, model.cache.clone()) {
+        if let Some((tier, bytes)) = cache.get(&key).await
+            && let Ok(generation) = serde_json::from_slice::<Generation>(&bytes)
+        {
+            let tier_label = TierLabel {
+                model_name: model.name.clone(),
+                tier: tier.label().into(),
+            };
+            state.metrics.cache_hits.get_or_create(&tier_label).inc();
+            let response = render_events(meta, shape, stream, render::replay(&generation)).await;
+            return with_header(response, CACHE_HEADER, tier.label());
+        }
+        state.metrics.cache_misses.get_or_create(&label).inc();
+    }
+    let mut leader = None;
+    if let Some(key) = key.filter(|_| model.cache_policy.coalescing.enabled) {
+        match model.coalescer.join(key) {
+            Joined::Follower(subscription) => {
+                state.metrics.coalesced.get_or_create(&label).inc();
+                let events = reuse::subscription_stream(subscription);
+                let response = render_events(meta, shape, stream, events).await;
+                return with_header(response, COALESCED_HEADER, "true");
+            }
+            Joined::Leader(publisher, subscription) => leader = Some((publisher, subscription)),
+        }
+    }
+    let events = match start(&state, &model, &job, &label) {
+        Ok(events) => events,
+        Err(e) => {
+            // Requests that joined meanwhile get the same answer.
+            if let Some((publisher, _)) = leader {
+                publisher.send(GenEvent::error(&e));
+            }
+            return e.into_response();
+        }
+    };
+    let events = match (key, model.cache.clone()) {
+        (Some(key), Some(cache)) => reuse::fill_cache(events, cache, key),
+        _ => events,
+    };
+    let events = match leader {
+        Some((publisher, subscription)) => {
+            reuse::pump(events, publisher);
+            reuse::subscription_stream(subscription)
+        }
+        None => events,
+    };
+    let response = render_events(meta, shape, stream, events).await;
+    if key.is_some() && model.cache.is_some() {
+        return with_header(response, CACHE_HEADER, "miss");
+    }
+    response
+}
+
+/// Header saying which cache tier answered (`l1`, `l2`, or `miss`).
+pub const CACHE_HEADER: &str = "x-weir-cache";
+/// Header marking an answer shared with an identical request in flight.
+pub const COALESCED_HEADER: &str = "x-weir-coalesced";
+
+fn with_header(mut response: Response, name: &'static str, value: &'static str) -> Response {
+    response
+        .headers_mut()
+        .insert(name, axum::http::HeaderValue::from_static(value));
+    response
+}
+
+/// Breaker, admission and the engine: the events of a fresh generation.
+fn start(
+    state: &AppState,
+    model: &Arc<ServedModel>,
+    job: &Job,
+    label: &ModelLabel,
+) -> Result<GenStream, ApiError> {
     if let Err(wait) = model.breaker.allow(Instant::now()) {
-        return ApiError::Unavailable {
+        return Err(ApiError::Unavailable {
             message: format!(
                 "model `{}` is failing; the circuit breaker is open",
                 model.name
             ),
             retry_after: wait,
-        }
-        .into_response();
+        });
     }
     let cost = job.prompts.len() * job.n;
-    let permits = match model.admission.try_admit(job.template.priority, cost) {
-        Ok(p) => p,
-        Err(retry_after) => {
-            state.metrics.rejected.get_or_create(&label).inc();
-            return ApiError::Overloaded {
+    let permits = model
+        .admission
+        .try_admit(job.template.priority, cost)
+        .map_err(|retry_after| {
+            state.metrics.rejected.get_or_create(label).inc();
+            ApiError::Overloaded {
                 message: format!(
                     "model `{}` has too many requests queued; retry shortly",
                     model.name
                 ),
                 retry_after,
             }
-            .into_response();
-        }
-    };
-    let events = match generate::run(&model.engine, model.tokenizer.clone(), &job) {
-        Ok(events) => events,
-        Err(e) => return e.into_response(),
-    };
-    let events = instrument(events, &state.metrics, model.clone(), permits);
+        })?;
+    let events = generate::run(&model.engine, model.tokenizer.clone(), job)?;
+    Ok(instrument(events, &state.metrics, model.clone(), permits))
+}
+
+/// Renders events as SSE or as one JSON body.
+async fn render_events(
+    meta: ResponseMeta,
+    shape: Shape,
+    stream: bool,
+    events: GenStream,
+) -> Response {
     if stream {
         let body = render::sse(meta, shape, events);
         return Sse::new(body)
@@ -73,11 +156,18 @@ pub async fn respond(
             Shape::Chat => Json(render::chat_body(&meta, &generation)).into_response(),
             Shape::Completion => Json(render::completion_body(&meta, &generation)).into_response(),
         },
-        Err((status, body)) => (
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            Json(body),
-        )
-            .into_response(),
+        Err((status, body)) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = (status, Json(body)).into_response();
+            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE
+            {
+                response.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+            }
+            response
+        }
     }
 }
 

@@ -34,6 +34,7 @@ async fn start_with_key(batch: BatchPolicySpec, key: Option<&str>) -> String {
         engine: Default::default(),
         cache: Default::default(),
         batch,
+        redis_url: None,
     };
     let mut registry = ModelRegistry::default();
     registry.insert(ServedModel::load(&spec).unwrap());
@@ -87,6 +88,19 @@ async fn metric(base: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+async fn metric_or_zero(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains("model_name=\"tiny\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,4 +420,101 @@ async fn an_api_key_is_required_when_configured() {
             .as_u16(),
         200
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deterministic_answers_are_cached_and_sampled_ones_never() {
+    let base = start(BatchPolicySpec::default()).await;
+    let client = reqwest::Client::new();
+    let url = format!("{base}/v1/chat/completions");
+    let send = |body: Value| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = client.post(url).json(&body).send().await.unwrap();
+            let tier = r
+                .headers()
+                .get("x-weir-cache")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (tier, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (first_tier, first) = send(chat("cache me", 8)).await;
+    let (second_tier, second) = send(chat("cache me", 8)).await;
+    assert_eq!(first_tier.as_deref(), Some("miss"));
+    assert_eq!(second_tier.as_deref(), Some("l1"));
+    assert_eq!(first["choices"], second["choices"]);
+    assert_eq!(first["usage"], second["usage"]);
+    // A streamed request for the same answer is served from the cache too.
+    let mut streamed = chat("cache me", 8);
+    streamed["stream"] = json!(true);
+    let r = client.post(&url).json(&streamed).send().await.unwrap();
+    assert_eq!(r.headers()["x-weir-cache"], "l1");
+    let (events, done) = sse(r).await;
+    assert!(done);
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        first["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    // Sampled without a seed: never from the cache.
+    let mut sampled = chat("cache me", 8);
+    sampled["temperature"] = json!(0.9);
+    for _ in 0..2 {
+        let (tier, _) = send(sampled.clone()).await;
+        assert_eq!(tier, None, "sampled output must not be cached");
+    }
+    assert!(metric(&base, "weir_cache_hits_total").await >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_requests_in_flight_share_one_generation() {
+    let base = start(BatchPolicySpec::default()).await;
+    let mut body = chat("share this", 200);
+    body["stream"] = json!(true);
+    body["ignore_eos"] = json!(true);
+    let before = metric(&base, "vllm:generation_tokens_total").await;
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, body) = (format!("{base}/v1/chat/completions"), body.clone());
+            tokio::spawn(async move {
+                let r = reqwest::Client::new()
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let coalesced = r.headers().contains_key("x-weir-coalesced");
+                let (events, done) = sse(r).await;
+                let text: String = events
+                    .iter()
+                    .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+                    .collect();
+                (coalesced, done, text)
+            })
+        })
+        .collect();
+    let results: Vec<_> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(results.iter().all(|(_, done, _)| *done));
+    assert!(
+        results.iter().all(|(_, _, text)| *text == results[0].2),
+        "every subscriber gets the full stream"
+    );
+    let shared = results.iter().filter(|(c, _, _)| *c).count();
+    let generated = metric(&base, "vllm:generation_tokens_total").await - before;
+    // Requests that joined shared the leader's tokens; the rest (if any
+    // arrived after it finished) were cache hits.
+    assert!(
+        generated <= 200.0,
+        "{generated} tokens generated for {shared} shared requests"
+    );
+    let reused = metric_or_zero(&base, "weir_coalesced_requests_total").await
+        + metric_or_zero(&base, "weir_cache_hits_total").await;
+    assert!(reused >= 3.0, "shared {shared}, reused {reused}");
 }

@@ -68,6 +68,7 @@ pub fn model_spec(assigned: &AssignedModel, roots: &SourceRoots) -> Result<Model
         engine: assigned.engine.clone(),
         cache: assigned.cache.clone(),
         batch: assigned.batch.clone(),
+        redis_url: None,
     })
 }
 
@@ -120,6 +121,7 @@ mod tests {
             engine: Default::default(),
             cache: Default::default(),
             batch: Default::default(),
+            redis_url: None,
         }
     }
 

@@ -1,0 +1,116 @@
+//! Reusing work across requests: the cache key of a job, filling the
+//! response cache from a finished generation, and sharing one generation
+//! among identical requests in flight.
+
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt};
+use serde_json::json;
+use weir_crds::cache_policy::Cacheability;
+
+use crate::cache::{CacheKey, ResponseCache};
+use crate::coalesce::{Publisher, Subscription};
+use crate::generate::{GenEvent, GenStream, Job, is_deterministic};
+use crate::models::ServedModel;
+use crate::render::Generation;
+
+/// The cache key of `job` on `model`, when its policy lets it be cached:
+/// by default only deterministic jobs (greedy, or seeded), since replaying
+/// sampled output would change what a client receives.
+pub fn cache_key(model: &ServedModel, job: &Job) -> Option<CacheKey> {
+    let policy = &model.cache_policy.response_cache;
+    if !policy.enabled {
+        return None;
+    }
+    if policy.cacheable == Cacheability::DeterministicOnly && !is_deterministic(job) {
+        return None;
+    }
+    let t = &job.template;
+    let s = &t.sampling;
+    // Every input that changes the output; the prompt is in token ids, so
+    // equivalent chat messages (after the template) share a key.
+    let canonical = json!({
+        "v": env!("CARGO_PKG_VERSION"),
+        "model": model.name,
+        "prompts": job.prompts,
+        "n": job.n,
+        "max_tokens": t.max_tokens,
+        "stop": t.stop,
+        "stop_token_ids": t.stop_token_ids,
+        "ignore_eos": t.ignore_eos,
+        "temperature": s.temperature,
+        "top_k": s.top_k,
+        "top_p": s.top_p,
+        "min_p": s.min_p,
+        "repetition_penalty": s.repetition_penalty,
+        "frequency_penalty": s.frequency_penalty,
+        "presence_penalty": s.presence_penalty,
+        "logit_bias": s.logit_bias,
+        "seed": s.seed,
+        "logprobs": s.logprobs,
+    });
+    Some(CacheKey::from_canonical(canonical.to_string().as_bytes()))
+}
+
+/// Passes `events` through and, when they end with `Done`, stores the
+/// generation under `key`.
+pub fn fill_cache(events: GenStream, cache: Arc<ResponseCache>, key: CacheKey) -> GenStream {
+    let collected = Generation::default();
+    Box::pin(stream::unfold(
+        (events, collected, cache),
+        move |(mut events, mut g, cache)| async move {
+            let event = events.next().await?;
+            match &event {
+                GenEvent::Delta {
+                    index,
+                    text,
+                    logprobs,
+                } => {
+                    if g.choices.len() <= *index {
+                        g.choices.resize_with(index + 1, Default::default);
+                    }
+                    g.choices[*index].text.push_str(text);
+                    g.choices[*index].logprobs.extend(logprobs.iter().cloned());
+                }
+                GenEvent::ChoiceDone {
+                    index,
+                    finish_reason,
+                } => {
+                    if let Some(c) = g.choices.get_mut(*index) {
+                        c.finish_reason = finish_reason.clone();
+                    }
+                }
+                GenEvent::Done { usage } => {
+                    g.usage = *usage;
+                    if let Ok(bytes) = serde_json::to_vec(&g) {
+                        cache.put(key, bytes.into()).await;
+                    }
+                }
+                GenEvent::Error { .. } => {}
+            }
+            Some((event, (events, g, cache)))
+        },
+    ))
+}
+
+/// A subscription as a stream of events.
+pub fn subscription_stream(subscription: Subscription<GenEvent>) -> GenStream {
+    Box::pin(stream::unfold(subscription, |mut s| async move {
+        s.next().await.map(|e| (e, s))
+    }))
+}
+
+/// Drives the leader's generation into `publisher` until it ends or nobody
+/// listens any more (dropping `events` then aborts the engine requests).
+pub fn pump(mut events: GenStream, publisher: Publisher<CacheKey, GenEvent>) {
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            let last = matches!(event, GenEvent::Done { .. } | GenEvent::Error { .. });
+            publisher.send(event);
+            if last || publisher.subscriber_count() == 0 {
+                break;
+            }
+        }
+        publisher.finish();
+    });
+}
