@@ -44,6 +44,8 @@ pub struct Context {
     pub stale_after: Duration,
     /// Seconds between rounds without changes.
     pub interval: Duration,
+    /// Control-loop metrics.
+    pub metrics: crate::metrics::OperatorMetrics,
     scale: Mutex<HashMap<String, (ScaleState, u32)>>,
     last_reweight: Mutex<HashMap<String, Instant>>,
     previous_figures: Mutex<BTreeMap<String, ModelFigures>>,
@@ -51,8 +53,13 @@ pub struct Context {
 
 impl Context {
     /// A context for `client`.
-    pub fn new(client: kube::Client, leader: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        leader: Arc<AtomicBool>,
+        metrics: crate::metrics::OperatorMetrics,
+    ) -> Self {
         Self {
+            metrics,
             client,
             leader,
             http: reqwest::Client::new(),
@@ -117,7 +124,12 @@ pub async fn run(ctx: Arc<Context>) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         while let Some(Some(())) = changes.next().now_or_never() {}
         if ctx.leader.load(Ordering::Acquire) {
+            let started = Instant::now();
             round(&ctx, &caches_all).await;
+            ctx.metrics.rounds.inc();
+            ctx.metrics
+                .round_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
     }
 }
@@ -319,7 +331,9 @@ async fn write_agents(
             .filter_map(|(k, _)| resolved.get(k).cloned())
             .collect();
         models.sort_by(|a, b| a.served_name.cmp(&b.served_name));
-        match apply::agent_models(&ctx.client, agent, &models).await {
+        let result = apply::agent_models(&ctx.client, agent, &models).await;
+        ctx.metrics.record("NodeAgent", &result);
+        match result {
             Ok(true) => {
                 let names: Vec<&str> = models.iter().map(|m| m.served_name.as_str()).collect();
                 apply::event(
@@ -369,7 +383,9 @@ async fn write_models(
             ctx.stale_after,
             problem.as_ref().map(|(r, m)| (r.as_str(), m.clone())),
         );
-        match apply::model_status(&ctx.client, model, &status).await {
+        let result = apply::model_status(&ctx.client, model, &status).await;
+        ctx.metrics.record("Model", &result);
+        match result {
             Ok(true) => {
                 if let Some((reason, message)) = &problem {
                     apply::event(&ctx.client, model.as_ref(), true, reason, message.clone()).await;

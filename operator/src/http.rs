@@ -20,6 +20,8 @@ pub struct State {
     ready_gauge: Gauge,
     leader: Arc<std::sync::RwLock<Option<Arc<AtomicBool>>>>,
     registry: Arc<Registry>,
+    /// Control-loop metrics.
+    pub metrics: crate::metrics::OperatorMetrics,
 }
 
 /// Reports leadership at scrape time.
@@ -67,11 +69,13 @@ impl State {
         );
         let leader = Arc::new(std::sync::RwLock::new(None));
         registry.register_collector(Box::new(LeaderCollector(leader.clone())));
+        let metrics = crate::metrics::OperatorMetrics::register(&mut registry);
         Self {
             ready: Arc::new(AtomicBool::new(false)),
             ready_gauge,
             leader,
             registry: Arc::new(registry),
+            metrics,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod ensembles;
 pub mod http;
 pub mod leader;
+pub mod metrics;
 pub mod placement;
 pub mod reweight;
 pub mod scrape;
