@@ -172,5 +172,31 @@ mod tests {
                 .1
                 .contains("weir_operator_ready 1")
         );
+        let leader = Arc::new(AtomicBool::new(false));
+        state.watch_leadership(leader.clone());
+        assert!(
+            get(&state, "/metrics")
+                .await
+                .1
+                .contains("weir_operator_leader 0")
+        );
+        leader.store(true, Ordering::Release);
+        assert!(
+            get(&state, "/metrics")
+                .await
+                .1
+                .contains("weir_operator_leader 1")
+        );
+        state.metrics.rounds.inc();
+        state.metrics.record::<(), ()>("Model", &Err(()));
+        let text = get(&state, "/metrics").await.1;
+        assert!(
+            text.contains("weir_operator_reconcile_rounds_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_operator_errors_total{kind=\"Model\"} 1"),
+            "{text}"
+        );
     }
 }
