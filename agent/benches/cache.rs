@@ -20,11 +20,16 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
         let cache = ResponseCache::new(&ResponseCacheSpec::default(), None).expect("cache");
         let value: Arc<[u8]> = vec![b'x'; 2048].into();
-        let keys: Vec<CacheKey> = (0..1000u32).map(|i| CacheKey::from_canonical(&i.to_le_bytes())).collect();
+        let keys: Vec<CacheKey> = (0..1000u32)
+            .map(|i| CacheKey::from_canonical(&i.to_le_bytes()))
+            .collect();
         for k in &keys {
             cache.put(*k, value.clone()).await;
         }
@@ -39,7 +44,11 @@ fn main() {
 
         let dir = std::env::temp_dir().join(format!("weir-cache-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let spec = ModelSpec { name: "tiny".into(), dir: ensure_builtin(&dir).expect("model"), ..ModelSpec::default() };
+        let spec = ModelSpec {
+            name: "tiny".into(),
+            dir: ensure_builtin(&dir).expect("model"),
+            ..ModelSpec::default()
+        };
         let model = ServedModel::load(&spec).expect("load");
         let mut generated = Vec::new();
         for i in 0..20u32 {
@@ -66,14 +75,20 @@ fn main() {
 
         println!("Weir response cache benchmark (2 KiB answers)\n");
         println!("{:<44} {:>12} {:>12}", "measurement", "p50", "p99");
-        println!("{:<44} {:>12?} {:>12?}", "L1 hit (in process, 100k lookups)", percentile(&hits, 0.5), percentile(&hits, 0.99));
+        println!(
+            "{:<44} {:>12?} {:>12?}",
+            "L1 hit (in process, 100k lookups)",
+            percentile(&hits, 0.5),
+            percentile(&hits, 0.99)
+        );
         println!(
             "{:<44} {:>12?} {:>12?}",
             "engine, same answer (built-in model, 16 tokens)",
             percentile(&generated, 0.5),
             percentile(&generated, 0.99)
         );
-        let ratio = percentile(&generated, 0.5).as_secs_f64() / percentile(&hits, 0.5).as_secs_f64();
+        let ratio =
+            percentile(&generated, 0.5).as_secs_f64() / percentile(&hits, 0.5).as_secs_f64();
         println!("{:<44} {:>11.0}x", "speed-up of an L1 hit (p50)", ratio);
     });
 }

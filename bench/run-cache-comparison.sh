@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Compares response caching and coalescing on vs off in one run: starts
+# three agents serving the built-in model (cache and coalescing off; cache
+# off, coalescing on; both on), runs the same workload against each with
+# weir-loadgen, and prints one table with ratios against the first.
+#   bench/run-cache-comparison.sh [extra weir-loadgen flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet -p weir-agent -p weir-bench
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+agent=target/release/weir-agent
+# Write the built-in model once.
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+p=$(port); "$agent" serve --listen 127.0.0.1:$p --model-cache "$work/cache" >/dev/null 2>&1 & pid=$!
+until curl -sf "http://127.0.0.1:$p/ready" >/dev/null; do sleep 0.2; done; kill $pid
+model=$(ls -d "$work"/cache/builtin-*)
+write() { # name cache coalescing
+  cat > "$work/$1.yaml" <<YAML
+kind: CachePolicy
+metadata: {name: p}
+spec: {responseCache: {enabled: $2}, coalescing: {enabled: $3}}
+---
+kind: Model
+metadata: {name: weir-tiny}
+spec: {source: {uri: "file://$model"}, cachePolicyRef: {name: p}}
+YAML
+}
+scenarios=()
+for s in "off:false:false" "coalesce:false:true" "cache+coalesce:true:true"; do
+  IFS=: read -r name cache coal <<<"$s"
+  write "$name" "$cache" "$coal"
+  p=$(port)
+  "$agent" serve --listen 127.0.0.1:$p --config "$work/$name.yaml" >/dev/null 2>&1 &
+  until curl -sf "http://127.0.0.1:$p/ready" >/dev/null; do sleep 0.2; done
+  scenarios+=(--scenario "$name=http://127.0.0.1:$p")
+done
+target/release/weir-loadgen "${scenarios[@]}" "$@"
