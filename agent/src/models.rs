@@ -254,13 +254,8 @@ impl ModelRegistry {
 /// on a laptop CPU (4 layers, width 256).
 pub fn builtin_spec() -> TinyModelSpec {
     TinyModelSpec {
-        hidden_size: 256,
-        intermediate_size: 768,
-        num_layers: 4,
-        num_heads: 8,
-        num_kv_heads: 2,
         seed: 2026,
-        ..TinyModelSpec::llama()
+        ..TinyModelSpec::small()
     }
 }
 

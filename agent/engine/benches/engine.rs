@@ -21,18 +21,6 @@ use weir_engine::scheduler::{Priority, Scheduler, SchedulerConfig, SequenceReque
 use weir_engine::testmodel::{TinyModelSpec, write_tiny_model};
 use weir_engine::tokenizer::TextTokenizer;
 
-/// A small model: 4 layers, width 256, GQA 8:2 (about 3.5 M parameters).
-fn small_spec() -> TinyModelSpec {
-    TinyModelSpec {
-        hidden_size: 256,
-        intermediate_size: 768,
-        num_layers: 4,
-        num_heads: 8,
-        num_kv_heads: 2,
-        ..TinyModelSpec::llama()
-    }
-}
-
 fn start_engine(dir: &std::path::Path) -> EngineHandle {
     let model = LlamaModel::load(dir, CpuBackend, 1024).expect("model");
     let tokenizer = Arc::new(TextTokenizer::from_dir(dir).expect("tokenizer"));
@@ -161,7 +149,7 @@ fn pool_rate(n: usize) -> f64 {
 
 fn main() {
     let dir = std::env::temp_dir().join(format!("weir-bench-model-{}", std::process::id()));
-    write_tiny_model(&dir, &small_spec()).expect("write model");
+    write_tiny_model(&dir, &TinyModelSpec::small()).expect("write model");
     let engine = start_engine(&dir);
     throughput(&engine, 4, 8); // warm up
 

@@ -62,6 +62,19 @@ impl TinyModelSpec {
         }
     }
 
+    /// A small Llama-shaped model for benchmarks and the built-in model:
+    /// 4 layers, width 256, GQA 8:2 (about 3.5 M parameters).
+    pub fn small() -> Self {
+        Self {
+            hidden_size: 256,
+            intermediate_size: 768,
+            num_layers: 4,
+            num_heads: 8,
+            num_kv_heads: 2,
+            ..Self::llama()
+        }
+    }
+
     /// A Qwen2-shaped model: GQA 4:1, QKV bias, tied embeddings.
     pub fn qwen2() -> Self {
         Self {
