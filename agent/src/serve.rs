@@ -47,6 +47,7 @@ pub async fn respond(
                 tier: tier.label().into(),
             };
             state.metrics.cache_hits.get_or_create(&tier_label).inc();
+            count_success(&state, &model);
             let response = render_events(meta, shape, stream, render::replay(&generation)).await;
             return with_header(response, CACHE_HEADER, tier.label());
         }
@@ -57,6 +58,7 @@ pub async fn respond(
         match model.coalescer.join(key) {
             Joined::Follower(subscription) => {
                 state.metrics.coalesced.get_or_create(&label).inc();
+                count_success(&state, &model);
                 let events = reuse::subscription_stream(subscription);
                 let response = render_events(meta, shape, stream, events).await;
                 return with_header(response, COALESCED_HEADER, "true");
@@ -90,6 +92,15 @@ pub async fn respond(
         return with_header(response, CACHE_HEADER, "miss");
     }
     response
+}
+
+/// Counts a request answered without the engine (cache hit, coalesced).
+fn count_success(state: &AppState, model: &ServedModel) {
+    let label = OutcomeLabel {
+        model_name: model.name.clone(),
+        outcome: "success".into(),
+    };
+    state.metrics.requests.get_or_create(&label).inc();
 }
 
 /// Header saying which cache tier answered (`l1`, `l2`, or `miss`).
