@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
@@ -170,7 +170,7 @@ pub async fn run(client: kube::Client, config: ClusterConfig, state: AppState) {
         match event {
             Ok(watcher::Event::Apply(agent) | watcher::Event::InitApply(agent)) => {
                 *generation.write().unwrap_or_else(|p| p.into_inner()) = agent.metadata.generation;
-                sync(&config, &state, &states, &agent.spec).await;
+                sync(&client, &config, &state, &states, &agent.spec).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "watching the NodeAgent"),
@@ -185,8 +185,31 @@ fn set_state(states: &ModelStates, name: &str, state: ModelState) {
         .insert(name.to_owned(), state);
 }
 
+/// The Redis URL of an assignment's L2 cache, from its Secret in the
+/// Model's namespace (`None`, logged, when it cannot be read: L2 stays off).
+async fn redis_url(
+    client: &kube::Client,
+    assigned: &weir_crds::node_agent::AssignedModel,
+) -> Option<String> {
+    let l2 = assigned.cache.response_cache.l2.as_ref()?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &assigned.model_ref.namespace);
+    let found = secrets.get_opt(&l2.url_secret_ref.name).await;
+    let value = found
+        .as_ref()
+        .ok()
+        .and_then(|s| s.as_ref()?.data.as_ref()?.get(&l2.url_secret_ref.key));
+    match value.map(|v| String::from_utf8(v.0.clone())) {
+        Some(Ok(url)) => Some(url.trim().to_owned()),
+        _ => {
+            tracing::warn!(model = %assigned.served_name, secret = %l2.url_secret_ref.name, "no Redis URL: L2 cache off");
+            None
+        }
+    }
+}
+
 /// Brings the served models in line with `spec`.
 pub async fn sync(
+    client: &kube::Client,
     config: &ClusterConfig,
     state: &AppState,
     states: &ModelStates,
@@ -195,7 +218,10 @@ pub async fn sync(
     let mut desired = Vec::new();
     for assigned in &spec.models {
         match plan::model_spec(assigned, &config.roots) {
-            Ok(s) => desired.push(s),
+            Ok(mut s) => {
+                s.redis_url = redis_url(client, assigned).await;
+                desired.push(s)
+            }
             Err(reason) => set_state(
                 states,
                 &assigned.served_name,
