@@ -46,6 +46,32 @@ struct Meta {
     name: String,
 }
 
+/// Every non-empty document of `path`, with its index.
+fn documents(path: &Path) -> Result<Vec<(usize, Doc)>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let invalid = |index, message: String| ConfigError::Invalid {
+        path: path.into(),
+        index,
+        message,
+    };
+    let mut docs = Vec::new();
+    for (index, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let value =
+            serde_yaml::Value::deserialize(de).map_err(|e| invalid(index, e.to_string()))?;
+        if value.is_null() {
+            continue;
+        }
+        docs.push((
+            index,
+            serde_yaml::from_value(value).map_err(|e| invalid(index, e.to_string()))?,
+        ));
+    }
+    Ok(docs)
+}
+
 /// Everything a standalone configuration file declares.
 #[derive(Clone, Debug, Default)]
 pub struct Standalone {
@@ -57,10 +83,6 @@ pub struct Standalone {
 
 /// Reads `path`: Models (with their policies resolved) and ModelEnsembles.
 pub fn load_all(path: &Path) -> Result<Standalone, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.into(),
-        source,
-    })?;
     let invalid = |index, message: String| ConfigError::Invalid {
         path: path.into(),
         index,
@@ -68,29 +90,24 @@ pub fn load_all(path: &Path) -> Result<Standalone, ConfigError> {
     };
     let mut served = BTreeMap::new();
     let mut ensembles = Vec::new();
-    for (index, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let value =
-            serde_yaml::Value::deserialize(de).map_err(|e| invalid(index, e.to_string()))?;
-        let kind = value
-            .get("kind")
-            .and_then(serde_yaml::Value::as_str)
-            .map(str::to_owned);
-        if !matches!(kind.as_deref(), Some("Model" | "ModelEnsemble")) {
-            continue;
+    for (index, doc) in documents(path)? {
+        match doc.kind.as_str() {
+            "Model" => {
+                let name = doc
+                    .spec
+                    .get("servedName")
+                    .and_then(serde_yaml::Value::as_str)
+                    .map(str::to_owned);
+                served.insert(doc.metadata.name.clone(), name.unwrap_or(doc.metadata.name));
+            }
+            "ModelEnsemble" => {
+                let spec: ModelEnsembleSpec = serde_yaml::from_value(doc.spec).map_err(|e| {
+                    invalid(index, format!("ModelEnsemble {}: {e}", doc.metadata.name))
+                })?;
+                ensembles.push((index, doc.metadata.name, spec));
+            }
+            _ => {}
         }
-        let doc: Doc = serde_yaml::from_value(value).map_err(|e| invalid(index, e.to_string()))?;
-        if kind.as_deref() == Some("Model") {
-            let name = doc
-                .spec
-                .get("servedName")
-                .and_then(serde_yaml::Value::as_str)
-                .map(str::to_owned);
-            served.insert(doc.metadata.name.clone(), name.unwrap_or(doc.metadata.name));
-            continue;
-        }
-        let spec: ModelEnsembleSpec = serde_yaml::from_value(doc.spec)
-            .map_err(|e| invalid(index, format!("ModelEnsemble {}: {e}", doc.metadata.name)))?;
-        ensembles.push((index, doc.metadata.name, spec));
     }
     let models = load(path)?;
     let ensembles = ensembles
@@ -118,10 +135,6 @@ pub fn load_all(path: &Path) -> Result<Standalone, ConfigError> {
 /// Reads `path` and resolves every Model into a loadable spec: `file://`
 /// sources become directories, policy references are looked up by name.
 pub fn load(path: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.into(),
-        source,
-    })?;
     let invalid = |index, message: String| ConfigError::Invalid {
         path: path.into(),
         index,
@@ -130,13 +143,7 @@ pub fn load(path: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
     let mut caches = BTreeMap::new();
     let mut batches = BTreeMap::new();
     let mut models = Vec::new();
-    for (index, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let value =
-            serde_yaml::Value::deserialize(de).map_err(|e| invalid(index, e.to_string()))?;
-        if value.is_null() {
-            continue;
-        }
-        let doc: Doc = serde_yaml::from_value(value).map_err(|e| invalid(index, e.to_string()))?;
+    for (index, doc) in documents(path)? {
         let name = doc.metadata.name.clone();
         let spec = doc.spec;
         match doc.kind.as_str() {
