@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod encoder;
 pub mod engine;
 pub mod error;
 pub mod kv_pool;

