@@ -101,6 +101,17 @@ pub struct Job {
     pub template: GenerateRequest,
     /// Log probabilities to return.
     pub logprobs: LogprobsWanted,
+    /// The messages, for the semantic cache (single-prompt requests only).
+    pub semantic: Option<SemanticInput>,
+}
+
+/// What the semantic cache compares: the route and the conversation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SemanticInput {
+    /// `chat` or `completion`: answers are never shared across routes.
+    pub route: &'static str,
+    /// The conversation (a completion prompt is one user message).
+    pub messages: Vec<weir_engine::tokenizer::ChatMessage>,
 }
 
 fn check_range(name: &str, value: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {

@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weir_agent::gpu::GpuMonitor;
-use weir_agent::models::{BUILTIN_MODEL, ModelRegistry, ModelSpec, ServedModel, ensure_builtin};
+use weir_agent::models::{
+    BUILTIN_ENCODER, BUILTIN_MODEL, Loaded, ModelRegistry, ModelSpec, ensure_builtin,
+    ensure_builtin_encoder,
+};
 use weir_agent::route::ensemble::Ensemble;
 use weir_agent::server::{AppState, router};
 
@@ -36,6 +39,13 @@ struct ServeArgs {
     /// Name to serve `--model` under (default: the directory name).
     #[arg(long, requires = "model")]
     served_name: Option<String>,
+    /// Also serve this sentence-encoder directory (a BERT-family model such
+    /// as all-MiniLM-L6-v2) for `/v1/embeddings` and the semantic cache.
+    #[arg(long)]
+    embedding_model: Option<PathBuf>,
+    /// Name to serve `--embedding-model` under (default: the directory name).
+    #[arg(long, requires = "embedding_model")]
+    embedding_name: Option<String>,
     /// Serve the Model, CachePolicy and BatchPolicy resources in this YAML file.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -80,6 +90,27 @@ fn default_cache() -> PathBuf {
 }
 
 fn model_specs(args: &ServeArgs) -> anyhow::Result<Vec<ModelSpec>> {
+    let mut specs = main_specs(args)?;
+    if let Some(dir) = &args.embedding_model {
+        let name = args.embedding_name.clone().unwrap_or_else(|| dir_name(dir));
+        specs.push(ModelSpec {
+            name,
+            dir: dir.clone(),
+            ..ModelSpec::default()
+        });
+    }
+    Ok(specs)
+}
+
+fn dir_name(dir: &std::path::Path) -> String {
+    dir.canonicalize()
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+fn main_specs(args: &ServeArgs) -> anyhow::Result<Vec<ModelSpec>> {
     if let Some(path) = &args.config {
         return Ok(weir_agent::config::load(path)?);
     }
@@ -92,17 +123,17 @@ fn model_specs(args: &ServeArgs) -> anyhow::Result<Vec<ModelSpec>> {
         redis_url: None,
     };
     if let Some(dir) = &args.model {
-        let name = args.served_name.clone().unwrap_or_else(|| {
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into())
-        });
+        let name = args.served_name.clone().unwrap_or_else(|| dir_name(dir));
         return Ok(vec![spec(name, dir.clone())]);
     }
     let cache = args.model_cache.clone().unwrap_or_else(default_cache);
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     let dir = ensure_builtin(&cache).context("writing the built-in model")?;
-    Ok(vec![spec(BUILTIN_MODEL.to_owned(), dir)])
+    let encoder = ensure_builtin_encoder(&cache).context("writing the built-in encoder")?;
+    Ok(vec![
+        spec(BUILTIN_MODEL.to_owned(), dir),
+        spec(BUILTIN_ENCODER.to_owned(), encoder),
+    ])
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -128,13 +159,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     for spec in &specs {
         tracing::info!(model = %spec.name, dir = %spec.dir.display(), "loading");
-        registry.insert(ServedModel::load(spec)?);
+        registry.insert_loaded(Loaded::load(spec)?);
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let first = specs.first().map(|s| s.name.clone()).unwrap_or_default();
+    let first = registry.iter().next().map(|m| m.name.clone()).unwrap_or_default();
     tracing::info!(%addr, "serving the OpenAI API (backend: cpu)");
     eprintln!(
         "Weir agent serving `{first}` on http://{addr}\nTry:\n  curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{first}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 32}}'"

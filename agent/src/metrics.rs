@@ -79,6 +79,11 @@ pub struct Metrics {
     pub coalesced: Family<ModelLabel, Counter>,
     /// Requests refused by admission control (429).
     pub rejected: Family<ModelLabel, Counter>,
+    /// Tokens read by `/v1/embeddings`.
+    pub embedding_tokens: Family<ModelLabel, Counter>,
+    /// Semantic cache lookups skipped because the encoder was missing or
+    /// failed.
+    pub semantic_unavailable: Family<ModelLabel, Counter>,
     /// Ensemble requests by member and outcome.
     pub ensemble_requests: Family<MemberOutcome, Counter>,
     /// Ensemble member latency (to the answer's headers when streaming).
@@ -127,6 +132,8 @@ impl Metrics {
             cache_misses: Family::default(),
             coalesced: Family::default(),
             rejected: Family::default(),
+            embedding_tokens: Family::default(),
+            semantic_unavailable: Family::default(),
             ensemble_requests: Family::default(),
             ensemble_latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             member_ewma: Arc::default(),
@@ -175,6 +182,16 @@ impl Metrics {
             "weir_rejected_requests",
             "Requests refused by admission control",
             m.rejected.clone(),
+        );
+        registry.register(
+            "weir_embedding_tokens",
+            "Tokens read by the embeddings API",
+            m.embedding_tokens.clone(),
+        );
+        registry.register(
+            "weir_semantic_cache_unavailable",
+            "Semantic cache lookups skipped: encoder missing or failing",
+            m.semantic_unavailable.clone(),
         );
         registry.register(
             "weir_ensemble_requests",

@@ -14,13 +14,15 @@ use weir_engine::backend::cpu::CpuBackend;
 use weir_engine::engine::{EngineHandle, EngineOptions};
 use weir_engine::model::LlamaModel;
 use weir_engine::scheduler::SchedulerConfig;
-use weir_engine::testmodel::{TinyModelSpec, write_tiny_model};
+use weir_engine::testmodel::{TinyBertSpec, TinyModelSpec, write_tiny_bert, write_tiny_model};
 use weir_engine::tokenizer::TextTokenizer;
 
 use crate::admission::Admission;
 use crate::breaker::CircuitBreaker;
+use crate::cache::semantic::SemanticIndex;
 use crate::cache::{CacheKey, ResponseCache};
 use crate::coalesce::Coalescer;
+use crate::embeddings::ServedEncoder;
 use crate::generate::GenEvent;
 
 /// Name the built-in model is served under.
@@ -52,6 +54,8 @@ pub struct ServedModel {
     pub cache: Option<Arc<ResponseCache>>,
     /// Identical requests in flight share one generation.
     pub coalescer: Arc<Coalescer<CacheKey, GenEvent>>,
+    /// Answers by meaning, when the policy enables the semantic cache.
+    pub semantic: Option<Arc<SemanticIndex>>,
 }
 
 /// A model to load: where, under what name, with which settings.
@@ -163,6 +167,12 @@ impl ServedModel {
             batch_policy: spec.batch.clone(),
             spec: spec.clone(),
             cache: response_cache(spec)?,
+            semantic: crate::semantic::build_index(&spec.cache.semantic_cache).map_err(|e| {
+                LoadError::Cache {
+                    name: spec.name.clone(),
+                    source: e,
+                }
+            })?,
             coalescer: Arc::new(Coalescer::new(
                 spec.cache.coalescing.max_subscribers as usize,
             )),
@@ -201,6 +211,12 @@ impl ServedModel {
                 tracing::warn!(model = %spec.name, error = %e, "response cache disabled");
                 None
             }),
+            semantic: crate::semantic::build_index(&spec.cache.semantic_cache).unwrap_or_else(
+                |e| {
+                    tracing::warn!(model = %spec.name, error = %e, "semantic cache disabled");
+                    None
+                },
+            ),
             coalescer: Arc::new(Coalescer::new(
                 spec.cache.coalescing.max_subscribers as usize,
             )),
@@ -220,10 +236,31 @@ fn response_cache(spec: &ModelSpec) -> Result<Option<Arc<ResponseCache>>, LoadEr
         })
 }
 
-/// Served models by name.
+/// A loaded model of either kind.
+pub enum Loaded {
+    /// A text generator (decoder on the engine).
+    Generator(ServedModel),
+    /// A sentence encoder (for `/v1/embeddings` and the semantic cache).
+    Encoder(ServedEncoder),
+}
+
+impl Loaded {
+    /// Loads `spec` as an encoder when its directory holds one (a `bert`
+    /// config), else as a generator.
+    pub fn load(spec: &ModelSpec) -> Result<Self, LoadError> {
+        if weir_engine::encoder::is_encoder_dir(&spec.dir) {
+            ServedEncoder::load(spec, now_secs()).map(Self::Encoder)
+        } else {
+            ServedModel::load(spec).map(Self::Generator)
+        }
+    }
+}
+
+/// Served models by name: generators and encoders.
 #[derive(Default, Clone)]
 pub struct ModelRegistry {
     models: BTreeMap<String, Arc<ServedModel>>,
+    encoders: BTreeMap<String, Arc<ServedEncoder>>,
 }
 
 impl ModelRegistry {
@@ -234,9 +271,44 @@ impl ModelRegistry {
         model
     }
 
-    /// Removes a model; requests in flight keep their handle and finish.
+    /// Adds (or replaces) a loaded model of either kind.
+    pub fn insert_loaded(&mut self, loaded: Loaded) {
+        match loaded {
+            Loaded::Generator(model) => {
+                self.encoders.remove(&model.name);
+                self.insert(model);
+            }
+            Loaded::Encoder(encoder) => {
+                self.models.remove(&encoder.name);
+                self.encoders
+                    .insert(encoder.name.clone(), Arc::new(encoder));
+            }
+        }
+    }
+
+    /// Removes a generator; requests in flight keep their handle and finish.
     pub fn remove(&mut self, name: &str) -> Option<Arc<ServedModel>> {
         self.models.remove(name)
+    }
+
+    /// Removes an encoder.
+    pub fn remove_encoder(&mut self, name: &str) -> Option<Arc<ServedEncoder>> {
+        self.encoders.remove(name)
+    }
+
+    /// The encoder named `name`.
+    pub fn encoder(&self, name: &str) -> Option<Arc<ServedEncoder>> {
+        self.encoders.get(name).cloned()
+    }
+
+    /// Every encoder, by name.
+    pub fn encoders(&self) -> impl Iterator<Item = &Arc<ServedEncoder>> {
+        self.encoders.values()
+    }
+
+    /// Whether a model of either kind is served under `name`.
+    pub fn serves(&self, name: &str) -> bool {
+        self.models.contains_key(name) || self.encoders.contains_key(name)
     }
 
     /// The model named `name`.
@@ -259,26 +331,47 @@ pub fn builtin_spec() -> TinyModelSpec {
     }
 }
 
+/// Name the built-in sentence encoder is served under.
+pub const BUILTIN_ENCODER: &str = "weir-embed-tiny";
+
 /// Writes the built-in model into `cache_dir/builtin-<version>` unless it is
 /// already there (made deterministically, so every agent has the same one),
 /// and returns the directory.
 pub fn ensure_builtin(cache_dir: &Path) -> Result<PathBuf, weir_engine::EngineError> {
-    let dir = cache_dir.join(format!("builtin-{}", env!("CARGO_PKG_VERSION")));
-    if dir.join("model.safetensors").exists() && dir.join("tokenizer_config.json").exists() {
+    ensure_written(cache_dir, "builtin", |dir| {
+        write_tiny_model(dir, &builtin_spec())
+    })
+}
+
+/// Writes the built-in sentence encoder (a tiny random BERT: its vectors
+/// exercise `/v1/embeddings` but carry no meaning; serve a real encoder
+/// with `--embedding-model` for the semantic cache) and returns its
+/// directory.
+pub fn ensure_builtin_encoder(cache_dir: &Path) -> Result<PathBuf, weir_engine::EngineError> {
+    ensure_written(cache_dir, "builtin-encoder", |dir| {
+        write_tiny_bert(dir, &TinyBertSpec::default())
+    })
+}
+
+fn ensure_written(
+    cache_dir: &Path,
+    stem: &str,
+    write: impl Fn(&Path) -> Result<(), weir_engine::EngineError>,
+) -> Result<PathBuf, weir_engine::EngineError> {
+    let version = env!("CARGO_PKG_VERSION");
+    let dir = cache_dir.join(format!("{stem}-{version}"));
+    let complete = |d: &Path| d.join("model.safetensors").exists() && d.join("config.json").exists();
+    if complete(&dir) {
         return Ok(dir);
     }
     // Write into a temporary sibling and rename, so a crash never leaves a
     // half-written model behind.
-    let tmp = cache_dir.join(format!(
-        ".builtin-{}-{}",
-        env!("CARGO_PKG_VERSION"),
-        std::process::id()
-    ));
-    write_tiny_model(&tmp, &builtin_spec())?;
+    let tmp = cache_dir.join(format!(".{stem}-{version}-{}", std::process::id()));
+    write(&tmp)?;
     match std::fs::rename(&tmp, &dir) {
         Ok(()) => Ok(dir),
         // Another process finished first: its copy is identical.
-        Err(_) if dir.join("model.safetensors").exists() => {
+        Err(_) if complete(&dir) => {
             let _ = std::fs::remove_dir_all(&tmp);
             Ok(dir)
         }

@@ -11,28 +11,36 @@ use weir_crds::cache_policy::Cacheability;
 use crate::cache::{CacheKey, ResponseCache};
 use crate::coalesce::{Publisher, Subscription};
 use crate::generate::{GenEvent, GenStream, Job, is_deterministic};
+use crate::semantic::SemanticFill;
 use crate::models::ServedModel;
 use crate::render::Generation;
 
-/// The cache key of `job` on `model`, when its policy lets it be cached:
-/// by default only deterministic jobs (greedy, or seeded), since replaying
-/// sampled output would change what a client receives.
+/// Whether `job`'s answer may be stored and replayed under `model`'s
+/// policy: by default only deterministic jobs (greedy, or seeded), since
+/// replaying sampled output would change what a client receives.
+pub fn cacheable(model: &ServedModel, job: &Job) -> bool {
+    model.cache_policy.response_cache.cacheable == Cacheability::All || is_deterministic(job)
+}
+
+/// The cache key of `job` on `model`, when its policy lets it be cached.
 pub fn cache_key(model: &ServedModel, job: &Job) -> Option<CacheKey> {
-    let policy = &model.cache_policy.response_cache;
-    if !policy.enabled {
+    if !model.cache_policy.response_cache.enabled || !cacheable(model, job) {
         return None;
     }
-    if policy.cacheable == Cacheability::DeterministicOnly && !is_deterministic(job) {
-        return None;
-    }
+    // The prompt is in token ids, so equivalent chat messages (after the
+    // template) share a key.
+    Some(digest(model, job, json!(job.prompts)))
+}
+
+/// Digest of `prompt` (any JSON standing for the prompt) with the model and
+/// every other input that changes the output.
+pub fn digest(model: &ServedModel, job: &Job, prompt: serde_json::Value) -> CacheKey {
     let t = &job.template;
     let s = &t.sampling;
-    // Every input that changes the output; the prompt is in token ids, so
-    // equivalent chat messages (after the template) share a key.
     let canonical = json!({
         "v": env!("CARGO_PKG_VERSION"),
         "model": model.name,
-        "prompts": job.prompts,
+        "prompts": prompt,
         "n": job.n,
         "max_tokens": t.max_tokens,
         "stop": t.stop,
@@ -49,16 +57,47 @@ pub fn cache_key(model: &ServedModel, job: &Job) -> Option<CacheKey> {
         "seed": s.seed,
         "logprobs": s.logprobs,
     });
-    Some(CacheKey::from_canonical(canonical.to_string().as_bytes()))
+    CacheKey::from_canonical(canonical.to_string().as_bytes())
+}
+
+/// Where a finished generation is stored.
+#[derive(Default)]
+pub struct Sinks {
+    /// The exact-match response cache and the key.
+    pub exact: Option<(Arc<ResponseCache>, CacheKey)>,
+    /// The semantic index, scope and question vector.
+    pub semantic: Option<SemanticFill>,
+}
+
+impl Sinks {
+    fn is_empty(&self) -> bool {
+        self.exact.is_none() && self.semantic.is_none()
+    }
+
+    async fn store(&self, generation: &Generation) {
+        let Ok(bytes) = serde_json::to_vec(generation) else {
+            return;
+        };
+        let bytes: Arc<[u8]> = bytes.into();
+        if let Some(fill) = &self.semantic {
+            fill.store(bytes.clone());
+        }
+        if let Some((cache, key)) = &self.exact {
+            cache.put(*key, bytes).await;
+        }
+    }
 }
 
 /// Passes `events` through and, when they end with `Done`, stores the
-/// generation under `key`.
-pub fn fill_cache(events: GenStream, cache: Arc<ResponseCache>, key: CacheKey) -> GenStream {
+/// generation in `sinks`.
+pub fn fill_cache(events: GenStream, sinks: Sinks) -> GenStream {
+    if sinks.is_empty() {
+        return events;
+    }
     let collected = Generation::default();
     Box::pin(stream::unfold(
-        (events, collected, cache),
-        move |(mut events, mut g, cache)| async move {
+        (events, collected, sinks),
+        move |(mut events, mut g, sinks)| async move {
             let event = events.next().await?;
             match &event {
                 GenEvent::Delta {
@@ -82,13 +121,11 @@ pub fn fill_cache(events: GenStream, cache: Arc<ResponseCache>, key: CacheKey) -
                 }
                 GenEvent::Done { usage } => {
                     g.usage = *usage;
-                    if let Ok(bytes) = serde_json::to_vec(&g) {
-                        cache.put(key, bytes.into()).await;
-                    }
+                    sinks.store(&g).await;
                 }
                 GenEvent::Error { .. } => {}
             }
-            Some((event, (events, g, cache)))
+            Some((event, (events, g, sinks)))
         },
     ))
 }

@@ -21,6 +21,7 @@ use crate::models::ServedModel;
 use crate::render::Generation;
 use crate::render::{self, ResponseMeta, Shape};
 use crate::reuse;
+use crate::semantic::Probe;
 use crate::server::AppState;
 
 /// Runs `job` on `model` and answers as JSON or SSE: from the response
@@ -53,6 +54,24 @@ pub async fn respond(
         }
         state.metrics.cache_misses.get_or_create(&label).inc();
     }
+    let mut semantic = None;
+    match crate::semantic::probe(&state, &model, &job).await {
+        Some(Probe::Hit(hit)) => {
+            if let Ok(generation) = serde_json::from_slice::<Generation>(&hit.answer) {
+                let tier_label = TierLabel {
+                    model_name: model.name.clone(),
+                    tier: "semantic".into(),
+                };
+                state.metrics.cache_hits.get_or_create(&tier_label).inc();
+                count_success(&state, &model);
+                let response =
+                    render_events(meta, shape, stream, render::replay(&generation)).await;
+                return with_header(response, CACHE_HEADER, "semantic");
+            }
+        }
+        Some(Probe::Miss(fill)) => semantic = Some(fill),
+        None => {}
+    }
     let mut leader = None;
     if let Some(key) = key.filter(|_| model.cache_policy.coalescing.enabled) {
         match model.coalescer.join(key) {
@@ -76,10 +95,11 @@ pub async fn respond(
             return e.into_response();
         }
     };
-    let events = match (key, model.cache.clone()) {
-        (Some(key), Some(cache)) => reuse::fill_cache(events, cache, key),
-        _ => events,
+    let sinks = reuse::Sinks {
+        exact: key.zip(model.cache.clone()).map(|(k, c)| (c, k)),
+        semantic,
     };
+    let events = reuse::fill_cache(events, sinks);
     let events = match leader {
         Some((publisher, subscription)) => {
             reuse::pump(events, publisher);
@@ -103,7 +123,8 @@ fn count_success(state: &AppState, model: &ServedModel) {
     state.metrics.requests.get_or_create(&label).inc();
 }
 
-/// Header saying which cache tier answered (`l1`, `l2`, or `miss`).
+/// Header saying which cache tier answered (`l1`, `l2`, `semantic`, or
+/// `miss`).
 pub const CACHE_HEADER: &str = "x-weir-cache";
 /// Header marking an answer shared with an identical request in flight.
 pub const COALESCED_HEADER: &str = "x-weir-coalesced";

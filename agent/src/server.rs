@@ -20,9 +20,10 @@ use crate::api::types::{
     ChatCompletionRequest, CompletionRequest, MessageContent, ModelCard, ModelList, Prompt,
     SamplingFields,
 };
-use crate::generate::{Job, LogprobsWanted, build_template, parse_priority};
+use crate::generate::{Job, LogprobsWanted, SemanticInput, build_template, parse_priority};
 use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
+use crate::embeddings::ServedEncoder;
 use crate::models::{ModelRegistry, ServedModel};
 use crate::render::{ResponseMeta, Shape};
 use crate::route::ensemble::EnsembleTable;
@@ -80,6 +81,12 @@ impl AppState {
 
     fn model(&self, name: &str) -> Result<Arc<ServedModel>, ApiError> {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        if models.encoder(name).is_some() {
+            return Err(ApiError::invalid(
+                "model",
+                format!("`{name}` is an embedding model; use /v1/embeddings"),
+            ));
+        }
         models
             .get(name)
             .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))
@@ -94,16 +101,24 @@ impl AppState {
         })
     }
 
-    fn is_local(&self, name: &str) -> bool {
+    /// Whether a model of either kind is served here.
+    pub fn is_local(&self, name: &str) -> bool {
         self.models
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .is_some()
+            .serves(name)
+    }
+
+    /// The encoder named `name`, if served here.
+    pub fn encoder(&self, name: &str) -> Option<Arc<ServedEncoder>> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .encoder(name)
     }
 
     /// Forwards a request for a model this agent does not hold.
-    async fn forward(
+    pub async fn forward(
         &self,
         model: &str,
         path: &str,
@@ -134,6 +149,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/embeddings", post(crate::embeddings::embeddings))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_key,
@@ -343,7 +359,7 @@ fn chat_job(
         }
         _ => LogprobsWanted::No,
     };
-    prepare(
+    let mut prepared = prepare(
         state,
         model,
         headers,
@@ -352,7 +368,12 @@ fn chat_job(
         logprobs,
         &request.model,
         "chatcmpl",
-    )
+    )?;
+    prepared.1.semantic = Some(SemanticInput {
+        route: "chat",
+        messages,
+    });
+    Ok(prepared)
 }
 
 fn top_logprobs(value: Option<i64>, max: i64) -> Result<usize, ApiError> {
@@ -404,6 +425,7 @@ fn prepare(
             n,
             template,
             logprobs,
+            semantic: None,
         },
         meta,
         stream,
@@ -482,7 +504,7 @@ fn completion_job(
             )
         })?),
     };
-    prepare(
+    let mut prepared = prepare(
         state,
         model,
         headers,
@@ -491,7 +513,17 @@ fn completion_job(
         logprobs,
         &request.model,
         "cmpl",
-    )
+    )?;
+    if let Prompt::Text(text) = &request.prompt {
+        prepared.1.semantic = Some(SemanticInput {
+            route: "completion",
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: text.clone(),
+            }],
+        });
+    }
+    Ok(prepared)
 }
 
 async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> axum::Json<ModelList> {
@@ -506,6 +538,7 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> axum:
         models
             .iter()
             .map(|m| card(m.name.clone(), m.created))
+            .chain(models.encoders().map(|e| card(e.name.clone(), e.created)))
             .collect()
     };
     // Peers ask for what this agent holds itself; clients see the cluster.

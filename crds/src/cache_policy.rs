@@ -184,6 +184,13 @@ pub struct SemanticCacheSpec {
     #[serde(default = "default_semantic_entries")]
     #[schemars(range(min = 1, max = 10000000))]
     pub max_entries: u64,
+    /// Most bytes of vectors and answers in the index (a quantity).
+    #[serde(default = "default_semantic_bytes")]
+    pub max_bytes: Quantity,
+    /// Seconds an entry lives.
+    #[serde(default = "default_l1_ttl")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub ttl_seconds: u32,
 }
 
 impl Default for SemanticCacheSpec {
@@ -194,6 +201,8 @@ impl Default for SemanticCacheSpec {
             threshold: default_threshold(),
             scope: SemanticScope::default(),
             max_entries: default_semantic_entries(),
+            max_bytes: default_semantic_bytes(),
+            ttl_seconds: default_l1_ttl(),
         }
     }
 }
@@ -270,6 +279,9 @@ fn default_threshold() -> f64 {
 }
 fn default_semantic_entries() -> u64 {
     10_000
+}
+fn default_semantic_bytes() -> Quantity {
+    Quantity("64Mi".to_owned())
 }
 fn default_subscribers() -> u32 {
     1024

@@ -157,29 +157,6 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
 }
 
-/// `POST /v1/embeddings` input.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-pub enum EmbeddingInput {
-    /// One text.
-    Text(String),
-    /// Several texts.
-    Texts(Vec<String>),
-}
-
-/// `POST /v1/embeddings`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct EmbeddingRequest {
-    /// Embedding model name.
-    pub model: String,
-    /// Texts to embed.
-    pub input: EmbeddingInput,
-    /// `float` (default) or `base64`.
-    pub encoding_format: Option<String>,
-    /// End user id.
-    pub user: Option<String>,
-}
-
 /// Token counts.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Usage {
@@ -402,4 +379,37 @@ pub struct ModelList {
     pub object: String,
     /// The models.
     pub data: Vec<ModelCard>,
+}
+
+/// `input` of an embeddings request: text, texts, token ids or lists of
+/// token ids.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    /// One text.
+    Text(String),
+    /// Several texts.
+    Texts(Vec<String>),
+    /// One input as token ids.
+    Tokens(Vec<u32>),
+    /// Several inputs as token ids.
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// `POST /v1/embeddings`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct EmbeddingRequest {
+    /// Served encoder name.
+    pub model: String,
+    /// What to embed.
+    pub input: EmbeddingInput,
+    /// `float` (default) or `base64` (little-endian f32).
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    /// Requested width; only the model's own width is accepted.
+    #[serde(default)]
+    pub dimensions: Option<i64>,
+    /// End-user id (accepted, not used).
+    #[serde(default)]
+    pub user: Option<String>,
 }

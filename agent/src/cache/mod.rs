@@ -10,6 +10,7 @@
 //! that changes the output (see [`CacheKey`]); values are opaque bytes.
 
 pub mod redis_tier;
+pub mod semantic;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,8 +74,26 @@ pub struct CacheStats {
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     /// A quantity in the policy cannot be read.
-    #[error("responseCache.l1.maxBytes: `{0}` is not a byte quantity (e.g. 256Mi)")]
+    #[error("`{0}` is not a byte quantity (e.g. 256Mi)")]
     Quantity(String),
+    /// A field of the policy is wrong.
+    #[error("{field}: {source}")]
+    Field {
+        /// The field's path in the CachePolicy spec.
+        field: &'static str,
+        /// What is wrong.
+        source: Box<CacheError>,
+    },
+}
+
+impl CacheError {
+    /// This error, located at a field of the policy.
+    pub fn at(self, field: &'static str) -> Self {
+        Self::Field {
+            field,
+            source: Box::new(self),
+        }
+    }
 }
 
 /// Bytes of a Kubernetes quantity (`256Mi`, `1G`, `1048576`).
@@ -112,7 +131,8 @@ pub struct ResponseCache {
 impl ResponseCache {
     /// A cache per `spec`; `redis_url` enables L2 (its Secret already read).
     pub fn new(spec: &ResponseCacheSpec, redis_url: Option<String>) -> Result<Self, CacheError> {
-        let max_bytes = parse_bytes(&spec.l1.max_bytes.0)?;
+        let max_bytes =
+            parse_bytes(&spec.l1.max_bytes.0).map_err(|e| e.at("responseCache.l1.maxBytes"))?;
         let l1 = moka::future::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_: &CacheKey, v: &Arc<[u8]>| u32::try_from(v.len() + 32).unwrap_or(u32::MAX))

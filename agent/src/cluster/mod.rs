@@ -19,7 +19,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use weir_crds::node_agent::{ModelPhase, NodeAgent, NodeAgentSpec};
 
-use crate::models::{ModelSpec, ServedModel};
+use crate::models::{Loaded, ModelSpec};
 use crate::server::AppState;
 use plan::{SourceRoots, SyncAction};
 use status::ModelState;
@@ -237,6 +237,7 @@ pub async fn sync(
         models
             .iter()
             .map(|m| (m.name.clone(), m.spec.clone()))
+            .chain(models.encoders().map(|e| (e.name.clone(), e.spec.clone())))
             .collect()
     };
     let assigned: Vec<&str> = spec.models.iter().map(|m| m.served_name.as_str()).collect();
@@ -252,11 +253,9 @@ pub async fn sync(
 async fn apply(state: &AppState, states: &ModelStates, action: SyncAction) {
     match action {
         SyncAction::Unload(name) => {
-            state
-                .models
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&name);
+            let mut models = state.models.write().unwrap_or_else(|p| p.into_inner());
+            models.remove(&name);
+            models.remove_encoder(&name);
             tracing::info!(model = %name, "unloaded");
         }
         SyncAction::UpdatePolicies(spec) => {
@@ -265,20 +264,26 @@ async fn apply(state: &AppState, states: &ModelStates, action: SyncAction) {
                 let updated = models.insert(current.with_policies(&spec));
                 crate::adaptive::spawn(updated, state.gpu.clone());
                 tracing::info!(model = %spec.name, "applied new cache and batch policies");
+            } else if let Some(encoder) = models.encoder(&spec.name) {
+                // Encoders take no cache or batch policy; keep the new spec.
+                models.insert_loaded(Loaded::Encoder(encoder.with_spec(&spec)));
             }
         }
         SyncAction::Load(spec) | SyncAction::Replace(spec) => {
             set_state(states, &spec.name, ModelState::loading());
             let name = spec.name.clone();
-            let loaded = tokio::task::spawn_blocking(move || ServedModel::load(&spec)).await;
+            let loaded = tokio::task::spawn_blocking(move || Loaded::load(&spec)).await;
             match loaded {
-                Ok(Ok(model)) => {
-                    let model = state
-                        .models
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(model);
-                    crate::adaptive::spawn(model, state.gpu.clone());
+                Ok(Ok(loaded)) => {
+                    let mut models = state.models.write().unwrap_or_else(|p| p.into_inner());
+                    match loaded {
+                        Loaded::Generator(model) => {
+                            let model = models.insert(model);
+                            crate::adaptive::spawn(model, state.gpu.clone());
+                        }
+                        encoder @ Loaded::Encoder(_) => models.insert_loaded(encoder),
+                    }
+                    drop(models);
                     set_state(states, &name, ModelState::phase(ModelPhase::Ready));
                     tracing::info!(model = %name, "loaded");
                 }

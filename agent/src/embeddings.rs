@@ -1,0 +1,248 @@
+//! `POST /v1/embeddings` and the encoders behind it. An encoder is a
+//! served model like any other (listed by `/v1/models`, forwarded to a peer
+//! when another agent holds it); the semantic cache uses the same ones.
+//! Encoding runs on the blocking pool one batch at a time (the encoder
+//! parallelizes inside), behind a bounded wait list: past it, 429.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use weir_engine::encoder::{Embedding, TextEmbedder, Truncation};
+
+use crate::api::extract::{OpenAiBytes, parse};
+use crate::api::types::{EmbeddingInput, EmbeddingRequest};
+use crate::api::ApiError;
+use crate::metrics::{ModelLabel, OutcomeLabel};
+use crate::models::{LoadError, ModelSpec};
+use crate::server::AppState;
+
+/// Most inputs in one request (OpenAI's limit).
+pub const MAX_INPUTS: usize = 2048;
+/// Requests waiting for an encoder beyond the one running; more get 429.
+pub const MAX_WAITING: usize = 256;
+
+/// A loaded encoder and its admission gate.
+pub struct ServedEncoder {
+    /// Name clients use.
+    pub name: String,
+    /// The tokenizer and encoder.
+    pub embedder: Arc<TextEmbedder>,
+    /// Unix seconds when loaded.
+    pub created: u64,
+    /// What was loaded.
+    pub spec: ModelSpec,
+    gate: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl ServedEncoder {
+    /// Loads the encoder directory of `spec`.
+    pub fn load(spec: &ModelSpec, created: u64) -> Result<Self, LoadError> {
+        let embedder = TextEmbedder::load(&spec.dir).map_err(|source| LoadError::Engine {
+            name: spec.name.clone(),
+            source,
+        })?;
+        Ok(Self {
+            name: spec.name.clone(),
+            embedder: Arc::new(embedder),
+            created,
+            spec: spec.clone(),
+            gate: Arc::new(Semaphore::new(1)),
+            waiting: Arc::default(),
+        })
+    }
+
+    /// The same encoder under a new spec (nothing to reload).
+    pub fn with_spec(&self, spec: &ModelSpec) -> Self {
+        Self {
+            name: spec.name.clone(),
+            embedder: self.embedder.clone(),
+            created: self.created,
+            spec: spec.clone(),
+            gate: self.gate.clone(),
+            waiting: self.waiting.clone(),
+        }
+    }
+
+    /// Vectors of already-tokenized inputs, off the async threads.
+    pub async fn embed_ids(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Embedding>, ApiError> {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(ApiError::Overloaded {
+                message: format!("encoder `{}` has too many requests waiting", self.name),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        let permit = self.gate.clone().acquire_owned().await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        let permit = permit.map_err(|_| ApiError::Internal("encoder closed".into()))?;
+        let embedder = self.embedder.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            embedder.embed_ids(inputs)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("encoder task: {e}")))?
+        .map_err(|e| ApiError::invalid("input", e.to_string()))
+    }
+
+    /// The vector of one text, cut to the encoder's length (for the
+    /// semantic cache).
+    pub async fn embed_text(&self, text: &str) -> Result<Vec<f32>, ApiError> {
+        let ids = self
+            .embedder
+            .tokenize(text, Truncation::Keep)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut out = self.embed_ids(vec![ids]).await?;
+        Ok(out.pop().map(|e| e.vector).unwrap_or_default())
+    }
+
+    /// Token ids of every input, refusing any that is empty or too long.
+    fn inputs(&self, input: EmbeddingInput) -> Result<Vec<Vec<u32>>, ApiError> {
+        let fit = |r: weir_engine::Result<Vec<u32>>, i: usize| {
+            r.map_err(|e| ApiError::invalid("input", format!("input[{i}]: {e}")))
+        };
+        let e = &self.embedder;
+        let inputs: Vec<Vec<u32>> = match input {
+            EmbeddingInput::Text(t) => vec![fit(tokenize_nonempty(e, &t), 0)?],
+            EmbeddingInput::Texts(ts) => {
+                check_count(ts.len())?;
+                ts.iter()
+                    .enumerate()
+                    .map(|(i, t)| fit(tokenize_nonempty(e, t), i))
+                    .collect::<Result<_, _>>()?
+            }
+            EmbeddingInput::Tokens(ids) => vec![fit(wrap_nonempty(e, &ids), 0)?],
+            EmbeddingInput::TokenLists(lists) => {
+                check_count(lists.len())?;
+                lists
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ids)| fit(wrap_nonempty(e, ids), i))
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        Ok(inputs)
+    }
+}
+
+fn check_count(n: usize) -> Result<(), ApiError> {
+    match n {
+        0 => Err(ApiError::invalid("input", "input must not be an empty list")),
+        n if n > MAX_INPUTS => Err(ApiError::invalid(
+            "input",
+            format!("at most {MAX_INPUTS} inputs per request, got {n}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn tokenize_nonempty(e: &TextEmbedder, text: &str) -> weir_engine::Result<Vec<u32>> {
+    if text.is_empty() {
+        return Err(weir_engine::EngineError::InvalidRequest(
+            "the input is an empty string".into(),
+        ));
+    }
+    e.tokenize(text, Truncation::Error)
+}
+
+fn wrap_nonempty(e: &TextEmbedder, ids: &[u32]) -> weir_engine::Result<Vec<u32>> {
+    if ids.is_empty() {
+        return Err(weir_engine::EngineError::InvalidRequest(
+            "the input has no tokens".into(),
+        ));
+    }
+    e.wrap_ids(ids, Truncation::Error)
+}
+
+/// The handler: a local encoder answers; another agent's is forwarded to.
+pub async fn embeddings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OpenAiBytes(body): OpenAiBytes,
+) -> Response {
+    match embed(&state, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn embed(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let request: EmbeddingRequest = parse(&body)?;
+    let Some(encoder) = state.encoder(&request.model) else {
+        if state.is_local(&request.model) {
+            return Err(ApiError::invalid(
+                "model",
+                format!("`{}` generates text; it does not serve embeddings", request.model),
+            ));
+        }
+        return Ok(state
+            .forward(&request.model, "/v1/embeddings", headers, body, "")
+            .await);
+    };
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "encoding_format",
+                format!("`{other}` is not one of float, base64"),
+            ));
+        }
+    };
+    let dim = encoder.embedder.dim();
+    if let Some(d) = request.dimensions
+        && d != dim as i64
+    {
+        return Err(ApiError::invalid(
+            "dimensions",
+            format!("model `{}` gives {dim}-dimensional vectors only, got {d}", encoder.name),
+        ));
+    }
+    let inputs = encoder.inputs(request.input)?;
+    let outcome = |o: &str| OutcomeLabel {
+        model_name: encoder.name.clone(),
+        outcome: o.to_owned(),
+    };
+    let embeddings = match encoder.embed_ids(inputs).await {
+        Ok(e) => e,
+        Err(e) => {
+            state.metrics.requests.get_or_create(&outcome(e.error_type())).inc();
+            return Err(e);
+        }
+    };
+    let tokens: usize = embeddings.iter().map(|e| e.tokens).sum();
+    let label = ModelLabel {
+        model_name: encoder.name.clone(),
+    };
+    state.metrics.embedding_tokens.get_or_create(&label).inc_by(tokens as u64);
+    state.metrics.requests.get_or_create(&outcome("success")).inc();
+    let data: Vec<_> = embeddings
+        .iter()
+        .enumerate()
+        .map(|(index, e)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = e.vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(e.vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": request.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
