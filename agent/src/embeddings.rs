@@ -17,9 +17,9 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use weir_engine::encoder::{Embedding, TextEmbedder, Truncation};
 
+use crate::api::ApiError;
 use crate::api::extract::{OpenAiBytes, parse};
 use crate::api::types::{EmbeddingInput, EmbeddingRequest};
-use crate::api::ApiError;
 use crate::metrics::{ModelLabel, OutcomeLabel};
 use crate::models::{LoadError, ModelSpec};
 use crate::server::AppState;
@@ -136,7 +136,10 @@ impl ServedEncoder {
 
 fn check_count(n: usize) -> Result<(), ApiError> {
     match n {
-        0 => Err(ApiError::invalid("input", "input must not be an empty list")),
+        0 => Err(ApiError::invalid(
+            "input",
+            "input must not be an empty list",
+        )),
         n if n > MAX_INPUTS => Err(ApiError::invalid(
             "input",
             format!("at most {MAX_INPUTS} inputs per request, got {n}"),
@@ -181,7 +184,10 @@ async fn embed(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Res
         if state.is_local(&request.model) {
             return Err(ApiError::invalid(
                 "model",
-                format!("`{}` generates text; it does not serve embeddings", request.model),
+                format!(
+                    "`{}` generates text; it does not serve embeddings",
+                    request.model
+                ),
             ));
         }
         return Ok(state
@@ -204,7 +210,10 @@ async fn embed(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Res
     {
         return Err(ApiError::invalid(
             "dimensions",
-            format!("model `{}` gives {dim}-dimensional vectors only, got {d}", encoder.name),
+            format!(
+                "model `{}` gives {dim}-dimensional vectors only, got {d}",
+                encoder.name
+            ),
         ));
     }
     let inputs = encoder.inputs(request.input)?;
@@ -215,7 +224,11 @@ async fn embed(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Res
     let embeddings = match encoder.embed_ids(inputs).await {
         Ok(e) => e,
         Err(e) => {
-            state.metrics.requests.get_or_create(&outcome(e.error_type())).inc();
+            state
+                .metrics
+                .requests
+                .get_or_create(&outcome(e.error_type()))
+                .inc();
             return Err(e);
         }
     };
@@ -223,8 +236,16 @@ async fn embed(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Res
     let label = ModelLabel {
         model_name: encoder.name.clone(),
     };
-    state.metrics.embedding_tokens.get_or_create(&label).inc_by(tokens as u64);
-    state.metrics.requests.get_or_create(&outcome("success")).inc();
+    state
+        .metrics
+        .embedding_tokens
+        .get_or_create(&label)
+        .inc_by(tokens as u64);
+    state
+        .metrics
+        .requests
+        .get_or_create(&outcome("success"))
+        .inc();
     let data: Vec<_> = embeddings
         .iter()
         .enumerate()

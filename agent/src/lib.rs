@@ -18,7 +18,7 @@ pub mod metrics;
 pub mod models;
 pub mod render;
 pub mod reuse;
-pub mod semantic;
 pub mod route;
+pub mod semantic;
 pub mod serve;
 pub mod server;

@@ -165,7 +165,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let first = registry.iter().next().map(|m| m.name.clone()).unwrap_or_default();
+    let first = registry
+        .iter()
+        .next()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
     tracing::info!(%addr, "serving the OpenAI API (backend: cpu)");
     eprintln!(
         "Weir agent serving `{first}` on http://{addr}\nTry:\n  curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{first}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 32}}'"

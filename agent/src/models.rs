@@ -360,13 +360,19 @@ fn ensure_written(
 ) -> Result<PathBuf, weir_engine::EngineError> {
     let version = env!("CARGO_PKG_VERSION");
     let dir = cache_dir.join(format!("{stem}-{version}"));
-    let complete = |d: &Path| d.join("model.safetensors").exists() && d.join("config.json").exists();
+    let complete =
+        |d: &Path| d.join("model.safetensors").exists() && d.join("config.json").exists();
     if complete(&dir) {
         return Ok(dir);
     }
     // Write into a temporary sibling and rename, so a crash never leaves a
     // half-written model behind.
-    let tmp = cache_dir.join(format!(".{stem}-{version}-{}", std::process::id()));
+    static ATTEMPT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let attempt = ATTEMPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = cache_dir.join(format!(
+        ".{stem}-{version}-{}-{attempt}",
+        std::process::id()
+    ));
     write(&tmp)?;
     match std::fs::rename(&tmp, &dir) {
         Ok(()) => Ok(dir),

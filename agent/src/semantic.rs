@@ -61,7 +61,10 @@ pub fn build_index(spec: &SemanticCacheSpec) -> Result<Option<Arc<SemanticIndex>
 }
 
 /// The text compared by meaning and the JSON of what must match exactly.
-pub fn split(scope: SemanticScope, messages: &[ChatMessage]) -> Option<(String, serde_json::Value)> {
+pub fn split(
+    scope: SemanticScope,
+    messages: &[ChatMessage],
+) -> Option<(String, serde_json::Value)> {
     match scope {
         SemanticScope::LastUserMessage => {
             let last = messages.iter().rposition(|m| m.role == "user")?;
@@ -100,7 +103,11 @@ pub async fn probe(state: &AppState, model: &ServedModel, job: &Job) -> Option<P
         let label = ModelLabel {
             model_name: model.name.clone(),
         };
-        state.metrics.semantic_unavailable.get_or_create(&label).inc();
+        state
+            .metrics
+            .semantic_unavailable
+            .get_or_create(&label)
+            .inc();
     };
     let Some(encoder) = state.encoder(&policy.embedding_model) else {
         tracing::debug!(model = %model.name, encoder = %policy.embedding_model, "semantic cache: encoder not served here");
@@ -158,8 +165,16 @@ mod tests {
         assert_eq!(qb, "France's capital?");
         assert_eq!(sa, sb, "only the last question differs");
         assert_ne!(sa, sc, "an earlier turn differs");
-        let turns = [msg("user", "hi"), msg("assistant", "hello"), msg("user", "q")];
-        let other = [msg("user", "yo"), msg("assistant", "hello"), msg("user", "q")];
+        let turns = [
+            msg("user", "hi"),
+            msg("assistant", "hello"),
+            msg("user", "q"),
+        ];
+        let other = [
+            msg("user", "yo"),
+            msg("assistant", "hello"),
+            msg("user", "q"),
+        ];
         assert_ne!(
             split(SemanticScope::LastUserMessage, &turns).unwrap().1,
             split(SemanticScope::LastUserMessage, &other).unwrap().1
@@ -169,7 +184,11 @@ mod tests {
 
     #[test]
     fn conversation_scope_embeds_every_turn() {
-        let turns = [msg("user", "hi"), msg("assistant", "hello"), msg("user", "q")];
+        let turns = [
+            msg("user", "hi"),
+            msg("assistant", "hello"),
+            msg("user", "q"),
+        ];
         let (text, scope) = split(SemanticScope::Conversation, &turns).unwrap();
         assert_eq!(text, "user: hi\nassistant: hello\nuser: q");
         assert_eq!(scope, json!(null));

@@ -20,10 +20,10 @@ use crate::api::types::{
     ChatCompletionRequest, CompletionRequest, MessageContent, ModelCard, ModelList, Prompt,
     SamplingFields,
 };
+use crate::embeddings::ServedEncoder;
 use crate::generate::{Job, LogprobsWanted, SemanticInput, build_template, parse_priority};
 use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
-use crate::embeddings::ServedEncoder;
 use crate::models::{ModelRegistry, ServedModel};
 use crate::render::{ResponseMeta, Shape};
 use crate::route::ensemble::EnsembleTable;

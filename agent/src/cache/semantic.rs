@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-
 use super::CacheKey;
 
 /// Most entries one scope keeps (a lookup compares against all of them).
@@ -125,7 +124,9 @@ impl SemanticIndex {
             let mut scopes = lock(&self.scopes);
             let ids = scopes.entry(scope).or_default();
             ids.push_back(id);
-            (ids.len() > MAX_PER_SCOPE).then(|| ids.pop_front()).flatten()
+            (ids.len() > MAX_PER_SCOPE)
+                .then(|| ids.pop_front())
+                .flatten()
         };
         self.entries.insert(id, entry);
         if let Some(old) = dropped {
@@ -186,7 +187,11 @@ mod tests {
     fn entry_and_byte_bounds_hold_and_evicted_ids_leave_their_scope() {
         let index = SemanticIndex::new(10, 1 << 20, Duration::from_secs(60), 0.5);
         for i in 0..100u8 {
-            index.insert(scope(i % 3), unit(&[1.0, f32::from(i)]), Arc::from(vec![i; 8]));
+            index.insert(
+                scope(i % 3),
+                unit(&[1.0, f32::from(i)]),
+                Arc::from(vec![i; 8]),
+            );
         }
         assert!(index.len() <= 10, "{} entries", index.len());
         let ids: usize = lock(&index.scopes).values().map(VecDeque::len).sum();
