@@ -237,6 +237,7 @@ fn response_cache(spec: &ModelSpec) -> Result<Option<Arc<ResponseCache>>, LoadEr
 }
 
 /// A loaded model of either kind.
+#[allow(clippy::large_enum_variant)] // built once per load, never stored
 pub enum Loaded {
     /// A text generator (decoder on the engine).
     Generator(ServedModel),

@@ -60,7 +60,8 @@ def expect_error(kind, what, call) -> None:
 
 def run(client: OpenAI) -> None:
     models = client.models.list()
-    check([m.id for m in models.data] == ["weir-tiny"], "models.list names the built-in model")
+    check(sorted(m.id for m in models.data) == ["weir-embed-tiny", "weir-tiny"],
+          "models.list names the built-in generator and encoder")
 
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     chat = client.chat.completions.create(model="weir-tiny", messages=msgs, max_tokens=8, temperature=0)
@@ -92,6 +93,18 @@ def run(client: OpenAI) -> None:
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="weir-tiny", prompt="The cache", max_tokens=5, temperature=0, stream=True) if c.choices)
     check(streamed == comp.choices[0].text, "streamed completion equals the non-streamed one")
+
+    # The SDK asks for base64 by default and decodes it; ask for floats too.
+    emb = client.embeddings.create(model="weir-embed-tiny", input=["The cache", "The operator"])
+    check(len(emb.data) == 2 and all(len(d.embedding) == 64 for d in emb.data), "embeddings shape")
+    norms = [sum(x * x for x in d.embedding) ** 0.5 for d in emb.data]
+    check(all(abs(n - 1) < 1e-4 for n in norms), "embeddings are unit vectors")
+    floats = client.embeddings.create(model="weir-embed-tiny", input="The cache", encoding_format="float")
+    check(max(abs(a - b) for a, b in zip(floats.data[0].embedding, emb.data[0].embedding)) < 1e-6,
+          "float and base64 encodings agree")
+    check(emb.usage.prompt_tokens == emb.usage.total_tokens > 0, "embeddings usage")
+    expect_error(openai.BadRequestError, "embedding an empty list",
+                 lambda: client.embeddings.create(model="weir-embed-tiny", input=[]))
 
     expect_error(openai.NotFoundError, "unknown model",
                  lambda: client.chat.completions.create(model="nope", messages=msgs))
