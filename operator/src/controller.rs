@@ -83,6 +83,27 @@ pub struct Caches {
     nodes: Store<Node>,
 }
 
+impl Caches {
+    /// Caches over existing stores (tests fill them from fixed objects).
+    pub fn from_stores(
+        models: Store<Model>,
+        ensembles: Store<ModelEnsemble>,
+        caches: Store<CachePolicy>,
+        batches: Store<BatchPolicy>,
+        agents: Store<NodeAgent>,
+        nodes: Store<Node>,
+    ) -> Self {
+        Self {
+            models,
+            ensembles,
+            caches,
+            batches,
+            agents,
+            nodes,
+        }
+    }
+}
+
 fn watch<K>(api: Api<K>) -> (Store<K>, stream::BoxStream<'static, ()>)
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,

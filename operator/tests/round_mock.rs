@@ -1,0 +1,275 @@
+//! One whole control-loop round against a mocked API server (`tower-test`)
+//! that records every call: from cached Nodes, NodeAgents and Models to the
+//! NodeAgent specs, Model statuses and events the leader writes. A second
+//! round over the written objects writes nothing; losing a Node moves its
+//! replica; a Model naming a missing BatchPolicy gets a condition and an
+//! event naming it.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use tower_test::mock;
+use weir_crds::{BatchPolicy, CachePolicy, Model, ModelEnsemble, NodeAgent};
+use weir_operator::controller::{Caches, Context, round};
+use weir_operator::metrics::OperatorMetrics;
+
+#[derive(Clone, Debug)]
+struct Call {
+    method: Method,
+    path: String,
+    body: Value,
+}
+
+type Calls = Arc<std::sync::Mutex<Vec<Call>>>;
+
+/// A mock API server that records every call and answers as the API server
+/// would: a patch returns the stored object (from `objects`, by path) with
+/// the patched top-level fields; anything else returns what was sent.
+fn server(objects: Vec<(String, Value)>) -> (kube::Client, Calls) {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let calls: Calls = Arc::default();
+    let log = calls.clone();
+    tokio::spawn(async move {
+        let mut stored: std::collections::HashMap<String, Value> = objects.into_iter().collect();
+        while let Some((req, send)) = handle.next_request().await {
+            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            log.lock().unwrap().push(Call {
+                method: method.clone(),
+                path: path.clone(),
+                body: body.clone(),
+            });
+            let object_path = path.trim_end_matches("/status").to_owned();
+            let answer = match (method, stored.get_mut(&object_path)) {
+                (Method::PATCH, Some(object)) => {
+                    for (k, v) in body.as_object().unwrap() {
+                        if k != "metadata" {
+                            object[k] = v.clone();
+                        }
+                    }
+                    object.clone()
+                }
+                _ => body,
+            };
+            let response = Response::builder()
+                .status(StatusCode::OK)
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap();
+            send.send_response(response);
+        }
+    });
+    (kube::Client::new(service, "default"), calls)
+}
+
+fn seed(models: &[Model], agents: &[NodeAgent]) -> Vec<(String, Value)> {
+    let model_paths = models.iter().map(|m| {
+        let name = m.metadata.name.clone().unwrap();
+        (
+            format!("/apis/weir.dev/v1alpha1/namespaces/ml/models/{name}"),
+            serde_json::to_value(m).unwrap(),
+        )
+    });
+    let agent_paths = agents.iter().map(|a| {
+        let name = a.metadata.name.clone().unwrap();
+        (
+            format!("/apis/weir.dev/v1alpha1/nodeagents/{name}"),
+            serde_json::to_value(a).unwrap(),
+        )
+    });
+    model_paths.chain(agent_paths).collect()
+}
+
+fn store<K>(objects: &[K]) -> Store<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, mut writer) = reflector::store::<K>();
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::Apply(o.clone()));
+    }
+    reader
+}
+
+fn node(name: &str) -> Node {
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "uid": format!("uid-{name}"), "labels": {"pool": "gpu"}}}))
+    .unwrap()
+}
+
+fn agent(name: &str, models: Value) -> NodeAgent {
+    let now = Timestamp::now().to_string();
+    serde_json::from_value(
+        json!({"apiVersion": "weir.dev/v1alpha1", "kind": "NodeAgent",
+        "metadata": {"name": name},
+        "spec": {"nodeName": name, "models": models},
+        "status": {"endpoint": null, "lastHeartbeatTime": now,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Heartbeat", "message": "",
+                            "lastTransitionTime": now}]}}),
+    )
+    .unwrap()
+}
+
+fn model(name: &str, replicas: u32, batch_policy: Option<&str>) -> Model {
+    let mut spec = json!({"source": {"uri": "file:///models/m"}, "resources": {"gpus": 0},
+        "nodeSelector": {"pool": "gpu"}, "replicas": {"min": replicas, "max": replicas}});
+    if let Some(p) = batch_policy {
+        spec["batchPolicyRef"] = json!({"name": p});
+    }
+    serde_json::from_value(json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Model",
+        "metadata": {"name": name, "namespace": "ml", "generation": 1, "uid": format!("uid-{name}")},
+        "spec": spec}))
+    .unwrap()
+}
+
+fn context(client: kube::Client) -> Context {
+    let metrics = OperatorMetrics::register(&mut prometheus_client::registry::Registry::default());
+    Context::new(client, Arc::new(AtomicBool::new(true)), metrics)
+}
+
+fn caches(models: &[Model], agents: &[NodeAgent], nodes: &[Node]) -> Caches {
+    Caches::from_stores(
+        store(models),
+        store::<ModelEnsemble>(&[]),
+        store::<CachePolicy>(&[]),
+        store::<BatchPolicy>(&[]),
+        store(agents),
+        store(nodes),
+    )
+}
+
+/// Agents named in NodeAgent spec writes that assign `served`.
+fn assigned_to(calls: &[Call], served: &str) -> Vec<String> {
+    let mut names: Vec<String> = calls
+        .iter()
+        .filter(|c| c.method == Method::PATCH && c.path.contains("/nodeagents/"))
+        .filter(|c| {
+            c.body["spec"]["models"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().any(|m| m["servedName"] == served))
+        })
+        .map(|c| c.path.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn written_agent(calls: &[Call], name: &str, base: &NodeAgent) -> NodeAgent {
+    let mut agent = base.clone();
+    if let Some(c) = calls
+        .iter()
+        .rev()
+        .find(|c| c.path.ends_with(&format!("/nodeagents/{name}")))
+    {
+        agent.spec = serde_json::from_value(c.body["spec"].clone()).unwrap();
+    }
+    agent
+}
+
+#[tokio::test]
+async fn a_round_places_writes_explains_and_then_holds_still() {
+    let nodes: Vec<Node> = ["gpu-1", "gpu-2", "gpu-3"].map(node).to_vec();
+    let agents: Vec<NodeAgent> = ["gpu-1", "gpu-2", "gpu-3"]
+        .map(|n| agent(n, json!([])))
+        .to_vec();
+    let models = vec![
+        model("llama", 2, None),
+        model("broken", 1, Some("missing-policy")),
+    ];
+    let (client, calls) = server(seed(&models, &agents));
+    let ctx = context(client);
+
+    round(&ctx, &caches(&models, &agents, &nodes)).await;
+    let first = calls.lock().unwrap().clone();
+    let placed = assigned_to(&first, "llama");
+    assert_eq!(placed.len(), 2, "two replicas on two agents: {first:#?}");
+    assert!(assigned_to(&first, "broken").is_empty());
+    for c in first.iter().filter(|c| c.path.contains("/nodeagents/")) {
+        assert!(c.path.starts_with("/apis/weir.dev/v1alpha1/nodeagents/"));
+    }
+    let status = |name: &str| {
+        first
+            .iter()
+            .rev()
+            .find(|c| {
+                c.path == format!("/apis/weir.dev/v1alpha1/namespaces/ml/models/{name}/status")
+            })
+            .map(|c| c.body["status"].clone())
+            .unwrap_or_else(|| panic!("no status written for {name}"))
+    };
+    let llama = status("llama");
+    assert_eq!(llama["desiredReplicas"], 2);
+    let mut status_nodes: Vec<String> = serde_json::from_value(llama["nodes"].clone()).unwrap();
+    status_nodes.sort();
+    assert_eq!(status_nodes, placed);
+    let broken = status("broken");
+    let condition = &broken["conditions"][0];
+    assert_eq!(condition["reason"], "PolicyNotFound");
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing-policy")
+    );
+    let events: Vec<&Call> = first
+        .iter()
+        .filter(|c| c.method == Method::POST && c.path.ends_with("/events"))
+        .collect();
+    assert!(
+        events.iter().any(|e| e.body["reason"] == "PolicyNotFound"
+            && e.body["note"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("missing-policy")
+            && e.body["regarding"]["name"] == "broken"),
+        "{events:#?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.body["reason"] == "Assigned")
+            .count(),
+        2
+    );
+
+    // The same world with the written specs: no NodeAgent is written again.
+    let agents: Vec<NodeAgent> = agents
+        .iter()
+        .map(|a| written_agent(&first, &a.metadata.name.clone().unwrap(), a))
+        .collect();
+    calls.lock().unwrap().clear();
+    round(&ctx, &caches(&models, &agents, &nodes)).await;
+    let second = calls.lock().unwrap().clone();
+    assert!(
+        !second.iter().any(|c| c.path.contains("/nodeagents/")),
+        "{second:#?}"
+    );
+
+    // Lose a node: its replica moves to the one that had none.
+    let lost = placed[0].clone();
+    let spare = ["gpu-1", "gpu-2", "gpu-3"]
+        .into_iter()
+        .find(|n| !placed.iter().any(|p| p == n))
+        .unwrap();
+    let remaining: Vec<Node> = nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() != Some(lost.as_str()))
+        .cloned()
+        .collect();
+    calls.lock().unwrap().clear();
+    round(&ctx, &caches(&models, &agents, &remaining)).await;
+    let third = calls.lock().unwrap().clone();
+    assert_eq!(
+        assigned_to(&third, "llama"),
+        vec![spare.to_owned()],
+        "{third:#?}"
+    );
+}
