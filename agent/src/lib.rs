@@ -14,6 +14,7 @@ pub mod embeddings;
 pub mod ensemble_serve;
 pub mod generate;
 pub mod gpu;
+pub mod hub;
 pub mod metrics;
 pub mod models;
 pub mod render;

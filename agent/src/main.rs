@@ -244,6 +244,7 @@ async fn serve_cluster(args: ServeArgs) -> anyhow::Result<()> {
             model_cache: args.model_cache.clone().unwrap_or_else(default_cache),
             pvc_root: args.pvc_root.clone(),
         },
+        downloads: weir_agent::cluster::fetch::Downloads::new(weir_agent::hub::Hub::from_env()),
     };
     tracing::info!(node = %config.node_name, endpoint = %config.endpoint, "cluster mode");
     tokio::spawn(weir_agent::cluster::run(client, config, state.clone()));

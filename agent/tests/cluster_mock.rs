@@ -119,6 +119,9 @@ async fn heartbeat_applies_status_with_endpoint_and_ready_condition() {
             model_cache: "/c".into(),
             pvc_root: "/p".into(),
         },
+        downloads: weir_agent::cluster::fetch::Downloads::new(weir_agent::hub::Hub::new(
+            "http://127.0.0.1:9",
+        )),
     };
     let state = AppState::new(ModelRegistry::default());
     let states = ModelStates::default();

@@ -5,6 +5,7 @@
 //! heartbeats its status: endpoint, GPUs, each model's phase and load.
 
 pub mod discovery;
+pub mod fetch;
 pub mod plan;
 pub mod status;
 
@@ -38,6 +39,8 @@ pub struct ClusterConfig {
     pub heartbeat: Duration,
     /// Where sources are found on the node.
     pub roots: SourceRoots,
+    /// Downloads of `hf://` sources.
+    pub downloads: fetch::Downloads,
 }
 
 /// Errors of cluster mode.
@@ -166,14 +169,26 @@ pub async fn run(client: kube::Client, config: ClusterConfig, state: AppState) {
     let agents: Api<NodeAgent> = Api::all(client.clone());
     let selector = format!("metadata.name={}", config.node_name);
     let mut events = watcher(agents, watcher::Config::default().fields(&selector)).boxed();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Apply(agent) | watcher::Event::InitApply(agent)) => {
-                *generation.write().unwrap_or_else(|p| p.into_inner()) = agent.metadata.generation;
-                sync(&client, &config, &state, &states, &agent.spec).await;
+    let mut last: Option<NodeAgentSpec> = None;
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                None => return,
+                Some(Ok(watcher::Event::Apply(agent) | watcher::Event::InitApply(agent))) => {
+                    *generation.write().unwrap_or_else(|p| p.into_inner()) =
+                        agent.metadata.generation;
+                    sync(&client, &config, &state, &states, &agent.spec).await;
+                    last = Some(agent.spec);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => tracing::warn!(error = %e, "watching the NodeAgent"),
+            },
+            // A download ended: load what arrived, or report why not.
+            () = config.downloads.finished() => {
+                if let Some(spec) = &last {
+                    sync(&client, &config, &state, &states, spec).await;
+                }
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "watching the NodeAgent"),
         }
     }
 }
@@ -185,6 +200,23 @@ fn set_state(states: &ModelStates, name: &str, state: ModelState) {
         .insert(name.to_owned(), state);
 }
 
+/// A key of a Secret in `namespace`, trimmed (`None` when it cannot be read).
+async fn secret_value(
+    client: &kube::Client,
+    namespace: &str,
+    key: &weir_crds::common::SecretKeyRef,
+) -> Option<String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let found = secrets.get_opt(&key.name).await;
+    let value = found
+        .as_ref()
+        .ok()
+        .and_then(|s| s.as_ref()?.data.as_ref()?.get(&key.key));
+    value
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .map(|v| v.trim().to_owned())
+}
+
 /// The Redis URL of an assignment's L2 cache, from its Secret in the
 /// Model's namespace (`None`, logged, when it cannot be read: L2 stays off).
 async fn redis_url(
@@ -192,19 +224,38 @@ async fn redis_url(
     assigned: &weir_crds::node_agent::AssignedModel,
 ) -> Option<String> {
     let l2 = assigned.cache.response_cache.l2.as_ref()?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &assigned.model_ref.namespace);
-    let found = secrets.get_opt(&l2.url_secret_ref.name).await;
-    let value = found
-        .as_ref()
-        .ok()
-        .and_then(|s| s.as_ref()?.data.as_ref()?.get(&l2.url_secret_ref.key));
-    match value.map(|v| String::from_utf8(v.0.clone())) {
-        Some(Ok(url)) => Some(url.trim().to_owned()),
-        _ => {
-            tracing::warn!(model = %assigned.served_name, secret = %l2.url_secret_ref.name, "no Redis URL: L2 cache off");
-            None
-        }
+    let url = secret_value(client, &assigned.model_ref.namespace, &l2.url_secret_ref).await;
+    if url.is_none() {
+        tracing::warn!(model = %assigned.served_name, secret = %l2.url_secret_ref.name, "no Redis URL: L2 cache off");
     }
+    url
+}
+
+/// The download an `hf://` assignment still needs, if its files are not in
+/// the model cache yet.
+async fn pending_download(
+    client: &kube::Client,
+    assigned: &weir_crds::node_agent::AssignedModel,
+    dir: &std::path::Path,
+) -> Option<fetch::Fetch> {
+    let repo = assigned.source.uri.strip_prefix("hf://")?;
+    if dir.join("config.json").exists() {
+        return None;
+    }
+    let token = match &assigned.source.token_secret_ref {
+        Some(key) => secret_value(client, &assigned.model_ref.namespace, key).await,
+        None => None,
+    };
+    Some(fetch::Fetch {
+        repo: repo.to_owned(),
+        revision: assigned
+            .source
+            .revision
+            .clone()
+            .unwrap_or_else(|| "main".into()),
+        token,
+        dir: dir.to_path_buf(),
+    })
 }
 
 /// Brings the served models in line with `spec`.
@@ -219,6 +270,10 @@ pub async fn sync(
     for assigned in &spec.models {
         match plan::model_spec(assigned, &config.roots) {
             Ok(mut s) => {
+                if let Some(fetch) = pending_download(client, assigned, &s.dir).await {
+                    set_state(states, &s.name, config.downloads.ensure(fetch));
+                    continue;
+                }
                 s.redis_url = redis_url(client, assigned).await;
                 desired.push(s)
             }

@@ -31,8 +31,13 @@ pub struct SourceRoots {
     pub pvc_root: PathBuf,
 }
 
-/// The directory holding `uri`, or why it cannot be served here.
-pub fn resolve_source(uri: &str, roots: &SourceRoots) -> Result<PathBuf, String> {
+/// The directory holding `uri` (for `hf://`, where the model cache keeps
+/// it, downloaded or not), or why it cannot be served here.
+pub fn resolve_source(
+    uri: &str,
+    revision: Option<&str>,
+    roots: &SourceRoots,
+) -> Result<PathBuf, String> {
     if let Some(path) = uri.strip_prefix("file://") {
         return Ok(PathBuf::from(path));
     }
@@ -44,18 +49,18 @@ pub fn resolve_source(uri: &str, roots: &SourceRoots) -> Result<PathBuf, String>
         return Ok(roots.pvc_root.join(claim).join(path));
     }
     if let Some(repo) = uri.strip_prefix("hf://") {
-        if repo.split('/').any(|p| p == ".." || p.is_empty()) {
-            return Err(format!("`{uri}` is not a valid hf:// source"));
+        let parts: Vec<&str> = repo.split('/').collect();
+        if parts.len() != 2
+            || parts
+                .iter()
+                .any(|p| p.is_empty() || *p == ".." || *p == ".")
+        {
+            return Err(format!(
+                "`{uri}` is not a valid hf:// source (hf://org/name)"
+            ));
         }
-        let dir = roots.model_cache.join("hf").join(repo);
-        if dir.join("config.json").exists() {
-            return Ok(dir);
-        }
-        return Err(format!(
-            "hf:// models are served from the node's model cache; `{}` has no config.json \
-             (downloading from the Hub is not implemented yet: pre-populate the cache)",
-            dir.display()
-        ));
+        // Downloaded there when missing (see `cluster::fetch`).
+        return Ok(crate::hub::cache_dir(&roots.model_cache, repo, revision));
     }
     Err(format!("unsupported source scheme in `{uri}`"))
 }
@@ -64,7 +69,11 @@ pub fn resolve_source(uri: &str, roots: &SourceRoots) -> Result<PathBuf, String>
 pub fn model_spec(assigned: &AssignedModel, roots: &SourceRoots) -> Result<ModelSpec, String> {
     Ok(ModelSpec {
         name: assigned.served_name.clone(),
-        dir: resolve_source(&assigned.source.uri, roots)?,
+        dir: resolve_source(
+            &assigned.source.uri,
+            assigned.source.revision.as_deref(),
+            roots,
+        )?,
         engine: assigned.engine.clone(),
         cache: assigned.cache.clone(),
         batch: assigned.batch.clone(),
@@ -127,25 +136,25 @@ mod tests {
 
     #[test]
     fn sources_resolve_or_explain() {
+        let r = |uri: &str| resolve_source(uri, None, &roots());
+        assert_eq!(r("file:///models/a"), Ok("/models/a".into()));
         assert_eq!(
-            resolve_source("file:///models/a", &roots()),
-            Ok("/models/a".into())
-        );
-        assert_eq!(
-            resolve_source("pvc://store/llama/3b", &roots()),
+            r("pvc://store/llama/3b"),
             Ok("/mnt/pvc/store/llama/3b".into())
         );
-        assert!(resolve_source("pvc://store/../../etc", &roots()).is_err());
-        let hf = resolve_source("hf://meta-llama/Llama-3.2-1B", &roots()).unwrap_err();
-        assert!(
-            hf.contains("/var/lib/weir/models/hf/meta-llama/Llama-3.2-1B"),
-            "{hf}"
+        assert!(r("pvc://store/../../etc").is_err());
+        assert_eq!(
+            r("hf://meta-llama/Llama-3.2-1B"),
+            Ok("/var/lib/weir/models/hf/meta-llama/Llama-3.2-1B".into())
         );
-        assert!(resolve_source("s3://bucket/x", &roots()).is_err());
-        assert!(is_inside(
-            &resolve_source("pvc://c/p", &roots()).unwrap(),
-            &roots().pvc_root
-        ));
+        assert_eq!(
+            resolve_source("hf://org/m", Some("v2"), &roots()),
+            Ok("/var/lib/weir/models/hf/org/m@v2".into())
+        );
+        for bad in ["hf://org", "hf://org/../x", "hf://a/b/c", "s3://bucket/x"] {
+            assert!(r(bad).is_err(), "{bad}");
+        }
+        assert!(is_inside(&r("pvc://c/p").unwrap(), &roots().pvc_root));
     }
 
     #[test]

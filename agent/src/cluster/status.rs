@@ -20,6 +20,8 @@ pub struct ModelState {
     pub reason: Option<String>,
     /// Human-readable detail.
     pub message: Option<String>,
+    /// Fraction loaded (downloads), when known.
+    pub progress: Option<f64>,
 }
 
 impl ModelState {
@@ -34,6 +36,7 @@ impl ModelState {
             phase,
             reason: None,
             message: None,
+            progress: None,
         }
     }
 
@@ -43,6 +46,7 @@ impl ModelState {
             phase: ModelPhase::Failed,
             reason: Some(reason.to_owned()),
             message: Some(message),
+            progress: None,
         }
     }
 }
@@ -69,7 +73,7 @@ pub fn build(
                 LoadedModelStatus {
                     served_name: name.clone(),
                     phase: s.phase,
-                    progress: None,
+                    progress: s.progress,
                     reason: s.reason.clone(),
                     message: s.message.clone(),
                     kv_cache_usage: 0.0,
