@@ -4,7 +4,8 @@
 //! creates. A Model with two replicas lands on two NodeAgents and reports
 //! two ready replicas; the third agent serves it by forwarding; deleting a
 //! Node moves its replica; a Model naming a missing BatchPolicy gets a
-//! condition and an event naming it.
+//! condition and an event naming it; deleted Models are unassigned and
+//! released by the operator's finalizer.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -203,8 +204,25 @@ async fn operator_places_routes_and_moves_replicas() {
     )
     .await;
 
+    // Deleting Models: the operator unassigns them, then releases its
+    // finalizer, so they go away.
     for name in [&model_name, &broken] {
-        let _ = models.delete(name, &DeleteParams::default()).await;
+        models.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    until(
+        "deleted Models to be released",
+        Duration::from_secs(60),
+        async || {
+            let gone = models.get_opt(&model_name).await.ok()?.is_none()
+                && models.get_opt(&broken).await.ok()?.is_none();
+            gone.then_some(())
+        },
+    )
+    .await;
+    for n in &placed {
+        if let Ok(a) = agent_api.get(n).await {
+            assert!(!a.spec.models.iter().any(|m| m.served_name == model_name));
+        }
     }
     for name in &node_names {
         let _ = nodes.delete(name, &DeleteParams::default()).await;

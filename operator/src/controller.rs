@@ -5,8 +5,12 @@
 //! place replicas on nodes, write NodeAgent specs, Model and policy
 //! statuses, reweight ensembles, and explain decisions with events.
 //!
-//! Deleting a Model needs no finalizer: the next round no longer places it,
-//! so its assignments are removed from every NodeAgent.
+//! Every Model carries the finalizer [`MODEL_FINALIZER`], added by the
+//! round that first sees it: deleting a Model leaves it in place until a
+//! round has taken its assignments off every NodeAgent (the agents stop
+//! serving it), recorded an `Unassigned` event, and only then released it.
+//! A round whose NodeAgent writes fail keeps the finalizer, and the next
+//! round tries again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -27,6 +31,9 @@ use crate::autoscale::{self, ScaleState};
 use crate::placement::{self, ModelDemand, NodeView};
 use crate::scrape::{self, ModelFigures};
 use crate::{apply, world};
+
+/// Finalizer that holds a deleted Model until its replicas are unassigned.
+pub const MODEL_FINALIZER: &str = "weir.dev/unassign";
 
 /// Annotation giving a Model's weight size in bytes, for the GPU memory
 /// estimate (without it a replica is assumed to fit any GPU).
@@ -255,6 +262,9 @@ pub async fn round(ctx: &Context, c: &Caches) {
     let mut demands = Vec::new();
     let mut resolved = BTreeMap::new();
     let mut problems: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let (deleting, models): (Vec<Arc<Model>>, Vec<Arc<Model>>) = models
+        .into_iter()
+        .partition(|m| m.metadata.deletion_timestamp.is_some());
     for model in &models {
         match world::resolve_policies(model, &caches, &batches) {
             Ok((cache, batch)) => {
@@ -278,8 +288,11 @@ pub async fn round(ctx: &Context, c: &Caches) {
         }
     }
     let placed = placement::place(&views, &demands, &current);
-    write_agents(ctx, &agents, &placed, &resolved).await;
+    let agents_written = write_agents(ctx, &agents, &placed, &resolved).await;
     write_models(ctx, &models, &demands, &placed, &agents, problems, now).await;
+    for model in models.iter().chain(&deleting) {
+        finalize(ctx, model, agents_written).await;
+    }
     write_policy_counts(ctx, &models, &caches, &batches).await;
     crate::ensembles::reweight_all(
         ctx,
@@ -338,12 +351,47 @@ fn demand(model: &Model, replicas: u32) -> ModelDemand {
     }
 }
 
+/// Why a deleted Model is still held.
+#[derive(Debug, thiserror::Error)]
+#[error("NodeAgent writes failed this round; the Model stays until they succeed")]
+struct AgentsNotWritten;
+
+/// Adds the finalizer to a live Model; releases a deleted one once this
+/// round's NodeAgent writes (which no longer assign it) all succeeded.
+async fn finalize(ctx: &Context, model: &Arc<Model>, agents_written: bool) {
+    use kube::runtime::controller::Action;
+    use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+    let api: Api<Model> =
+        Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let result = finalizer(&api, MODEL_FINALIZER, model.clone(), |event| async move {
+        match event {
+            Finalizer::Apply(_) => Ok(Action::await_change()),
+            Finalizer::Cleanup(m) if agents_written => {
+                let note = format!(
+                    "`{}` is no longer served by any node",
+                    world::served_name(&m)
+                );
+                apply::event(&ctx.client, m.as_ref(), false, "Unassigned", note).await;
+                Ok(Action::await_change())
+            }
+            Finalizer::Cleanup(_) => Err(AgentsNotWritten),
+        }
+    })
+    .await;
+    ctx.metrics.record("ModelFinalizer", &result);
+    if let Err(e) = result {
+        tracing::warn!(model = %key(model), error = %e, "finalizer");
+    }
+}
+
+/// Writes every NodeAgent's assignments; whether all writes succeeded.
 async fn write_agents(
     ctx: &Context,
     agents: &[Arc<NodeAgent>],
     placed: &BTreeMap<String, placement::Placed>,
     resolved: &BTreeMap<String, weir_crds::node_agent::AssignedModel>,
-) {
+) -> bool {
+    let mut all_ok = true;
     for agent in agents {
         let name = agent.name_any();
         let mut models: Vec<_> = placed
@@ -367,9 +415,13 @@ async fn write_agents(
                 .await;
             }
             Ok(false) => {}
-            Err(e) => tracing::warn!(agent = %name, error = %e, "writing NodeAgent spec"),
+            Err(e) => {
+                all_ok = false;
+                tracing::warn!(agent = %name, error = %e, "writing NodeAgent spec");
+            }
         }
     }
+    all_ok
 }
 
 async fn write_models(

@@ -33,6 +33,14 @@ type Calls = Arc<std::sync::Mutex<Vec<Call>>>;
 /// would: a patch returns the stored object (from `objects`, by path) with
 /// the patched top-level fields; anything else returns what was sent.
 fn server(objects: Vec<(String, Value)>) -> (kube::Client, Calls) {
+    server_failing(objects, None)
+}
+
+/// [`server`], answering 500 to every write whose path contains `failing`.
+fn server_failing(
+    objects: Vec<(String, Value)>,
+    failing: Option<&'static str>,
+) -> (kube::Client, Calls) {
     let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let calls: Calls = Arc::default();
     let log = calls.clone();
@@ -47,8 +55,41 @@ fn server(objects: Vec<(String, Value)>) -> (kube::Client, Calls) {
                 path: path.clone(),
                 body: body.clone(),
             });
+            if failing.is_some_and(|f| path.contains(f)) {
+                let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "etcd is unhappy", "reason": "InternalError", "code": 500});
+                let response = Response::builder()
+                    .status(StatusCode::INTERNAL_SERVER_ERROR)
+                    .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                    .unwrap();
+                send.send_response(response);
+                continue;
+            }
             let object_path = path.trim_end_matches("/status").to_owned();
             let answer = match (method, stored.get_mut(&object_path)) {
+                // A JSON patch (finalizers): applied to the stored object.
+                (Method::PATCH, Some(object)) if body.is_array() => {
+                    // The API server reads a missing list as null (kube's
+                    // finalizer patch tests for that first).
+                    let meta = object["metadata"].as_object_mut().unwrap();
+                    meta.entry("finalizers").or_insert(Value::Null);
+                    let ops: json_patch::Patch = serde_json::from_value(body).unwrap();
+                    match json_patch::patch(object, &ops) {
+                        Ok(()) => object.clone(),
+                        Err(e) => {
+                            let status = json!({"kind": "Status", "apiVersion": "v1",
+                                "status": "Failure", "message": e.to_string(),
+                                "reason": "Invalid", "code": 422});
+                            let response = Response::builder()
+                                .status(StatusCode::UNPROCESSABLE_ENTITY)
+                                .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                                .unwrap();
+                            send.send_response(response);
+                            continue;
+                        }
+                    }
+                }
+                // Server-side apply: the sent top-level fields replace ours.
                 (Method::PATCH, Some(object)) => {
                     for (k, v) in body.as_object().unwrap() {
                         if k != "metadata" {
@@ -240,6 +281,26 @@ async fn a_round_places_writes_explains_and_then_holds_still() {
         2
     );
 
+    // Each Model got the finalizer that holds it until it is unassigned.
+    for name in ["llama", "broken"] {
+        let path = format!("/apis/weir.dev/v1alpha1/namespaces/ml/models/{name}");
+        let patch = first
+            .iter()
+            .find(|c| c.method == Method::PATCH && c.path == path)
+            .unwrap_or_else(|| panic!("no finalizer patch for {name}"));
+        assert!(
+            patch.body.to_string().contains("weir.dev/unassign"),
+            "{patch:?}"
+        );
+    }
+    let models: Vec<Model> = models
+        .into_iter()
+        .map(|mut m| {
+            m.metadata.finalizers = Some(vec!["weir.dev/unassign".into()]);
+            m
+        })
+        .collect();
+
     // The same world with the written specs: no NodeAgent is written again.
     let agents: Vec<NodeAgent> = agents
         .iter()
@@ -271,5 +332,67 @@ async fn a_round_places_writes_explains_and_then_holds_still() {
         assigned_to(&third, "llama"),
         vec![spare.to_owned()],
         "{third:#?}"
+    );
+}
+
+fn deleted(mut m: Model) -> Model {
+    m.metadata.finalizers = Some(vec!["weir.dev/unassign".into()]);
+    m.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        Timestamp::now(),
+    ));
+    m
+}
+
+fn assigned(served: &str) -> Value {
+    json!([{"servedName": served, "modelRef": {"namespace": "ml", "name": served},
+            "source": {"uri": "file:///models/m"}}])
+}
+
+#[tokio::test]
+async fn a_deleted_model_is_unassigned_before_its_finalizer_is_released() {
+    let nodes: Vec<Node> = ["gpu-1", "gpu-2"].map(node).to_vec();
+    let agents = vec![agent("gpu-1", assigned("llama")), agent("gpu-2", json!([]))];
+    let models = vec![deleted(model("llama", 1, None))];
+    let (client, calls) = server(seed(&models, &agents));
+    round(&context(client), &caches(&models, &agents, &nodes)).await;
+    let calls = calls.lock().unwrap().clone();
+    let unassign = calls
+        .iter()
+        .position(|c| c.path.ends_with("/nodeagents/gpu-1"))
+        .expect("gpu-1 written");
+    assert_eq!(calls[unassign].body["spec"]["models"], json!([]));
+    let event = calls
+        .iter()
+        .position(|c| c.path.ends_with("/events") && c.body["reason"] == "Unassigned")
+        .expect("an Unassigned event");
+    let release = calls
+        .iter()
+        .position(|c| {
+            c.method == Method::PATCH
+                && c.path == "/apis/weir.dev/v1alpha1/namespaces/ml/models/llama"
+                && c.body.to_string().contains("\"remove\"")
+        })
+        .expect("the finalizer is removed");
+    assert!(unassign < event && event < release, "{calls:#?}");
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.path.ends_with("/models/llama/status")),
+        "no status is written for a deleted Model"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_model_is_held_while_node_agents_cannot_be_written() {
+    let nodes: Vec<Node> = ["gpu-1"].map(node).to_vec();
+    let agents = vec![agent("gpu-1", assigned("llama"))];
+    let models = vec![deleted(model("llama", 1, None))];
+    let (client, calls) = server_failing(seed(&models, &agents), Some("/nodeagents/"));
+    round(&context(client), &caches(&models, &agents, &nodes)).await;
+    let calls = calls.lock().unwrap().clone();
+    assert!(calls.iter().any(|c| c.path.ends_with("/nodeagents/gpu-1")));
+    assert!(
+        !calls.iter().any(|c| c.path.ends_with("/models/llama")),
+        "the finalizer stays: {calls:#?}"
     );
 }
