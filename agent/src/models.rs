@@ -56,6 +56,8 @@ pub struct ServedModel {
     pub coalescer: Arc<Coalescer<CacheKey, GenEvent>>,
     /// Answers by meaning, when the policy enables the semantic cache.
     pub semantic: Option<Arc<SemanticIndex>>,
+    /// Bytes of the weight files (reported for the GPU memory estimate).
+    pub weights_bytes: u64,
 }
 
 /// A model to load: where, under what name, with which settings.
@@ -167,6 +169,7 @@ impl ServedModel {
             batch_policy: spec.batch.clone(),
             spec: spec.clone(),
             cache: response_cache(spec)?,
+            weights_bytes: weights_bytes(&spec.dir),
             semantic: crate::semantic::build_index(&spec.cache.semantic_cache).map_err(|e| {
                 LoadError::Cache {
                     name: spec.name.clone(),
@@ -207,6 +210,7 @@ impl ServedModel {
                 spec.batch.circuit_breaker.enabled,
             ),
             spec: spec.clone(),
+            weights_bytes: self.weights_bytes,
             cache: response_cache(spec).unwrap_or_else(|e| {
                 tracing::warn!(model = %spec.name, error = %e, "response cache disabled");
                 None
@@ -222,6 +226,20 @@ impl ServedModel {
             )),
         }
     }
+}
+
+/// Bytes of the safetensors files in `dir` (0 when unreadable).
+pub fn weights_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn response_cache(spec: &ModelSpec) -> Result<Option<Arc<ResponseCache>>, LoadError> {

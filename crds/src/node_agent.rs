@@ -169,4 +169,8 @@ pub struct LoadedModelStatus {
     /// Requests waiting to be scheduled.
     #[serde(default)]
     pub waiting: u32,
+    /// Bytes of the model's weight files on this node (for the operator's
+    /// GPU memory estimate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_bytes: Option<u64>,
 }

@@ -35,9 +35,7 @@ use crate::{apply, world};
 /// Finalizer that holds a deleted Model until its replicas are unassigned.
 pub const MODEL_FINALIZER: &str = "weir.dev/unassign";
 
-/// Annotation giving a Model's weight size in bytes, for the GPU memory
-/// estimate (without it a replica is assumed to fit any GPU).
-pub const WEIGHT_BYTES_ANNOTATION: &str = "weir.dev/weights-bytes";
+pub use crate::weights::WEIGHT_BYTES_ANNOTATION;
 
 /// Shared state of the control loop.
 pub struct Context {
@@ -53,6 +51,8 @@ pub struct Context {
     pub interval: Duration,
     /// Control-loop metrics.
     pub metrics: crate::metrics::OperatorMetrics,
+    /// Weight sizes for the GPU memory estimate.
+    pub weights: crate::weights::WeightSizes,
     scale: Mutex<HashMap<String, (ScaleState, u32)>>,
     last_reweight: Mutex<HashMap<String, Instant>>,
     previous_figures: Mutex<BTreeMap<String, ModelFigures>>,
@@ -70,6 +70,7 @@ impl Context {
             client,
             leader,
             http: reqwest::Client::new(),
+            weights: crate::weights::WeightSizes::from_env(),
             stale_after: Duration::from_secs(45),
             interval: Duration::from_secs(10),
             scale: Mutex::default(),
@@ -259,6 +260,7 @@ pub async fn round(ctx: &Context, c: &Caches) {
                 .push(agent.name_any());
         }
     }
+    let reported = crate::weights::reported(&agents);
     let mut demands = Vec::new();
     let mut resolved = BTreeMap::new();
     let mut problems: BTreeMap<String, (String, String)> = BTreeMap::new();
@@ -275,7 +277,8 @@ pub async fn round(ctx: &Context, c: &Caches) {
                     &figures,
                 )
                 .await;
-                demands.push(demand(model, desired));
+                let weights = ctx.weights.of(model, &reported).await;
+                demands.push(demand(model, desired, weights));
                 resolved.insert(key(model), world::assignment(model, cache, batch));
             }
             Err(missing) => {
@@ -329,12 +332,7 @@ async fn desired(
     next
 }
 
-fn demand(model: &Model, replicas: u32) -> ModelDemand {
-    let weights: u64 = model
-        .annotations()
-        .get(WEIGHT_BYTES_ANNOTATION)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+fn demand(model: &Model, replicas: u32, weights: u64) -> ModelDemand {
     let gpus = model.spec.resources.gpus;
     ModelDemand {
         key: key(model),

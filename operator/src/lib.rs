@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod placement;
 pub mod reweight;
 pub mod scrape;
+pub mod weights;
 pub mod world;

@@ -244,6 +244,7 @@ mod tests {
                     kv_cache_usage: 0.0,
                     running: 0,
                     waiting: 0,
+                    weights_bytes: None,
                 })
                 .into_iter()
                 .collect(),

@@ -79,6 +79,7 @@ pub fn build(
                     kv_cache_usage: 0.0,
                     running: 0,
                     waiting: 0,
+                    weights_bytes: None,
                 },
             )
         })
@@ -101,10 +102,12 @@ pub fn build(
                 kv_cache_usage: 0.0,
                 running: 0,
                 waiting: 0,
+                weights_bytes: None,
             });
         entry.kv_cache_usage = snap.kv_usage;
         entry.running = snap.running as u32;
         entry.waiting = snap.waiting as u32;
+        entry.weights_bytes = Some(model.weights_bytes);
     }
     let gpus = state
         .gpu
