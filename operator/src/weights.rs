@@ -90,10 +90,10 @@ impl WeightSizes {
             return 0;
         };
         let revision = model.spec.source.revision.as_deref().unwrap_or("main");
-        self.from_hub(repo, revision).await.unwrap_or(0)
+        self.query_hub(repo, revision).await.unwrap_or(0)
     }
 
-    async fn from_hub(&self, repo: &str, revision: &str) -> Option<u64> {
+    async fn query_hub(&self, repo: &str, revision: &str) -> Option<u64> {
         let key = format!("{repo}@{revision}");
         if let Some((answer, at)) = self.lock().get(&key)
             && at.elapsed() < KEEP
