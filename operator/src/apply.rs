@@ -55,6 +55,24 @@ pub async fn model_status(
     Ok(true)
 }
 
+/// Sets one condition of a NodeAgent's status (the operator owns only that
+/// entry of the condition list; the agent keeps its own).
+pub async fn agent_condition(
+    client: &kube::Client,
+    agent: &NodeAgent,
+    condition: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+) -> Result<(), kube::Error> {
+    let api: Api<NodeAgent> = Api::all(client.clone());
+    let patch = json!({
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "NodeAgent",
+        "status": {"conditions": [condition]},
+    });
+    api.patch_status(&agent.name_any(), &params(), &Patch::Apply(patch))
+        .await?;
+    Ok(())
+}
+
 /// Writes the `modelCount` status of a CachePolicy or BatchPolicy.
 pub async fn policy_count<K>(
     client: &kube::Client,

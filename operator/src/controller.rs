@@ -290,6 +290,7 @@ pub async fn round(ctx: &Context, c: &Caches) {
             }
         }
     }
+    mark_stale_agents(ctx, &agents, now).await;
     let placed = placement::place(&views, &demands, &current);
     let agents_written = write_agents(ctx, &agents, &placed, &resolved).await;
     write_models(ctx, &models, &demands, &placed, &agents, problems, now).await;
@@ -346,6 +347,34 @@ fn demand(model: &Model, replicas: u32, weights: u64) -> ModelDemand {
         },
         node_selector: model.spec.node_selector.clone(),
         tolerations: model.spec.tolerations.clone(),
+    }
+}
+
+/// Marks agents whose heartbeat went stale (and clears the mark when they
+/// report again), with an event at each change.
+async fn mark_stale_agents(ctx: &Context, agents: &[Arc<NodeAgent>], now: Timestamp) {
+    for agent in agents {
+        let Some(condition) = world::heartbeat_condition(agent, now, ctx.stale_after) else {
+            continue;
+        };
+        let result = apply::agent_condition(&ctx.client, agent, &condition).await;
+        ctx.metrics.record("NodeAgentStatus", &result);
+        match result {
+            Ok(()) => {
+                let stale = condition.status == "False";
+                apply::event(
+                    &ctx.client,
+                    agent.as_ref(),
+                    stale,
+                    &condition.reason,
+                    condition.message.clone(),
+                )
+                .await;
+            }
+            Err(e) => {
+                tracing::warn!(agent = %agent.name_any(), error = %e, "marking the heartbeat")
+            }
+        }
     }
 }
 

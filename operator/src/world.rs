@@ -106,6 +106,59 @@ pub fn agent_ready(agent: &NodeAgent, now: Timestamp, stale_after: Duration) -> 
     fresh && ready
 }
 
+/// Condition the operator keeps on each NodeAgent: `False` while its
+/// heartbeat is stale (the agent receives no work or traffic).
+pub const HEARTBEAT_CONDITION: &str = "Heartbeat";
+
+/// The Heartbeat condition to write, if it must change: `False` when the
+/// heartbeat went stale, back to `True` when a stale agent reports again.
+/// Healthy agents are never written.
+pub fn heartbeat_condition(
+    agent: &NodeAgent,
+    now: Timestamp,
+    stale_after: Duration,
+) -> Option<Condition> {
+    let status = agent.status.as_ref();
+    let previous = status
+        .map(|s| s.common.conditions.as_slice())
+        .unwrap_or(&[]);
+    let current = previous.iter().find(|c| c.type_ == HEARTBEAT_CONDITION);
+    let beat = status.and_then(|s| s.last_heartbeat_time.as_ref());
+    let limit = SignedDuration::try_from(stale_after).unwrap_or(SignedDuration::from_secs(60));
+    let fresh = beat.is_some_and(|t| t.0 + limit > now);
+    match (fresh, current.map(|c| c.status.as_str())) {
+        (true, None | Some("True")) | (false, Some("False")) => None,
+        (true, Some(_)) => Some(condition(
+            previous,
+            HEARTBEAT_CONDITION,
+            true,
+            "HeartbeatResumed",
+            "the agent reports again".into(),
+            None,
+            now,
+        )),
+        (false, _) => {
+            let message = match beat {
+                Some(t) => format!(
+                    "no heartbeat since {} (limit {}s); not placed on, not routed to",
+                    t.0,
+                    stale_after.as_secs()
+                ),
+                None => "the agent never reported; not placed on, not routed to".into(),
+            };
+            Some(condition(
+                previous,
+                HEARTBEAT_CONDITION,
+                false,
+                "HeartbeatStale",
+                message,
+                None,
+                now,
+            ))
+        }
+    }
+}
+
 /// Whether `agent` reports `served` as failed (so placement moves it away).
 pub fn failed_on(agent: &NodeAgent, served: &str) -> bool {
     agent.status.as_ref().is_some_and(|s| {

@@ -396,3 +396,61 @@ async fn a_deleted_model_is_held_while_node_agents_cannot_be_written() {
         "the finalizer stays: {calls:#?}"
     );
 }
+
+#[tokio::test]
+async fn a_stale_agent_is_marked_and_gets_no_work_until_it_reports_again() {
+    let nodes: Vec<Node> = ["gpu-1", "gpu-2"].map(node).to_vec();
+    let mut stale = agent("gpu-2", json!([]));
+    let old = Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(300);
+    stale.status.as_mut().unwrap().last_heartbeat_time =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(old));
+    let agents = vec![agent("gpu-1", json!([])), stale];
+    let models = vec![model("llama", 2, None)];
+    let (client, calls) = server(seed(&models, &agents));
+    let ctx = context(client);
+    round(&ctx, &caches(&models, &agents, &nodes)).await;
+    let first = calls.lock().unwrap().clone();
+    let mark = first
+        .iter()
+        .find(|c| c.path == "/apis/weir.dev/v1alpha1/nodeagents/gpu-2/status")
+        .expect("the stale agent is marked");
+    let condition = &mark.body["status"]["conditions"][0];
+    assert_eq!(condition["type"], "Heartbeat");
+    assert_eq!(condition["status"], "False");
+    assert_eq!(condition["reason"], "HeartbeatStale");
+    assert!(
+        first
+            .iter()
+            .any(|c| c.path.ends_with("/events") && c.body["reason"] == "HeartbeatStale")
+    );
+    assert!(
+        !first
+            .iter()
+            .any(|c| c.path.ends_with("/nodeagents/gpu-1/status")),
+        "a healthy agent is not written"
+    );
+    assert_eq!(
+        assigned_to(&first, "llama"),
+        ["gpu-1"],
+        "no work for the stale agent"
+    );
+
+    // It reports again: the mark is cleared.
+    let mut back = agent("gpu-2", json!([]));
+    let marked: weir_crds::common::CommonStatus =
+        serde_json::from_value(json!({"conditions": [condition.clone()]})).unwrap();
+    back.status
+        .as_mut()
+        .unwrap()
+        .common
+        .conditions
+        .extend(marked.conditions);
+    calls.lock().unwrap().clear();
+    round(&ctx, &caches(&models, &[agents[0].clone(), back], &nodes)).await;
+    let second = calls.lock().unwrap().clone();
+    let cleared = second
+        .iter()
+        .find(|c| c.path == "/apis/weir.dev/v1alpha1/nodeagents/gpu-2/status")
+        .expect("the mark is cleared");
+    assert_eq!(cleared.body["status"]["conditions"][0]["status"], "True");
+}
