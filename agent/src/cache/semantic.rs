@@ -10,7 +10,7 @@
 //! also caps the count — a TTL, and at most [`MAX_PER_SCOPE`] entries per
 //! scope, oldest dropped first. A lookup scans its scope only.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,11 +22,52 @@ pub const MAX_PER_SCOPE: usize = 4096;
 
 struct Entry {
     scope: CacheKey,
-    vector: Box<[f32]>,
     answer: Arc<[u8]>,
+    /// Bytes the vector takes in its scope (for the weigher).
+    vector_bytes: usize,
 }
 
-type Scopes = Arc<Mutex<HashMap<CacheKey, VecDeque<u64>>>>;
+/// One scope's vectors, packed back to back so a lookup is one pass over
+/// contiguous memory; `ids[i]` owns `vectors[i * dim..][..dim]`.
+#[derive(Default)]
+struct Scope {
+    dim: usize,
+    ids: Vec<u64>,
+    vectors: Vec<f32>,
+}
+
+impl Scope {
+    fn remove(&mut self, id: u64) {
+        if let Some(i) = self.ids.iter().position(|x| *x == id) {
+            self.remove_at(i);
+        }
+    }
+
+    fn remove_at(&mut self, i: usize) {
+        let last = self.ids.len() - 1;
+        self.ids.swap_remove(i);
+        if i != last {
+            let (head, tail) = self.vectors.split_at_mut(last * self.dim);
+            head[i * self.dim..][..self.dim].copy_from_slice(&tail[..self.dim]);
+        }
+        self.vectors.truncate(last * self.dim);
+    }
+
+    /// The id and similarity of the closest vector at or above `threshold`.
+    fn best(&self, question: &[f32], threshold: f32) -> Option<(u64, f32)> {
+        if question.len() != self.dim {
+            return None;
+        }
+        self.vectors
+            .chunks_exact(self.dim)
+            .zip(&self.ids)
+            .map(|(v, id)| (*id, dot(v, question)))
+            .filter(|(_, s)| *s >= threshold)
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+}
+
+type Scopes = Arc<Mutex<HashMap<CacheKey, Scope>>>;
 
 /// Vectors and answers by scope, bounded by entries, bytes and age.
 pub struct SemanticIndex {
@@ -45,12 +86,21 @@ pub struct SemanticHit {
     pub answer: Arc<[u8]>,
 }
 
-fn lock(scopes: &Scopes) -> std::sync::MutexGuard<'_, HashMap<CacheKey, VecDeque<u64>>> {
+fn lock(scopes: &Scopes) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Scope>> {
     scopes.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Dot product with eight independent accumulators (vectorizes).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut acc = [0.0f32; 8];
+    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_rest) = b.split_at(a8.len());
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum::<f32>()
 }
 
 impl SemanticIndex {
@@ -64,14 +114,14 @@ impl SemanticIndex {
             .max_capacity(max_bytes.max(1))
             .time_to_live(ttl)
             .weigher(move |_id: &u64, e: &Arc<Entry>| {
-                let size = (e.vector.len() * 4 + e.answer.len() + 64) as u64;
+                let size = (e.vector_bytes + e.answer.len() + 64) as u64;
                 u32::try_from(size.max(floor)).unwrap_or(u32::MAX)
             })
             .eviction_listener(move |id: Arc<u64>, entry: Arc<Entry>, _cause| {
                 let mut scopes = lock(&on_evict);
-                if let Some(ids) = scopes.get_mut(&entry.scope) {
-                    ids.retain(|i| *i != *id);
-                    if ids.is_empty() {
+                if let Some(scope) = scopes.get_mut(&entry.scope) {
+                    scope.remove(*id);
+                    if scope.ids.is_empty() {
                         scopes.remove(&entry.scope);
                     }
                 }
@@ -88,28 +138,16 @@ impl SemanticIndex {
     /// The closest answer in `scope` to the unit vector `question`, if it
     /// reaches the threshold.
     pub fn lookup(&self, scope: &CacheKey, question: &[f32]) -> Option<SemanticHit> {
-        // Copy the ids out: the eviction listener takes the same lock and
-        // may run inside `get`.
-        let ids: Vec<u64> = lock(&self.scopes).get(scope)?.iter().copied().collect();
-        let mut best: Option<SemanticHit> = None;
-        for id in ids {
-            let Some(entry) = self.entries.get(&id) else {
-                continue;
-            };
-            if entry.vector.len() != question.len() {
-                continue;
-            }
-            let similarity = dot(&entry.vector, question);
-            if similarity >= self.threshold
-                && best.as_ref().is_none_or(|b| similarity > b.similarity)
-            {
-                best = Some(SemanticHit {
-                    similarity,
-                    answer: entry.answer.clone(),
-                });
-            }
-        }
-        best
+        // Release the lock before `get`: the eviction listener takes it and
+        // may run inside moka's calls.
+        let (id, similarity) = lock(&self.scopes)
+            .get(scope)?
+            .best(question, self.threshold)?;
+        let entry = self.entries.get(&id)?;
+        Some(SemanticHit {
+            similarity,
+            answer: entry.answer.clone(),
+        })
     }
 
     /// Stores `answer` for the unit vector `question` in `scope`.
@@ -117,15 +155,27 @@ impl SemanticIndex {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Entry {
             scope,
-            vector: question.into_boxed_slice(),
             answer,
+            vector_bytes: question.len() * 4,
         });
         let dropped = {
             let mut scopes = lock(&self.scopes);
-            let ids = scopes.entry(scope).or_default();
-            ids.push_back(id);
-            (ids.len() > MAX_PER_SCOPE)
-                .then(|| ids.pop_front())
+            let s = scopes.entry(scope).or_insert_with(|| Scope {
+                dim: question.len(),
+                ..Scope::default()
+            });
+            if s.dim != question.len() {
+                return;
+            }
+            s.ids.push(id);
+            s.vectors.extend_from_slice(&question);
+            // Over the per-scope bound: the oldest (smallest id) goes.
+            (s.ids.len() > MAX_PER_SCOPE)
+                .then(|| {
+                    let (i, &old) = s.ids.iter().enumerate().min_by_key(|(_, id)| **id)?;
+                    s.remove_at(i);
+                    Some(old)
+                })
                 .flatten()
         };
         self.entries.insert(id, entry);
@@ -194,7 +244,7 @@ mod tests {
             );
         }
         assert!(index.len() <= 10, "{} entries", index.len());
-        let ids: usize = lock(&index.scopes).values().map(VecDeque::len).sum();
+        let ids: usize = lock(&index.scopes).values().map(|s| s.ids.len()).sum();
         assert!(ids <= 10, "{ids} ids still indexed");
 
         let index = SemanticIndex::new(1000, 10_000, Duration::from_secs(60), 0.5);
@@ -212,6 +262,25 @@ mod tests {
             index.insert(scope(0), vec![1.0], Arc::from(i.to_string().as_bytes()));
         }
         assert_eq!(index.len(), MAX_PER_SCOPE as u64);
+    }
+
+    #[test]
+    fn removing_a_vector_keeps_the_others_with_their_ids() {
+        let mut scope = Scope {
+            dim: 2,
+            ..Scope::default()
+        };
+        for (id, v) in [(1, [1.0, 0.0]), (2, [0.0, 1.0]), (3, [0.6, 0.8])] {
+            scope.ids.push(id);
+            scope.vectors.extend_from_slice(&v);
+        }
+        scope.remove(1);
+        assert_eq!(scope.best(&[1.0, 0.0], 0.5), Some((3, 0.6)));
+        assert_eq!(scope.best(&[0.0, 1.0], 0.9), Some((2, 1.0)));
+        scope.remove(3);
+        scope.remove(2);
+        assert!(scope.ids.is_empty() && scope.vectors.is_empty());
+        assert_eq!(scope.best(&[1.0], 0.0), None, "wrong width");
     }
 
     #[test]
