@@ -41,6 +41,7 @@ pub struct ServedEncoder {
     pub spec: ModelSpec,
     gate: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
 }
 
 impl ServedEncoder {
@@ -57,6 +58,7 @@ impl ServedEncoder {
             spec: spec.clone(),
             gate: Arc::new(Semaphore::new(1)),
             waiting: Arc::default(),
+            max_waiting: MAX_WAITING,
         })
     }
 
@@ -69,20 +71,23 @@ impl ServedEncoder {
             spec: spec.clone(),
             gate: self.gate.clone(),
             waiting: self.waiting.clone(),
+            max_waiting: self.max_waiting,
         }
     }
 
     /// Vectors of already-tokenized inputs, off the async threads.
     pub async fn embed_ids(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Embedding>, ApiError> {
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(ApiError::Overloaded {
                 message: format!("encoder `{}` has too many requests waiting", self.name),
                 retry_after: Duration::from_secs(1),
             });
         }
+        // Counted until the gate opens, or until the caller goes away.
+        let waiting = WaitGuard(&self.waiting);
         let permit = self.gate.clone().acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        drop(waiting);
         let permit = permit.map_err(|_| ApiError::Internal("encoder closed".into()))?;
         let embedder = self.embedder.clone();
         tokio::task::spawn_blocking(move || {
@@ -131,6 +136,16 @@ impl ServedEncoder {
             }
         };
         Ok(inputs)
+    }
+}
+
+/// Takes one off the wait count when dropped (also when the waiting
+/// request is cancelled).
+struct WaitGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -266,4 +281,66 @@ async fn embed(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Res
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }))
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ServedEncoder {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("engine/tests/fixtures/tiny-bert");
+        let spec = ModelSpec {
+            name: "tiny-bert".into(),
+            dir,
+            ..ModelSpec::default()
+        };
+        ServedEncoder::load(&spec, 0).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn beyond_the_wait_list_requests_get_429_and_waiters_finish() {
+        let encoder = Arc::new(ServedEncoder {
+            max_waiting: 3,
+            ..tiny()
+        });
+        let waiting = |n: usize, what: &str| {
+            let encoder = encoder.clone();
+            let what = what.to_owned();
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while encoder.waiting.load(Ordering::Acquire) != n {
+                    assert!(std::time::Instant::now() < deadline, "{what}");
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        // Hold the encoder as a long batch would.
+        let busy = encoder.gate.clone().try_acquire_owned().unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..2 {
+            let e = encoder.clone();
+            waiters.push(tokio::spawn(async move { e.embed_text("the agent").await }));
+        }
+        waiting(2, "waiters never queued").await;
+        let gone = encoder.clone();
+        let cancelled = tokio::spawn(async move { gone.embed_text("cancelled").await });
+        waiting(3, "the third waiter never queued").await;
+        let refused = encoder.embed_text("one too many").await.unwrap_err();
+        assert_eq!(refused.status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            encoder.waiting.load(Ordering::Acquire),
+            3,
+            "a refusal leaves no count"
+        );
+        // A waiter whose client goes away leaves the list.
+        cancelled.abort();
+        let _ = cancelled.await;
+        waiting(2, "a cancelled waiter stays counted").await;
+        drop(busy);
+        for w in waiters {
+            assert_eq!(w.await.unwrap().unwrap().len(), 64);
+        }
+        assert_eq!(encoder.waiting.load(Ordering::Acquire), 0);
+    }
 }
