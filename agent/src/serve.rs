@@ -54,24 +54,6 @@ pub async fn respond(
         }
         state.metrics.cache_misses.get_or_create(&label).inc();
     }
-    let mut semantic = None;
-    match crate::semantic::probe(&state, &model, &job).await {
-        Some(Probe::Hit(hit)) => {
-            if let Ok(generation) = serde_json::from_slice::<Generation>(&hit.answer) {
-                let tier_label = TierLabel {
-                    model_name: model.name.clone(),
-                    tier: "semantic".into(),
-                };
-                state.metrics.cache_hits.get_or_create(&tier_label).inc();
-                count_success(&state, &model);
-                let response =
-                    render_events(meta, shape, stream, render::replay(&generation)).await;
-                return with_header(response, CACHE_HEADER, "semantic");
-            }
-        }
-        Some(Probe::Miss(fill)) => semantic = Some(fill),
-        None => {}
-    }
     let mut leader = None;
     if let Some(key) = key.filter(|_| model.cache_policy.coalescing.enabled) {
         match model.coalescer.join(key) {
@@ -85,8 +67,9 @@ pub async fn respond(
             Joined::Leader(publisher, subscription) => leader = Some((publisher, subscription)),
         }
     }
-    let events = match start(&state, &model, &job, &label) {
-        Ok(events) => events,
+    // Only a leader asks the semantic cache: followers share its answer.
+    let (events, tier) = match semantic_or_engine(&state, &model, &job, &label, key).await {
+        Ok(found) => found,
         Err(e) => {
             // Requests that joined meanwhile get the same answer.
             if let Some((publisher, _)) = leader {
@@ -95,11 +78,6 @@ pub async fn respond(
             return e.into_response();
         }
     };
-    let sinks = reuse::Sinks {
-        exact: key.zip(model.cache.clone()).map(|(k, c)| (c, k)),
-        semantic,
-    };
-    let events = reuse::fill_cache(events, sinks);
     let events = match leader {
         Some((publisher, subscription)) => {
             reuse::pump(events, publisher);
@@ -108,10 +86,44 @@ pub async fn respond(
         None => events,
     };
     let response = render_events(meta, shape, stream, events).await;
-    if key.is_some() && model.cache.is_some() {
-        return with_header(response, CACHE_HEADER, "miss");
+    match tier {
+        Some(tier) => with_header(response, CACHE_HEADER, tier),
+        None => response,
     }
-    response
+}
+
+/// A semantic hit's replay, else a fresh generation that fills the caches;
+/// with the `x-weir-cache` value to answer with, if any.
+async fn semantic_or_engine(
+    state: &AppState,
+    model: &Arc<ServedModel>,
+    job: &Job,
+    label: &ModelLabel,
+    key: Option<crate::cache::CacheKey>,
+) -> Result<(GenStream, Option<&'static str>), ApiError> {
+    let mut semantic = None;
+    match crate::semantic::probe(state, model, job).await {
+        Some(Probe::Hit(hit)) => {
+            if let Ok(generation) = serde_json::from_slice::<Generation>(&hit.answer) {
+                let tier_label = TierLabel {
+                    model_name: model.name.clone(),
+                    tier: "semantic".into(),
+                };
+                state.metrics.cache_hits.get_or_create(&tier_label).inc();
+                count_success(state, model);
+                return Ok((render::replay(&generation), Some("semantic")));
+            }
+        }
+        Some(Probe::Miss(fill)) => semantic = Some(fill),
+        None => {}
+    }
+    let events = start(state, model, job, label)?;
+    let sinks = reuse::Sinks {
+        exact: key.zip(model.cache.clone()).map(|(k, c)| (c, k)),
+        semantic,
+    };
+    let tier = (key.is_some() && model.cache.is_some()).then_some("miss");
+    Ok((reuse::fill_cache(events, sinks), tier))
 }
 
 /// Counts a request answered without the engine (cache hit, coalesced).
