@@ -99,6 +99,12 @@ impl Downloads {
                         fetch.dir.clone(),
                         Entry::Failed(e.to_string(), Instant::now()),
                     );
+                    // Wake the sync loop again when a retry is due.
+                    let again = finished.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(RETRY_AFTER).await;
+                        again.notify_one();
+                    });
                 }
             }
             drop(entries);
