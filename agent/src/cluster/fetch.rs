@@ -62,9 +62,11 @@ impl Downloads {
     /// runs or failed less than [`RETRY_AFTER`] ago.
     pub fn ensure(&self, fetch: Fetch) -> ModelState {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        // Failures are remembered only as long as they hold a retry back.
+        entries.retain(|_, e| !matches!(e, Entry::Failed(_, at) if at.elapsed() >= RETRY_AFTER));
         match entries.get(&fetch.dir) {
             Some(Entry::Running(progress)) => return loading(progress),
-            Some(Entry::Failed(why, at)) if at.elapsed() < RETRY_AFTER => {
+            Some(Entry::Failed(why, _)) => {
                 return ModelState::failed("DownloadFailed", why.clone());
             }
             _ => {}
