@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use weir_engine::backend::cpu::dot;
+
 use super::CacheKey;
 
 /// Most entries one scope keeps (a lookup compares against all of them).
@@ -88,19 +90,6 @@ pub struct SemanticHit {
 
 fn lock(scopes: &Scopes) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Scope>> {
     scopes.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Dot product with eight independent accumulators (vectorizes).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_rest) = b.split_at(a8.len());
-    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum::<f32>()
 }
 
 impl SemanticIndex {

@@ -61,7 +61,7 @@ fn shape_err(what: &str, detail: String) -> EngineError {
 
 /// Dot product with eight independent accumulators, so the compiler can
 /// keep them in one vector register.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
     let (b8, b_rest) = b.split_at(a8.len());
