@@ -15,7 +15,7 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
-use super::{CORPUS, SplitMix, pretty, tok_err, write, write_safetensors};
+use super::{CORPUS, SplitMix, pretty, random_tensor, tok_err, write, write_safetensors};
 use crate::error::{EngineError, Result};
 use crate::weights::WeightDtype;
 
@@ -100,9 +100,7 @@ fn weights(spec: &TinyBertSpec, vocab: usize) -> Vec<(String, Vec<usize>, Vec<f3
     let (h, ff) = (spec.hidden_size, spec.intermediate_size);
     let mut out = Vec::new();
     let mut tensor = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
-        let n = shape.iter().product();
-        let values = (0..n).map(|_| offset + scale * rng.next_f32()).collect();
-        out.push((name, shape, values));
+        out.push(random_tensor(&mut rng, name, shape, scale, offset));
     };
     let w = |fan_in: usize| 1.7 / (fan_in as f32).sqrt();
     let e = "embeddings";

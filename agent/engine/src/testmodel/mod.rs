@@ -202,6 +202,19 @@ impl SplitMix {
     }
 }
 
+/// A named tensor of `offset + scale * u` with `u` uniform in [-1, 1).
+pub(crate) fn random_tensor(
+    rng: &mut SplitMix,
+    name: String,
+    shape: Vec<usize>,
+    scale: f32,
+    offset: f32,
+) -> (String, Vec<usize>, Vec<f32>) {
+    let n = shape.iter().product();
+    let values = (0..n).map(|_| offset + scale * rng.next_f32()).collect();
+    (name, shape, values)
+}
+
 pub(crate) fn encode(values: &[f32], dtype: WeightDtype) -> (Dtype, Vec<u8>) {
     match dtype {
         WeightDtype::F32 => (
@@ -236,9 +249,7 @@ fn weight_values(spec: &TinyModelSpec, vocab: usize) -> Vec<(String, Vec<usize>,
     );
     let mut out = Vec::new();
     let mut tensor = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
-        let n = shape.iter().product();
-        let values = (0..n).map(|_| offset + scale * rng.next_f32()).collect();
-        out.push((name, shape, values));
+        out.push(random_tensor(&mut rng, name, shape, scale, offset));
     };
     let w = |fan_in: usize| 1.7 / (fan_in as f32).sqrt();
     tensor("model.embed_tokens.weight".into(), vec![vocab, h], 1.0, 0.0);
