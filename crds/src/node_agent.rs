@@ -38,9 +38,12 @@ pub struct NodeAgentSpec {
     /// The Kubernetes Node this agent runs on.
     #[schemars(length(min = 1, max = 253))]
     pub node_name: String,
-    /// Models this node serves, with their settings resolved.
+    /// Models this node serves, with their settings resolved. A map list
+    /// keyed by `servedName`: the operator writes each Model's entry under
+    /// that Model's own field manager, so entries never overwrite each other.
     #[serde(default)]
     #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["servedName"]))]
     pub models: Vec<AssignedModel>,
     /// When true the agent finishes requests in flight, takes no new ones
     /// and unloads its models (the node is being drained).

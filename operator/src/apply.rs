@@ -1,6 +1,7 @@
-//! The operator's writes, all by server-side apply under one field manager:
-//! NodeAgent specs (what each node serves), Model and policy statuses, and
-//! events that explain decisions. Unchanged objects are not written.
+//! The operator's writes, all by server-side apply: each Model's entries in
+//! NodeAgent specs (what each node serves) under that Model's own field
+//! manager, and Model, policy and NodeAgent statuses under the operator's;
+//! plus events that explain decisions. Unchanged objects are not written.
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
@@ -18,25 +19,52 @@ fn params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
 
-/// Sets the models a node serves, if they differ from what it has.
-pub async fn agent_models(
-    client: &kube::Client,
-    agent: &NodeAgent,
-    models: &[AssignedModel],
-) -> Result<bool, kube::Error> {
-    if agent.spec.models == models {
-        return Ok(false);
+/// The field manager under which a Model's entries in NodeAgent specs are
+/// applied: one per Model, so that each Model's reconcile owns exactly its
+/// own entry of each map list and can drop it without touching the others.
+/// Field managers are limited to 128 characters; longer keys keep a prefix
+/// and a stable hash of the whole key.
+pub fn model_manager(namespace: &str, name: &str) -> String {
+    let full = format!("{FIELD_MANAGER}/{namespace}/{name}");
+    if full.len() <= 128 {
+        return full;
     }
+    // FNV-1a: stable across builds (std's hasher is not).
+    let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let mut cut = 100;
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{hash:016x}", &full[..cut])
+}
+
+/// Sets (`Some`) or removes (`None`) one Model's entry in a NodeAgent's
+/// `spec.models`, applied under that Model's own field manager.
+pub async fn assignment(
+    client: &kube::Client,
+    agent: &str,
+    manager: &str,
+    entry: Option<&AssignedModel>,
+) -> Result<(), kube::Error> {
     let api: Api<NodeAgent> = Api::all(client.clone());
-    let patch = json!({
+    let mut patch = json!({
         "apiVersion": "weir.dev/v1alpha1",
         "kind": "NodeAgent",
-        "metadata": {"name": agent.name_any()},
-        "spec": {"nodeName": agent.spec.node_name, "models": models},
+        "metadata": {"name": agent},
     });
-    api.patch(&agent.name_any(), &params(), &Patch::Apply(patch))
-        .await?;
-    Ok(true)
+    // Applying nothing releases what this manager owned: its entry goes.
+    if let Some(entry) = entry {
+        patch["spec"] = json!({"models": [entry]});
+    }
+    api.patch(
+        agent,
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Writes a Model's status, if it changed.

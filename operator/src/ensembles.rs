@@ -1,11 +1,11 @@
-//! Ensemble status: each round, ensembles whose reweighting interval has
-//! passed get new effective weights from the collected figures of their
-//! member Models (requests, p50 latency and TTFT, error rate since the
-//! previous collection round), written into `ModelEnsemble.status` with the figures behind
-//! them; agents route by those weights. External members have no collected
-//! figures yet and keep their share.
+//! The ModelEnsemble controller: each reweighting interval an ensemble gets
+//! new effective weights from the collected figures of its member Models
+//! (requests, p50 latency and TTFT, error rate since its previous
+//! reweighting), written into `ModelEnsemble.status` with the figures
+//! behind them; agents route by those weights. External members have no
+//! collected figures yet and keep their share.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,13 +13,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
 use serde_json::json;
-use tokio::sync::Mutex;
 use weir_crds::common::CommonStatus;
 use weir_crds::ensemble::{MemberStatus, ModelEnsembleStatus};
 use weir_crds::{Model, ModelEnsemble};
 
-use crate::controller::Context;
+use crate::controller::{Context, observe};
 use crate::reweight::{MemberFigures, reweight};
 use crate::scrape::ModelFigures;
 use crate::world;
@@ -65,18 +65,15 @@ fn member_figures(
         .collect()
 }
 
-/// Reweights every ensemble that is due and writes its status.
-pub async fn reweight_all(
-    ctx: &Context,
-    ensembles: &[Arc<ModelEnsemble>],
-    models: &[Arc<Model>],
-    figures: &BTreeMap<String, ModelFigures>,
-    previous: &Mutex<BTreeMap<String, ModelFigures>>,
-    last: &Mutex<HashMap<String, Instant>>,
-) {
-    let before = previous.lock().await.clone();
-    let mut last = last.lock().await;
-    for ensemble in ensembles {
+/// Reconciles one ensemble (the controller's entry point): when its
+/// reweighting interval has passed (or it has no status yet), reweights it
+/// from the figures collected since its last reweighting and writes its
+/// status; requeued for the next interval.
+pub async fn reconcile(
+    ensemble: Arc<ModelEnsemble>,
+    ctx: Arc<Context>,
+) -> Result<Action, crate::controller::Error> {
+    observe(&ctx, ensemble.as_ref(), async {
         let key = format!(
             "{}/{}",
             ensemble.namespace().unwrap_or_default(),
@@ -87,76 +84,22 @@ pub async fn reweight_all(
             .reweighting
             .as_ref()
             .map_or(Duration::from_secs(30), |r| {
-                Duration::from_secs(u64::from(r.interval_seconds))
+                Duration::from_secs(u64::from(r.interval_seconds.max(1)))
             });
-        if last.get(&key).is_some_and(|t| t.elapsed() < interval) && ensemble.status.is_some() {
-            continue;
+        let figures = ctx.figures.read().await.clone();
+        let mut reweights = ctx.reweights().lock().await;
+        if let Some((at, _)) = reweights.get(&key)
+            && at.elapsed() < interval
+            && ensemble.status.is_some()
+        {
+            return Ok(Action::requeue(interval - at.elapsed()));
         }
-        last.insert(key.clone(), Instant::now());
-        let members = member_figures(ensemble, models, figures, &before);
-        let previous_shares: BTreeMap<String, f64> = ensemble
-            .status
-            .as_ref()
-            .map(|s| {
-                s.members
-                    .iter()
-                    .map(|m| (m.name.clone(), m.weight))
-                    .collect()
-            })
+        let before = reweights
+            .get(&key)
+            .map(|(_, f)| f.clone())
             .unwrap_or_default();
-        let shares = match &ensemble.spec.reweighting {
-            Some(r) => reweight(
-                &members,
-                r.objective,
-                r.min_weight,
-                r.max_step,
-                &previous_shares,
-            ),
-            // Without reweighting the configured weights stand (normalised).
-            None => reweight(&members, Default::default(), 0.0, 0.0, &BTreeMap::new()),
-        };
-        let status = ModelEnsembleStatus {
-            common: CommonStatus {
-                observed_generation: ensemble.metadata.generation,
-                conditions: vec![world::condition(
-                    &ensemble
-                        .status
-                        .as_ref()
-                        .map(|s| s.common.conditions.clone())
-                        .unwrap_or_default(),
-                    "Ready",
-                    members.iter().any(|m| m.available),
-                    "Members",
-                    format!(
-                        "{} of {} members available",
-                        members.iter().filter(|m| m.available).count(),
-                        members.len()
-                    ),
-                    ensemble.metadata.generation,
-                    Timestamp::now(),
-                )],
-            },
-            served_name: Some(
-                ensemble
-                    .spec
-                    .served_name
-                    .clone()
-                    .unwrap_or_else(|| ensemble.name_any()),
-            ),
-            members: members
-                .iter()
-                .map(|m| MemberStatus {
-                    name: m.name.clone(),
-                    weight: shares.get(&m.name).copied().unwrap_or(0.0),
-                    requests: m.requests as u64,
-                    latency_p50_ms: m.latency_p50.map(|s| s * 1e3),
-                    ttft_p50_ms: m.ttft_p50.map(|s| s * 1e3),
-                    error_rate: m.error_rate,
-                    available: m.available,
-                })
-                .collect(),
-            last_reweight_time: Some(Time(Timestamp::now())),
-        };
+        let models = ctx.caches.models.state();
+        let status = status(&ensemble, &models, &figures, &before);
         let api: Api<ModelEnsemble> = Api::namespaced(
             ctx.client.clone(),
             &ensemble.namespace().unwrap_or_default(),
@@ -164,12 +107,87 @@ pub async fn reweight_all(
         let patch =
             json!({"apiVersion": "weir.dev/v1alpha1", "kind": "ModelEnsemble", "status": status});
         let params = PatchParams::apply(crate::apply::FIELD_MANAGER).force();
-        if let Err(e) = api
+        let result = api
             .patch_status(&ensemble.name_any(), &params, &Patch::Apply(patch))
-            .await
-        {
-            tracing::warn!(ensemble = %key, error = %e, "writing ModelEnsemble status");
-        }
+            .await;
+        ctx.metrics.record("ModelEnsemble", &result);
+        result?;
+        reweights.insert(key, (Instant::now(), figures));
+        Ok(Action::requeue(interval))
+    })
+    .await
+}
+
+/// The ensemble's status: effective weights from its members' figures
+/// between `before` and `now`.
+pub fn status(
+    ensemble: &ModelEnsemble,
+    models: &[Arc<Model>],
+    now: &BTreeMap<String, ModelFigures>,
+    before: &BTreeMap<String, ModelFigures>,
+) -> ModelEnsembleStatus {
+    let members = member_figures(ensemble, models, now, before);
+    let previous_shares: BTreeMap<String, f64> = ensemble
+        .status
+        .as_ref()
+        .map(|s| {
+            s.members
+                .iter()
+                .map(|m| (m.name.clone(), m.weight))
+                .collect()
+        })
+        .unwrap_or_default();
+    let shares = match &ensemble.spec.reweighting {
+        Some(r) => reweight(
+            &members,
+            r.objective,
+            r.min_weight,
+            r.max_step,
+            &previous_shares,
+        ),
+        // Without reweighting the configured weights stand (normalised).
+        None => reweight(&members, Default::default(), 0.0, 0.0, &BTreeMap::new()),
+    };
+    ModelEnsembleStatus {
+        common: CommonStatus {
+            observed_generation: ensemble.metadata.generation,
+            conditions: vec![world::condition(
+                &ensemble
+                    .status
+                    .as_ref()
+                    .map(|s| s.common.conditions.clone())
+                    .unwrap_or_default(),
+                "Ready",
+                members.iter().any(|m| m.available),
+                "Members",
+                format!(
+                    "{} of {} members available",
+                    members.iter().filter(|m| m.available).count(),
+                    members.len()
+                ),
+                ensemble.metadata.generation,
+                Timestamp::now(),
+            )],
+        },
+        served_name: Some(
+            ensemble
+                .spec
+                .served_name
+                .clone()
+                .unwrap_or_else(|| ensemble.name_any()),
+        ),
+        members: members
+            .iter()
+            .map(|m| MemberStatus {
+                name: m.name.clone(),
+                weight: shares.get(&m.name).copied().unwrap_or(0.0),
+                requests: m.requests as u64,
+                latency_p50_ms: m.latency_p50.map(|s| s * 1e3),
+                ttft_p50_ms: m.ttft_p50.map(|s| s * 1e3),
+                error_rate: m.error_rate,
+                available: m.available,
+            })
+            .collect(),
+        last_reweight_time: Some(Time(Timestamp::now())),
     }
-    *previous.lock().await = figures.clone();
 }

@@ -187,11 +187,14 @@ mod tests {
                 .1
                 .contains("weir_operator_leader 1")
         );
-        state.metrics.rounds.inc();
+        state.metrics.reconciled("Model", 0.01, true);
         state.metrics.record::<(), ()>("Model", &Err(()));
         let text = get(&state, "/metrics").await.1;
         assert!(
-            text.contains("weir_operator_reconcile_rounds_total 1"),
+            text.contains("weir_operator_reconciles_total{kind=\"Model\"} 1")
+                && text.contains("weir_operator_reconcile_errors_total{kind=\"Model\"} 1")
+                && text
+                    .contains("weir_operator_reconcile_duration_seconds_count{kind=\"Model\"} 1"),
             "{text}"
         );
         assert!(

@@ -95,12 +95,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(leader::run(client.clone(), election, leader.clone()));
     }
     state.watch_leadership(leader.clone());
-    let context = Arc::new(controller::Context::new(
+    tokio::spawn(controller::run(
         client.clone(),
         leader.clone(),
         state.metrics.clone(),
     ));
-    tokio::spawn(controller::run(context));
 
     tokio::select! {
         result = server => result.context("HTTP server task")?.context("HTTP server"),

@@ -7,9 +7,8 @@ use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
 use tower_test::mock;
+use weir_crds::Model;
 use weir_crds::model::ModelStatus;
-use weir_crds::node_agent::NodeAgentSpec;
-use weir_crds::{Model, NodeAgent};
 use weir_operator::{apply, world};
 
 fn client() -> (kube::Client, mock::Handle<Request<Body>, Response<Body>>) {
@@ -37,20 +36,11 @@ fn model() -> Model {
 }
 
 #[tokio::test]
-async fn node_agent_specs_are_applied_only_when_they_change() {
+async fn a_models_node_agent_entry_is_applied_under_its_own_field_manager() {
     let (client, mut handle) = client();
-    let agent = NodeAgent::new(
-        "gpu-1",
-        NodeAgentSpec {
-            node_name: "gpu-1".into(),
-            ..Default::default()
-        },
-    );
-    let assigned = vec![world::assignment(
-        &model(),
-        Default::default(),
-        Default::default(),
-    )];
+    let entry = world::assignment(&model(), Default::default(), Default::default());
+    let manager = apply::model_manager("ml", "llama");
+    assert_eq!(manager, "weir-operator/ml/llama");
     let server = tokio::spawn(async move {
         let (req, send) = handle.next_request().await.expect("PATCH nodeagent");
         assert_eq!(
@@ -59,38 +49,54 @@ async fn node_agent_specs_are_applied_only_when_they_change() {
         );
         let query = req.uri().query().unwrap_or_default().to_owned();
         assert!(
-            query.contains("fieldManager=weir-operator") && query.contains("force=true"),
+            query.contains("fieldManager=weir-operator%2Fml%2Fllama")
+                && query.contains("force=true"),
             "{query}"
         );
         let sent = body(req).await;
+        assert_eq!(sent["spec"]["models"].as_array().unwrap().len(), 1);
         assert_eq!(sent["spec"]["models"][0]["servedName"], "llama-chat");
         assert_eq!(
             sent["spec"]["models"][0]["modelRef"],
             json!({"namespace": "ml", "name": "llama"})
         );
-        assert_eq!(sent["spec"]["nodeName"], "gpu-1");
-        let mut stored = sent.clone();
-        stored["metadata"] = json!({"name": "gpu-1"});
-        reply(send, stored);
         assert!(
-            handle.next_request().await.is_none(),
-            "an unchanged spec is not written again"
+            sent["spec"].get("nodeName").is_none(),
+            "the agent owns nodeName"
         );
+        let mut stored = sent.clone();
+        stored["spec"]["nodeName"] = json!("gpu-1");
+        reply(send, stored.clone());
+        // Removal applies nothing under the same manager.
+        let (req, send) = handle.next_request().await.expect("PATCH removal");
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        assert!(
+            query.contains("fieldManager=weir-operator%2Fml%2Fllama"),
+            "{query}"
+        );
+        let sent = body(req).await;
+        assert!(sent.get("spec").is_none(), "{sent}");
+        assert_eq!(sent["metadata"]["name"], "gpu-1");
+        stored["spec"]["models"] = json!([]);
+        reply(send, stored);
     });
-    assert!(
-        apply::agent_models(&client, &agent, &assigned)
-            .await
-            .unwrap()
-    );
-    let mut current = agent.clone();
-    current.spec.models = assigned.clone();
-    assert!(
-        !apply::agent_models(&client, &current, &assigned)
-            .await
-            .unwrap()
-    );
-    drop(client);
+    apply::assignment(&client, "gpu-1", &manager, Some(&entry))
+        .await
+        .unwrap();
+    apply::assignment(&client, "gpu-1", &manager, None)
+        .await
+        .unwrap();
     server.await.unwrap();
+}
+
+#[test]
+fn long_model_keys_get_a_short_stable_field_manager() {
+    let name = "m".repeat(253);
+    let a = apply::model_manager("ns", &name);
+    assert!(a.len() <= 128, "{}", a.len());
+    assert_eq!(a, apply::model_manager("ns", &name));
+    assert_ne!(a, apply::model_manager("ns", &"m".repeat(252)));
+    assert!(a.starts_with("weir-operator/ns/mmm"));
 }
 
 #[tokio::test]

@@ -1,0 +1,638 @@
+//! The Model and NodeAgent controllers' reconciles against a mocked API
+//! server (`tower-test`) that records every call and keeps the objects it
+//! was sent, merging each field manager's NodeAgent `spec.models` entries
+//! as server-side apply merges a map list. From cached Nodes, NodeAgents
+//! and Models to the entries each Model writes under its own field manager,
+//! Model statuses, events and finalizer patches. A second pass over the
+//! written objects writes nothing; losing a Node moves its replica; a Model
+//! naming a missing BatchPolicy gets a condition and an event naming it; a
+//! deleted Model is unassigned before its finalizer goes; a stale agent is
+//! marked and gets no work.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use tower_test::mock;
+use weir_crds::{BatchPolicy, CachePolicy, Model, ModelEnsemble, NodeAgent};
+use weir_operator::controller::{Caches, Context, model, node_agent};
+use weir_operator::metrics::OperatorMetrics;
+
+#[derive(Clone, Debug)]
+struct Call {
+    method: Method,
+    path: String,
+    query: String,
+    body: Value,
+}
+
+type Calls = Arc<Mutex<Vec<Call>>>;
+type Objects = Arc<Mutex<HashMap<String, Value>>>;
+
+fn failure(code: u16, message: &str) -> Response<Body> {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": message, "reason": "Failed", "code": code});
+    Response::builder()
+        .status(StatusCode::from_u16(code).unwrap())
+        .body(Body::from(serde_json::to_vec(&status).unwrap()))
+        .unwrap()
+}
+
+/// Server-side apply of one manager's `spec.models` entries (a map list
+/// keyed by `servedName`): entries it applied before and omits now go.
+fn apply_entries(object: &mut Value, owned: &mut Vec<String>, patch: &Value) {
+    let sent: Vec<Value> = patch["spec"]["models"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<String> = sent
+        .iter()
+        .map(|e| e["servedName"].as_str().unwrap().to_owned())
+        .collect();
+    let models = object["spec"]["models"].as_array_mut().unwrap();
+    models.retain(|e| {
+        let name = e["servedName"].as_str().unwrap().to_owned();
+        !owned.contains(&name) || names.contains(&name)
+    });
+    for entry in sent {
+        match models
+            .iter_mut()
+            .find(|e| e["servedName"] == entry["servedName"])
+        {
+            Some(e) => *e = entry,
+            None => models.push(entry),
+        }
+    }
+    *owned = names;
+}
+
+/// A mock API server; writes to paths containing `failing` answer 500.
+fn server(
+    objects: Vec<(String, Value)>,
+    failing: Option<&'static str>,
+) -> (kube::Client, Calls, Objects) {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let calls: Calls = Arc::default();
+    let stored: Objects = Arc::new(Mutex::new(objects.into_iter().collect()));
+    let (log, state) = (calls.clone(), stored.clone());
+    tokio::spawn(async move {
+        let mut owned: HashMap<(String, String), Vec<String>> = HashMap::new();
+        // Entries the seeded agents carry belong to their Models' managers.
+        for (path, object) in state.lock().unwrap().iter() {
+            for e in object["spec"]["models"].as_array().into_iter().flatten() {
+                let manager = format!(
+                    "weir-operator/{}/{}",
+                    e["modelRef"]["namespace"].as_str().unwrap(),
+                    e["modelRef"]["name"].as_str().unwrap()
+                );
+                owned
+                    .entry((path.clone(), manager))
+                    .or_default()
+                    .push(e["servedName"].as_str().unwrap().to_owned());
+            }
+        }
+        while let Some((req, send)) = handle.next_request().await {
+            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            log.lock().unwrap().push(Call {
+                method: method.clone(),
+                path: path.clone(),
+                query: query.clone(),
+                body: body.clone(),
+            });
+            if failing.is_some_and(|f| path.contains(f)) {
+                send.send_response(failure(500, "etcd is unhappy"));
+                continue;
+            }
+            let manager = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("fieldManager="))
+                .unwrap_or_default()
+                .replace("%2F", "/");
+            let object_path = path.trim_end_matches("/status").to_owned();
+            let mut objects = state.lock().unwrap();
+            let answer = match (method, objects.get_mut(&object_path)) {
+                // A JSON patch (finalizers): applied to the stored object.
+                (Method::PATCH, Some(object)) if body.is_array() => {
+                    // The API server reads a missing list as null.
+                    let meta = object["metadata"].as_object_mut().unwrap();
+                    meta.entry("finalizers").or_insert(Value::Null);
+                    let ops: json_patch::Patch = serde_json::from_value(body).unwrap();
+                    if let Err(e) = json_patch::patch(object, &ops) {
+                        send.send_response(failure(422, &e.to_string()));
+                        continue;
+                    }
+                    object.clone()
+                }
+                (Method::PATCH, Some(object))
+                    if path.contains("/nodeagents/") && !path.ends_with("/status") =>
+                {
+                    apply_entries(
+                        object,
+                        owned.entry((object_path.clone(), manager)).or_default(),
+                        &body,
+                    );
+                    object.clone()
+                }
+                // Other applies: the sent top-level fields replace ours.
+                (Method::PATCH, Some(object)) => {
+                    for (k, v) in body.as_object().unwrap() {
+                        if k != "metadata" {
+                            object[k] = v.clone();
+                        }
+                    }
+                    object.clone()
+                }
+                _ => body,
+            };
+            let response = Response::builder()
+                .status(StatusCode::OK)
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap();
+            send.send_response(response);
+        }
+    });
+    (kube::Client::new(service, "default"), calls, stored)
+}
+
+fn model_path(name: &str) -> String {
+    format!("/apis/weir.dev/v1alpha1/namespaces/ml/models/{name}")
+}
+
+fn agent_path(name: &str) -> String {
+    format!("/apis/weir.dev/v1alpha1/nodeagents/{name}")
+}
+
+fn seed(models: &[Model], agents: &[NodeAgent]) -> Vec<(String, Value)> {
+    let m = models.iter().map(|m| {
+        (
+            model_path(m.metadata.name.as_ref().unwrap()),
+            serde_json::to_value(m).unwrap(),
+        )
+    });
+    let a = agents.iter().map(|a| {
+        (
+            agent_path(a.metadata.name.as_ref().unwrap()),
+            serde_json::to_value(a).unwrap(),
+        )
+    });
+    m.chain(a).collect()
+}
+
+/// The caches a test controls.
+struct World {
+    models: Writer<Model>,
+    agents: Writer<NodeAgent>,
+    nodes: Writer<Node>,
+}
+
+impl World {
+    fn new(models: &[Model], agents: &[NodeAgent], nodes: &[Node]) -> (Self, Caches) {
+        let (m, mw) = reflector::store::<Model>();
+        let (a, aw) = reflector::store::<NodeAgent>();
+        let (n, nw) = reflector::store::<Node>();
+        let caches = Caches::from_stores(
+            m,
+            reflector::store::<ModelEnsemble>().0,
+            reflector::store::<CachePolicy>().0,
+            reflector::store::<BatchPolicy>().0,
+            a,
+            n,
+        );
+        let mut world = Self {
+            models: mw,
+            agents: aw,
+            nodes: nw,
+        };
+        models.iter().for_each(|o| {
+            world
+                .models
+                .apply_watcher_event(&watcher::Event::Apply(o.clone()))
+        });
+        agents.iter().for_each(|o| world.set_agent(o.clone()));
+        nodes.iter().for_each(|o| {
+            world
+                .nodes
+                .apply_watcher_event(&watcher::Event::Apply(o.clone()))
+        });
+        (world, caches)
+    }
+
+    fn set_agent(&mut self, agent: NodeAgent) {
+        self.agents
+            .apply_watcher_event(&watcher::Event::Apply(agent));
+    }
+
+    /// Caches the agents as the server now holds them.
+    fn sync_agents(&mut self, stored: &Objects, names: &[&str]) {
+        for name in names {
+            let value = stored.lock().unwrap()[&agent_path(name)].clone();
+            self.set_agent(serde_json::from_value(value).unwrap());
+        }
+    }
+}
+
+fn node(name: &str) -> Node {
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "uid": format!("uid-{name}"), "labels": {"pool": "gpu"}}}))
+    .unwrap()
+}
+
+fn agent(name: &str, models: Value) -> NodeAgent {
+    let now = Timestamp::now().to_string();
+    serde_json::from_value(
+        json!({"apiVersion": "weir.dev/v1alpha1", "kind": "NodeAgent",
+        "metadata": {"name": name},
+        "spec": {"nodeName": name, "models": models},
+        "status": {"endpoint": null, "lastHeartbeatTime": now,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Heartbeat", "message": "",
+                            "lastTransitionTime": now}]}}),
+    )
+    .unwrap()
+}
+
+/// A Model that already carries the operator's finalizer.
+fn model(name: &str, replicas: u32, batch_policy: Option<&str>) -> Model {
+    let mut spec = json!({"source": {"uri": "file:///models/m"}, "resources": {"gpus": 0},
+        "nodeSelector": {"pool": "gpu"}, "replicas": {"min": replicas, "max": replicas}});
+    if let Some(p) = batch_policy {
+        spec["batchPolicyRef"] = json!({"name": p});
+    }
+    serde_json::from_value(json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Model",
+        "metadata": {"name": name, "namespace": "ml", "generation": 1, "uid": format!("uid-{name}"),
+                     "finalizers": ["weir.dev/unassign"]},
+        "spec": spec}))
+    .unwrap()
+}
+
+fn context(client: kube::Client, caches: Caches) -> Arc<Context> {
+    let metrics = OperatorMetrics::register(&mut prometheus_client::registry::Registry::default());
+    Arc::new(Context::new(client, metrics, caches))
+}
+
+async fn reconcile_models(ctx: &Arc<Context>, models: &[Model]) {
+    for m in models {
+        model::reconcile(Arc::new(m.clone()), ctx.clone())
+            .await
+            .unwrap();
+    }
+}
+
+fn take(calls: &Calls) -> Vec<Call> {
+    std::mem::take(&mut *calls.lock().unwrap())
+}
+
+/// Agents whose spec writes assign `served`, with the field managers used.
+fn assigned_to(calls: &[Call], served: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = calls
+        .iter()
+        .filter(|c| {
+            c.method == Method::PATCH
+                && c.path.contains("/nodeagents/")
+                && !c.path.ends_with("/status")
+        })
+        .filter(|c| {
+            c.body["spec"]["models"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().any(|m| m["servedName"] == served))
+        })
+        .map(|c| {
+            let manager = c
+                .query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("fieldManager="))
+                .unwrap_or_default();
+            (
+                c.path.rsplit('/').next().unwrap().to_owned(),
+                manager.replace("%2F", "/"),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn agents_of(calls: &[Call], served: &str) -> Vec<String> {
+    assigned_to(calls, served)
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect()
+}
+
+fn events<'a>(calls: &'a [Call], reason: &str) -> Vec<&'a Call> {
+    calls
+        .iter()
+        .filter(|c| {
+            c.method == Method::POST && c.path.ends_with("/events") && c.body["reason"] == reason
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn models_are_placed_written_explained_and_then_hold_still() {
+    let names = ["gpu-1", "gpu-2", "gpu-3"];
+    let nodes: Vec<Node> = names.map(node).to_vec();
+    let agents: Vec<NodeAgent> = names.map(|n| agent(n, json!([]))).to_vec();
+    let models = vec![
+        model("llama", 2, None),
+        model("mistral", 2, None),
+        model("broken", 1, Some("missing-policy")),
+    ];
+    let (client, calls, stored) = server(seed(&models, &agents), None);
+    let (mut world, caches) = World::new(&models, &agents, &nodes);
+    let ctx = context(client, caches);
+
+    reconcile_models(&ctx, &models).await;
+    let first = take(&calls);
+    let llama = assigned_to(&first, "llama");
+    assert_eq!(llama.len(), 2, "two replicas on two agents: {first:#?}");
+    assert!(
+        llama.iter().all(|(_, m)| m == "weir-operator/ml/llama"),
+        "{llama:?}"
+    );
+    assert_eq!(agents_of(&first, "mistral").len(), 2);
+    assert!(agents_of(&first, "broken").is_empty());
+    // Each Model wrote only its own entry.
+    for c in first.iter().filter(|c| c.path.contains("/nodeagents/")) {
+        assert!(
+            c.body["spec"]["models"]
+                .as_array()
+                .is_none_or(|m| m.len() == 1),
+            "{c:?}"
+        );
+    }
+    // Some agent serves both, and the server holds both entries.
+    let both = names
+        .iter()
+        .find(|n| {
+            agents_of(&first, "llama").contains(&n.to_string())
+                && agents_of(&first, "mistral").contains(&n.to_string())
+        })
+        .expect("two replicas each on three nodes share one");
+    assert_eq!(
+        stored.lock().unwrap()[&agent_path(both)]["spec"]["models"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let status = |name: &str| {
+        first
+            .iter()
+            .rev()
+            .find(|c| c.path == format!("{}/status", model_path(name)))
+            .map(|c| c.body["status"].clone())
+            .unwrap_or_else(|| panic!("no status written for {name}"))
+    };
+    assert_eq!(status("llama")["desiredReplicas"], 2);
+    let mut status_nodes: Vec<String> =
+        serde_json::from_value(status("llama")["nodes"].clone()).unwrap();
+    status_nodes.sort();
+    assert_eq!(status_nodes, agents_of(&first, "llama"));
+    let condition = &status("broken")["conditions"][0];
+    assert_eq!(condition["reason"], "PolicyNotFound");
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing-policy")
+    );
+    let missing = events(&first, "PolicyNotFound");
+    assert!(
+        missing.iter().any(|e| e.body["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("missing-policy")
+            && e.body["regarding"]["name"] == "broken"),
+        "{missing:#?}"
+    );
+    assert_eq!(events(&first, "Assigned").len(), 4);
+    assert_eq!(events(&first, "Placed").len(), 2);
+
+    // The same world with the written specs: no NodeAgent is written again.
+    world.sync_agents(&stored, &names);
+    reconcile_models(&ctx, &models).await;
+    let second = take(&calls);
+    assert!(
+        !second.iter().any(|c| c.path.contains("/nodeagents/")),
+        "{second:#?}"
+    );
+
+    // Lose a node: its replica moves to the one that had none, and the
+    // lost node's entry is taken off.
+    let placed = agents_of(&first, "llama");
+    let lost = placed[0].clone();
+    let spare = names
+        .into_iter()
+        .find(|n| !placed.iter().any(|p| p == n))
+        .unwrap();
+    world
+        .nodes
+        .apply_watcher_event(&watcher::Event::Delete(node(&lost)));
+    reconcile_models(&ctx, &models[..1]).await;
+    let third = take(&calls);
+    assert_eq!(
+        agents_of(&third, "llama"),
+        vec![spare.to_owned()],
+        "{third:#?}"
+    );
+    let removal = third
+        .iter()
+        .find(|c| c.path == agent_path(&lost))
+        .expect("the lost node's entry is removed");
+    assert!(
+        removal.body.get("spec").is_none() && removal.query.contains("llama"),
+        "{removal:?}"
+    );
+    let on_lost = stored.lock().unwrap()[&agent_path(&lost)]["spec"]["models"].clone();
+    assert!(
+        !on_lost
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["servedName"] == "llama"),
+        "{on_lost}"
+    );
+    assert_eq!(events(&third, "Unassigned").len(), 1);
+}
+
+#[tokio::test]
+async fn a_new_model_first_gets_the_finalizer() {
+    let mut fresh = model("llama", 1, None);
+    fresh.metadata.finalizers = None;
+    let agents = vec![agent("gpu-1", json!([]))];
+    let (client, calls, _) = server(seed(std::slice::from_ref(&fresh), &agents), None);
+    let (_world, caches) = World::new(std::slice::from_ref(&fresh), &agents, &[node("gpu-1")]);
+    reconcile_models(&context(client, caches), std::slice::from_ref(&fresh)).await;
+    let calls = take(&calls);
+    let patch = calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path == model_path("llama"))
+        .expect("a finalizer patch");
+    assert!(
+        patch.body.to_string().contains("weir.dev/unassign"),
+        "{patch:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.path.contains("/nodeagents/")),
+        "nothing placed before the finalizer is on"
+    );
+}
+
+fn deleted(mut m: Model) -> Model {
+    m.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        Timestamp::now(),
+    ));
+    m
+}
+
+fn assigned(served: &str) -> Value {
+    json!([{"servedName": served, "modelRef": {"namespace": "ml", "name": served},
+            "source": {"uri": "file:///models/m"}}])
+}
+
+#[tokio::test]
+async fn a_deleted_model_is_unassigned_before_its_finalizer_is_released() {
+    let agents = vec![agent("gpu-1", assigned("llama")), agent("gpu-2", json!([]))];
+    let models = vec![deleted(model("llama", 1, None))];
+    let (client, calls, stored) = server(seed(&models, &agents), None);
+    let (_world, caches) = World::new(&models, &agents, &["gpu-1", "gpu-2"].map(node));
+    reconcile_models(&context(client, caches), &models).await;
+    let calls = take(&calls);
+    let unassign = calls
+        .iter()
+        .position(|c| c.path == agent_path("gpu-1"))
+        .expect("gpu-1 written");
+    assert!(
+        calls[unassign].body.get("spec").is_none(),
+        "{:?}",
+        calls[unassign]
+    );
+    assert_eq!(
+        stored.lock().unwrap()[&agent_path("gpu-1")]["spec"]["models"],
+        json!([])
+    );
+    assert!(
+        !calls.iter().any(|c| c.path == agent_path("gpu-2")),
+        "an agent without it is not written"
+    );
+    let event = calls
+        .iter()
+        .position(|c| {
+            c.path.ends_with("/events")
+                && c.body["reason"] == "Unassigned"
+                && c.body["regarding"]["kind"] == "Model"
+        })
+        .expect("an Unassigned event");
+    let release = calls
+        .iter()
+        .position(|c| {
+            c.method == Method::PATCH
+                && c.path == model_path("llama")
+                && c.body.to_string().contains("\"remove\"")
+        })
+        .expect("the finalizer is removed");
+    assert!(unassign < event && event < release, "{calls:#?}");
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.path.ends_with("/models/llama/status")),
+        "no status for a deleted Model"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_model_is_held_while_node_agents_cannot_be_written() {
+    let agents = vec![agent("gpu-1", assigned("llama"))];
+    let models = vec![deleted(model("llama", 1, None))];
+    let (client, calls, _) = server(seed(&models, &agents), Some("/nodeagents/"));
+    let (_world, caches) = World::new(&models, &agents, &[node("gpu-1")]);
+    let ctx = context(client, caches);
+    let result = model::reconcile(Arc::new(models[0].clone()), ctx.clone()).await;
+    assert!(
+        result.is_err(),
+        "the failure goes to the error policy (backoff)"
+    );
+    let calls = take(&calls);
+    assert!(calls.iter().any(|c| c.path == agent_path("gpu-1")));
+    assert!(
+        !calls.iter().any(|c| c.path == model_path("llama")),
+        "the finalizer stays: {calls:#?}"
+    );
+    let label = weir_operator::metrics::KindLabel {
+        kind: "Model".into(),
+    };
+    assert_eq!(ctx.metrics.reconcile_errors.get_or_create(&label).get(), 1);
+}
+
+#[tokio::test]
+async fn a_stale_agent_is_marked_and_gets_no_work_until_it_reports_again() {
+    let mut stale = agent("gpu-2", json!([]));
+    let old = Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(300);
+    stale.status.as_mut().unwrap().last_heartbeat_time =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(old));
+    let agents = vec![agent("gpu-1", json!([])), stale];
+    let models = vec![model("llama", 2, None)];
+    let (client, calls, _) = server(seed(&models, &agents), None);
+    let (mut world, caches) = World::new(&models, &agents, &["gpu-1", "gpu-2"].map(node));
+    let ctx = context(client, caches);
+    for a in &agents {
+        node_agent::reconcile(Arc::new(a.clone()), ctx.clone())
+            .await
+            .unwrap();
+    }
+    reconcile_models(&ctx, &models).await;
+    let first = take(&calls);
+    let mark = first
+        .iter()
+        .find(|c| c.path == format!("{}/status", agent_path("gpu-2")))
+        .expect("the stale agent is marked");
+    let condition = &mark.body["status"]["conditions"][0];
+    assert_eq!(
+        (&condition["type"], &condition["status"]),
+        (&json!("Heartbeat"), &json!("False"))
+    );
+    assert_eq!(condition["reason"], "HeartbeatStale");
+    assert_eq!(events(&first, "HeartbeatStale").len(), 1);
+    assert!(
+        !first
+            .iter()
+            .any(|c| c.path == format!("{}/status", agent_path("gpu-1"))),
+        "a healthy agent is not written"
+    );
+    assert_eq!(
+        agents_of(&first, "llama"),
+        ["gpu-1"],
+        "no work for the stale agent"
+    );
+
+    // It reports again: the mark is cleared.
+    let mut back = agent("gpu-2", json!([]));
+    let marked: weir_crds::common::CommonStatus =
+        serde_json::from_value(json!({"conditions": [condition.clone()]})).unwrap();
+    back.status
+        .as_mut()
+        .unwrap()
+        .common
+        .conditions
+        .extend(marked.conditions);
+    world.set_agent(back.clone());
+    node_agent::reconcile(Arc::new(back), ctx.clone())
+        .await
+        .unwrap();
+    let second = take(&calls);
+    let cleared = second
+        .iter()
+        .find(|c| c.path == format!("{}/status", agent_path("gpu-2")))
+        .expect("the mark is cleared");
+    assert_eq!(cleared.body["status"]["conditions"][0]["status"], "True");
+}
