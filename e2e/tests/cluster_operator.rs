@@ -1,181 +1,101 @@
 //! Cluster suite (runs when `KUBECONFIG` names a cluster, e.g. a bare
-//! kube-apiserver with no kubelet; skips otherwise): the operator and three
-//! agents as local processes, each agent standing for a Node the suite
-//! creates. A Model with two replicas lands on two NodeAgents and reports
-//! two ready replicas; the third agent serves it by forwarding; deleting a
-//! Node moves its replica; a Model naming a missing BatchPolicy gets a
-//! condition and an event naming it; deleted Models are unassigned and
-//! released by the operator's finalizer.
+//! kube-apiserver with no kubelet; skips otherwise). The operator and
+//! agents run as local processes, each agent standing for a Node the test
+//! creates. Nothing here needs a kubelet, a scheduler or a controller
+//! manager: only the API server.
+//!
+//! - Placement: a Model with two replicas lands on two NodeAgents and
+//!   reports two ready replicas; the third agent serves it by forwarding;
+//!   deleting a Node moves its replica; a Model naming a missing
+//!   BatchPolicy gets a condition and an event naming it; deleted Models
+//!   are unassigned and released by the operator's finalizer.
+//! - Ensembles: traffic splits by weight, and reweighting moves weight
+//!   away from the slower member.
+//! - Autoscaling: a sustained queue scales a Model up to its max, never
+//!   beyond, and back down to its min when the load stops.
+//! - Two operators: only the Lease holder writes; when it stops, the other
+//!   takes over.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod cluster_support;
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cluster_support::{Cluster, chat, until};
 use k8s_openapi::api::core::v1::{Event, Node};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use weir_crds::{Model, NodeAgent};
-use weir_e2e::cluster_client;
-use weir_e2e::process::{binary, free_port};
+use weir_crds::{ModelEnsemble, NodeAgent};
 use weir_engine::testmodel::{TinyModelSpec, write_tiny_model};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(name: &str, args: &[String]) -> Proc {
-    Proc(
-        Command::new(binary(name))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}")),
-    )
-}
-
-async fn until<T>(what: &str, limit: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-async fn install_crds(client: &kube::Client) {
-    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-        Api::all(client.clone());
-    for crd in weir_crds::all() {
-        let name = crd.metadata.name.clone().unwrap();
-        crds.patch(
-            &name,
-            &PatchParams::apply("weir-e2e").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap();
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+fn tiny(cluster: &Cluster, name: &str, spec: &TinyModelSpec) -> String {
+    let dir = cluster.dir.path().join(name);
+    write_tiny_model(&dir, spec).unwrap();
+    format!("file://{}", dir.display())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_places_routes_and_moves_replicas() {
-    let Some(client) = cluster_client().await else {
+    let Some(mut cluster) = Cluster::start("place", 3).await else {
         return;
     };
-    install_crds(&client).await;
-    let suffix = std::process::id();
-    let node_names: Vec<String> = (1..=3).map(|i| format!("weir-e2e-{suffix}-{i}")).collect();
-    let nodes: Api<Node> = Api::all(client.clone());
-    for name in &node_names {
-        let node: Node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"weir.dev/e2e": suffix.to_string()}}}))
-        .unwrap();
-        nodes.create(&PostParams::default(), &node).await.unwrap();
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let model_dir = dir.path().join("tiny");
-    write_tiny_model(&model_dir, &TinyModelSpec::llama()).unwrap();
-
-    let _operator = spawn(
-        "weir-operator",
-        &[
-            "run".into(),
-            format!("--listen=127.0.0.1:{}", free_port()),
-            "--leader-election".into(),
-            "--lease-namespace=default".into(),
-            format!("--identity=e2e-{suffix}"),
-        ],
-    );
-    let mut agents = Vec::new();
-    let mut urls = Vec::new();
-    for name in &node_names {
-        let port = free_port();
-        urls.push(format!("http://127.0.0.1:{port}"));
-        agents.push(Some(spawn(
-            "weir-agent",
-            &[
-                "serve".into(),
-                "--cluster".into(),
-                format!("--listen=127.0.0.1:{port}"),
-                format!("--node-name={name}"),
-                "--pod-ip=127.0.0.1".into(),
-            ],
-        )));
-    }
-
-    let models: Api<Model> = Api::namespaced(client.clone(), "default");
-    let model_name = format!("e2e-{suffix}");
-    let model: Model = serde_json::from_value(json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Model",
-        "metadata": {"name": model_name, "namespace": "default"},
-        "spec": {"source": {"uri": format!("file://{}", model_dir.display())}, "resources": {"gpus": 0},
-                 "nodeSelector": {"weir.dev/e2e": suffix.to_string()},
-                 "replicas": {"min": 2, "max": 2}}}))
-    .unwrap();
-    models.create(&PostParams::default(), &model).await.unwrap();
-
-    let placed = until("two ready replicas", Duration::from_secs(120), async || {
-        let m = models.get(&model_name).await.ok()?;
-        let s = m.status?;
-        (s.ready_replicas == 2).then_some(s.nodes)
-    })
-    .await;
-    assert_eq!(placed.len(), 2);
-    let agent_api: Api<NodeAgent> = Api::all(client.clone());
+    let uri = tiny(&cluster, "tiny", &TinyModelSpec::llama());
+    let _operator = cluster.operator("only");
+    cluster.start_agents();
+    let name = format!("e2e-{}", cluster.tag);
+    let models = cluster
+        .model(
+            &name,
+            json!({"source": {"uri": uri}, "replicas": {"min": 2, "max": 2}}),
+        )
+        .await;
+    let placed = cluster.ready(&name, 2, Duration::from_secs(120)).await;
+    let agent_api: Api<NodeAgent> = Api::all(cluster.client.clone());
     for n in &placed {
         let a = agent_api.get(n).await.unwrap();
-        assert!(a.spec.models.iter().any(|m| m.served_name == model_name));
+        assert!(a.spec.models.iter().any(|m| m.served_name == name));
     }
     // The third agent forwards.
-    let third = node_names.iter().position(|n| !placed.contains(n)).unwrap();
-    let answer = until(
+    let third = cluster
+        .nodes
+        .iter()
+        .position(|n| !placed.contains(n))
+        .unwrap();
+    until(
         "the third agent to forward",
         Duration::from_secs(60),
-        async || {
-            let r = reqwest::Client::new()
-            .post(format!("{}/v1/chat/completions", urls[third]))
-            .json(&json!({"model": model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}))
-            .send()
-            .await
-            .ok()?;
-            (r.status().as_u16() == 200).then_some(())
-        },
-    );
-    answer.await;
+        async || (chat(&cluster.urls[third], &name, "hi", 3).await.0 == 200).then_some(()),
+    )
+    .await;
 
     // Lose a node: its replica moves to the third one.
     let lost = placed[0].clone();
-    let lost_index = node_names.iter().position(|n| *n == lost).unwrap();
-    agents[lost_index] = None;
+    let lost_index = cluster.nodes.iter().position(|n| *n == lost).unwrap();
+    cluster.agents[lost_index] = None;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
     nodes.delete(&lost, &DeleteParams::default()).await.unwrap();
+    let spare = cluster.nodes[third].clone();
     until(
         "the replica to move",
         Duration::from_secs(180),
         async || {
-            let s = models.get(&model_name).await.ok()?.status?;
-            (s.ready_replicas == 2
-                && !s.nodes.contains(&lost)
-                && s.nodes.contains(&node_names[third]))
-            .then_some(())
+            let s = models.get(&name).await.ok()?.status?;
+            (s.ready_replicas == 2 && !s.nodes.contains(&lost) && s.nodes.contains(&spare))
+                .then_some(())
         },
     )
     .await;
+    let on_lost = agent_api.get_opt(&lost).await.unwrap();
+    assert!(
+        on_lost.is_none_or(|a| !a.spec.models.iter().any(|m| m.served_name == name)),
+        "the lost node's entry is taken off"
+    );
 
     // A missing BatchPolicy: a condition and an event name it.
-    let broken = format!("e2e-broken-{suffix}");
-    let bad: Model = serde_json::from_value(json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Model",
-        "metadata": {"name": broken, "namespace": "default"},
-        "spec": {"source": {"uri": "file:///nowhere"}, "batchPolicyRef": {"name": "does-not-exist"}}}))
-    .unwrap();
-    models.create(&PostParams::default(), &bad).await.unwrap();
+    let broken = format!("e2e-broken-{}", cluster.tag);
+    cluster
+        .model(&broken, json!({"source": {"uri": "file:///nowhere"}, "batchPolicyRef": {"name": "does-not-exist"}}))
+        .await;
     until(
         "a PolicyNotFound condition",
         Duration::from_secs(60),
@@ -186,7 +106,7 @@ async fn operator_places_routes_and_moves_replicas() {
         },
     )
     .await;
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), "default");
     until(
         "an event naming the policy",
         Duration::from_secs(30),
@@ -204,28 +124,297 @@ async fn operator_places_routes_and_moves_replicas() {
     )
     .await;
 
-    // Deleting Models: the operator unassigns them, then releases its
-    // finalizer, so they go away.
-    for name in [&model_name, &broken] {
-        models.delete(name, &DeleteParams::default()).await.unwrap();
+    // Deleting Models: the operator unassigns them, then releases them.
+    cluster.cleanup(&[&name, &broken]).await;
+    for n in &placed {
+        if let Ok(a) = agent_api.get(n).await {
+            assert!(!a.spec.models.iter().any(|m| m.served_name == name));
+        }
     }
+}
+
+/// Member shares of `count` requests to `ensemble` through `url`.
+async fn split(url: &str, ensemble: &str, count: usize) -> BTreeMap<String, f64> {
+    let mut counts: BTreeMap<String, f64> = BTreeMap::new();
+    for i in 0..count {
+        let (status, member) = chat(url, ensemble, &format!("question number {i}"), 4).await;
+        assert_eq!(status, 200, "request {i} to {ensemble}");
+        *counts
+            .entry(member.expect("the member header"))
+            .or_default() += 1.0;
+    }
+    counts.values_mut().for_each(|c| *c /= count as f64);
+    counts
+}
+
+fn weights(e: &ModelEnsemble) -> BTreeMap<String, f64> {
+    e.status
+        .iter()
+        .flat_map(|s| &s.members)
+        .map(|m| (m.name.clone(), m.weight))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensembles_split_by_weight_and_reweighting_avoids_the_slow_member() {
+    let Some(mut cluster) = Cluster::start("ensemble", 3).await else {
+        return;
+    };
+    let fast_uri = tiny(&cluster, "fast", &TinyModelSpec::llama());
+    // Sixteen times the parameters per layer, twice the layers: slower.
+    let slow_uri = tiny(&cluster, "slow", &TinyModelSpec::small());
+    let _operator = cluster.operator("only");
+    cluster.start_agents();
+    let (fast, slow) = (
+        format!("fast-{}", cluster.tag),
+        format!("slow-{}", cluster.tag),
+    );
+    for (name, uri) in [(&fast, &fast_uri), (&slow, &slow_uri)] {
+        cluster
+            .model(
+                name,
+                json!({"source": {"uri": uri}, "replicas": {"min": 1, "max": 1}}),
+            )
+            .await;
+    }
+    cluster.ready(&fast, 1, Duration::from_secs(120)).await;
+    cluster.ready(&slow, 1, Duration::from_secs(120)).await;
+
+    let name = format!("chat-{}", cluster.tag);
+    let ensembles: Api<ModelEnsemble> = Api::namespaced(cluster.client.clone(), "default");
+    let ensemble: ModelEnsemble = serde_json::from_value(json!({"apiVersion": "weir.dev/v1alpha1",
+        "kind": "ModelEnsemble", "metadata": {"name": name, "namespace": "default"},
+        "spec": {"strategy": "Weighted", "members": [
+            {"name": "fast", "modelRef": {"name": fast}, "weight": 1},
+            {"name": "slow", "modelRef": {"name": slow}, "weight": 3}]}}))
+    .unwrap();
+    ensembles
+        .create(&PostParams::default(), &ensemble)
+        .await
+        .unwrap();
     until(
-        "deleted Models to be released",
-        Duration::from_secs(60),
+        "the ensemble's members to be available",
+        Duration::from_secs(90),
         async || {
-            let gone = models.get_opt(&model_name).await.ok()?.is_none()
-                && models.get_opt(&broken).await.ok()?.is_none();
-            gone.then_some(())
+            let e = ensembles.get(&name).await.ok()?;
+            e.status?.members.iter().all(|m| m.available).then_some(())
         },
     )
     .await;
-    for n in &placed {
-        if let Ok(a) = agent_api.get(n).await {
-            assert!(!a.spec.models.iter().any(|m| m.served_name == model_name));
+
+    // Without reweighting, traffic splits by the configured weights (1:3).
+    let url = cluster.urls[0].clone();
+    until(
+        "the agents to learn the ensemble",
+        Duration::from_secs(60),
+        async || (chat(&url, &name, "hello", 2).await.0 == 200).then_some(()),
+    )
+    .await;
+    let shares = split(&url, &name, 120).await;
+    let slow_share = shares.get("slow").copied().unwrap_or(0.0);
+    assert!((slow_share - 0.75).abs() < 0.13, "{shares:?}");
+
+    // Equal weights with reweighting on latency: weight moves away from
+    // the slow member (from the 3/4 it holds now towards 1/(1 + r) for a
+    // latency ratio r).
+    let patch = json!({"spec": {"members": [
+            {"name": "fast", "modelRef": {"name": fast}, "weight": 1},
+            {"name": "slow", "modelRef": {"name": slow}, "weight": 1}],
+        "reweighting": {"objective": "Latency", "intervalSeconds": 5, "minWeight": 0.05, "maxStep": 0.3}}});
+    ensembles
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let traffic = {
+        let (url, name) = (url.clone(), name.clone());
+        tokio::spawn(async move {
+            for i in 0.. {
+                chat(&url, &name, &format!("load {i}"), 16).await;
+            }
+        })
+    };
+    let moved = until(
+        "weight to move off the slow member",
+        Duration::from_secs(150),
+        async || {
+            let w = weights(&ensembles.get(&name).await.ok()?);
+            (w.get("slow").copied()? < 0.45).then_some(w)
+        },
+    )
+    .await;
+    traffic.abort();
+    let e = ensembles.get(&name).await.unwrap();
+    let members = &e.status.as_ref().unwrap().members;
+    let latency = |m: &str| {
+        members
+            .iter()
+            .find(|x| x.name == m)
+            .and_then(|x| x.latency_p50_ms)
+    };
+    assert!(
+        latency("slow") > latency("fast"),
+        "the figures behind it: {members:?}"
+    );
+    // Agents route by the new weights.
+    let after = split(&url, &name, 80).await;
+    assert!(
+        after.get("slow").copied().unwrap_or(0.0) < 0.55,
+        "weights {moved:?}, split {after:?}"
+    );
+
+    ensembles
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    cluster.cleanup(&[&fast, &slow]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sustained_queue_scales_up_to_max_and_back_down_to_min() {
+    let Some(mut cluster) = Cluster::start("scale", 3).await else {
+        return;
+    };
+    let uri = tiny(&cluster, "tiny", &TinyModelSpec::small());
+    let _operator = cluster.operator("only");
+    cluster.start_agents();
+    let batches: Api<weir_crds::BatchPolicy> = Api::namespaced(cluster.client.clone(), "default");
+    let policy = format!("one-at-a-time-{}", cluster.tag);
+    let one: weir_crds::BatchPolicy =
+        serde_json::from_value(json!({"apiVersion": "weir.dev/v1alpha1",
+        "kind": "BatchPolicy", "metadata": {"name": policy, "namespace": "default"},
+        "spec": {"maxNumSeqs": 1, "adaptive": {"enabled": false}}}))
+        .unwrap();
+    batches.create(&PostParams::default(), &one).await.unwrap();
+    let name = format!("scaled-{}", cluster.tag);
+    let models = cluster
+        .model(
+            &name,
+            json!({"source": {"uri": uri}, "batchPolicyRef": {"name": policy},
+            "replicas": {"min": 1, "max": 2, "metric": "QueueDepth", "targetQueueDepth": 1,
+                         "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 20}}),
+        )
+        .await;
+    cluster.ready(&name, 1, Duration::from_secs(120)).await;
+
+    // Twelve clients at once against one-sequence batches: a queue of ~11.
+    let load: Vec<_> = (0..12)
+        .map(|c| {
+            let (url, name) = (cluster.urls[c % 3].clone(), name.clone());
+            tokio::spawn(async move {
+                for i in 0.. {
+                    chat(&url, &name, &format!("client {c} asks {i}"), 32).await;
+                }
+            })
+        })
+        .collect();
+    let within = |s: &weir_crds::model::ModelStatus| {
+        assert!(
+            (1..=2).contains(&s.desired_replicas),
+            "desired {} outside [1, 2]",
+            s.desired_replicas
+        );
+        assert!(s.nodes.len() <= 2, "{:?}", s.nodes);
+    };
+    until(
+        "scale-up to two replicas",
+        Duration::from_secs(90),
+        async || {
+            let s = models.get(&name).await.ok()?.status?;
+            within(&s);
+            (s.desired_replicas == 2 && s.ready_replicas == 2).then_some(())
+        },
+    )
+    .await;
+    // Load goes on: never beyond max.
+    for _ in 0..10 {
+        within(&models.get(&name).await.unwrap().status.unwrap());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    load.iter().for_each(|t| t.abort());
+    until(
+        "scale-down to one replica",
+        Duration::from_secs(120),
+        async || {
+            let s = models.get(&name).await.ok()?.status?;
+            within(&s);
+            (s.desired_replicas == 1 && s.nodes.len() == 1).then_some(())
+        },
+    )
+    .await;
+
+    cluster.cleanup(&[&name]).await;
+    batches
+        .delete(&policy, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_a_standby_takes_over() {
+    let Some(mut cluster) = Cluster::start("leader", 2).await else {
+        return;
+    };
+    let uri = tiny(&cluster, "tiny", &TinyModelSpec::llama());
+    let mut operators = [
+        Some(cluster.operator("first")),
+        Some(cluster.operator("second")),
+    ];
+    cluster.start_agents();
+    let leader = until("one leader", Duration::from_secs(60), async || {
+        let mut leading = Vec::new();
+        for (i, o) in operators.iter().enumerate() {
+            leading.push((i, o.as_ref()?.metric("weir_operator_leader").await?));
         }
-    }
-    for name in &node_names {
-        let _ = nodes.delete(name, &DeleteParams::default()).await;
-        let _ = agent_api.delete(name, &DeleteParams::default()).await;
-    }
+        let leaders: Vec<usize> = leading
+            .iter()
+            .filter(|(_, v)| *v == 1.0)
+            .map(|(i, _)| *i)
+            .collect();
+        (leaders.len() == 1 && leading.len() == 2).then(|| leaders[0])
+    })
+    .await;
+    let standby = 1 - leader;
+    let first = format!("first-{}", cluster.tag);
+    cluster
+        .model(
+            &first,
+            json!({"source": {"uri": uri}, "replicas": {"min": 1, "max": 1}}),
+        )
+        .await;
+    cluster.ready(&first, 1, Duration::from_secs(120)).await;
+    let writes = "weir_operator_writes_total{kind=\"Model\"}";
+    let reconciles = "weir_operator_reconciles_total{kind=\"Model\"}";
+    let (l, s) = (
+        operators[leader].as_ref().unwrap(),
+        operators[standby].as_ref().unwrap(),
+    );
+    assert!(l.metric(writes).await.unwrap_or(0.0) >= 1.0);
+    assert_eq!(
+        s.metric(writes).await.unwrap_or(0.0),
+        0.0,
+        "the standby wrote"
+    );
+    assert_eq!(
+        s.metric(reconciles).await.unwrap_or(0.0),
+        0.0,
+        "the standby reconciled"
+    );
+
+    // The leader stops: the standby takes the Lease and places new work.
+    operators[leader] = None;
+    let s = operators[standby].as_ref().unwrap();
+    until("the standby to lead", Duration::from_secs(60), async || {
+        (s.metric("weir_operator_leader").await? == 1.0).then_some(())
+    })
+    .await;
+    let second = format!("second-{}", cluster.tag);
+    cluster
+        .model(
+            &second,
+            json!({"source": {"uri": uri}, "replicas": {"min": 1, "max": 1}}),
+        )
+        .await;
+    cluster.ready(&second, 1, Duration::from_secs(120)).await;
+    assert!(s.metric(writes).await.unwrap_or(0.0) >= 1.0);
+    cluster.cleanup(&[&first, &second]).await;
 }

@@ -24,7 +24,8 @@ use crate::reweight::{MemberFigures, reweight};
 use crate::scrape::ModelFigures;
 use crate::world;
 
-fn member_figures(
+/// Each member's figures between two collections.
+pub fn member_figures(
     ensemble: &ModelEnsemble,
     models: &[Arc<Model>],
     now: &BTreeMap<String, ModelFigures>,
@@ -87,19 +88,33 @@ pub async fn reconcile(
                 Duration::from_secs(u64::from(r.interval_seconds.max(1)))
             });
         let figures = ctx.figures.read().await.clone();
+        let models = ctx.caches.models.state();
         let mut reweights = ctx.reweights().lock().await;
-        if let Some((at, _)) = reweights.get(&key)
-            && at.elapsed() < interval
-            && ensemble.status.is_some()
-        {
-            return Ok(Action::requeue(interval - at.elapsed()));
-        }
         let before = reweights
             .get(&key)
             .map(|(_, f)| f.clone())
             .unwrap_or_default();
-        let models = ctx.caches.models.state();
-        let status = status(&ensemble, &models, &figures, &before);
+        let members = member_figures(&ensemble, &models, &figures, &before);
+        // Availability changes are written at once; weights move each interval.
+        let changed = ensemble.status.as_ref().is_none_or(|s| {
+            let now: Vec<(&str, bool)> = members
+                .iter()
+                .map(|m| (m.name.as_str(), m.available))
+                .collect();
+            let then: Vec<(&str, bool)> = s
+                .members
+                .iter()
+                .map(|m| (m.name.as_str(), m.available))
+                .collect();
+            now != then
+        });
+        if let Some((at, _)) = reweights.get(&key)
+            && at.elapsed() < interval
+            && !changed
+        {
+            return Ok(Action::requeue(interval - at.elapsed()));
+        }
+        let status = status(&ensemble, &members);
         let api: Api<ModelEnsemble> = Api::namespaced(
             ctx.client.clone(),
             &ensemble.namespace().unwrap_or_default(),
@@ -118,15 +133,8 @@ pub async fn reconcile(
     .await
 }
 
-/// The ensemble's status: effective weights from its members' figures
-/// between `before` and `now`.
-pub fn status(
-    ensemble: &ModelEnsemble,
-    models: &[Arc<Model>],
-    now: &BTreeMap<String, ModelFigures>,
-    before: &BTreeMap<String, ModelFigures>,
-) -> ModelEnsembleStatus {
-    let members = member_figures(ensemble, models, now, before);
+/// The ensemble's status: effective weights from its members' figures.
+pub fn status(ensemble: &ModelEnsemble, members: &[MemberFigures]) -> ModelEnsembleStatus {
     let previous_shares: BTreeMap<String, f64> = ensemble
         .status
         .as_ref()
@@ -139,14 +147,14 @@ pub fn status(
         .unwrap_or_default();
     let shares = match &ensemble.spec.reweighting {
         Some(r) => reweight(
-            &members,
+            members,
             r.objective,
             r.min_weight,
             r.max_step,
             &previous_shares,
         ),
         // Without reweighting the configured weights stand (normalised).
-        None => reweight(&members, Default::default(), 0.0, 0.0, &BTreeMap::new()),
+        None => reweight(members, Default::default(), 0.0, 0.0, &BTreeMap::new()),
     };
     ModelEnsembleStatus {
         common: CommonStatus {

@@ -636,3 +636,67 @@ async fn a_stale_agent_is_marked_and_gets_no_work_until_it_reports_again() {
         .expect("the mark is cleared");
     assert_eq!(cleared.body["status"]["conditions"][0]["status"], "True");
 }
+
+fn ready(mut m: Model, replicas: u32) -> Model {
+    m.status = Some(
+        serde_json::from_value(json!({"readyReplicas": replicas, "desiredReplicas": 1})).unwrap(),
+    );
+    m
+}
+
+#[tokio::test]
+async fn an_ensemble_is_weighted_at_once_then_each_interval_or_when_availability_changes() {
+    let models = vec![ready(model("a", 1, None), 1), ready(model("b", 1, None), 1)];
+    let ensemble: ModelEnsemble = serde_json::from_value(json!({"apiVersion": "weir.dev/v1alpha1",
+        "kind": "ModelEnsemble", "metadata": {"name": "chat", "namespace": "ml", "generation": 1},
+        "spec": {"members": [{"name": "first", "modelRef": {"name": "a"}, "weight": 3},
+                             {"name": "second", "modelRef": {"name": "b"}, "weight": 1}],
+                 "reweighting": {"intervalSeconds": 60}}}))
+    .unwrap();
+    let path = "/apis/weir.dev/v1alpha1/namespaces/ml/modelensembles/chat".to_owned();
+    let (client, calls, stored) = server(
+        vec![(path.clone(), serde_json::to_value(&ensemble).unwrap())],
+        None,
+    );
+    let (mut world, caches) = World::new(&models, &[], &[]);
+    let ctx = context(client, caches);
+    weir_operator::ensembles::reconcile(Arc::new(ensemble.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let first = take(&calls);
+    let write = first
+        .iter()
+        .find(|c| c.path == format!("{path}/status"))
+        .expect("a status write");
+    let members = &write.body["status"]["members"];
+    assert_eq!(members[0]["weight"], 0.75, "{members}");
+    assert_eq!(members[1]["weight"], 0.25);
+    assert_eq!(members[0]["available"], true);
+
+    // Within the interval and nothing changed: no write.
+    let written: ModelEnsemble =
+        serde_json::from_value(stored.lock().unwrap()[&path].clone()).unwrap();
+    let action = weir_operator::ensembles::reconcile(Arc::new(written.clone()), ctx.clone())
+        .await
+        .unwrap();
+    assert!(take(&calls).is_empty());
+    assert!(
+        format!("{action:?}").contains("requeue_after: Some"),
+        "{action:?}"
+    );
+
+    // A member's Model loses its replicas: written at once, unavailable.
+    world
+        .models
+        .apply_watcher_event(&watcher::Event::Apply(ready(model("b", 1, None), 0)));
+    weir_operator::ensembles::reconcile(Arc::new(written), ctx.clone())
+        .await
+        .unwrap();
+    let third = take(&calls);
+    let write = third
+        .iter()
+        .find(|c| c.path == format!("{path}/status"))
+        .expect("a status write");
+    assert_eq!(write.body["status"]["members"][1]["available"], false);
+    assert_eq!(write.body["status"]["members"][1]["weight"], 0.0);
+}
