@@ -387,3 +387,33 @@ async fn an_ensemble_is_weighted_at_once_then_each_interval_or_when_availability
     assert_eq!(write.body["status"]["members"][1]["available"], false);
     assert_eq!(write.body["status"]["members"][1]["weight"], 0.0);
 }
+
+#[tokio::test]
+async fn a_second_model_asking_for_a_served_name_is_not_placed() {
+    let first = model("a", 1, None);
+    let mut second = model("b", 1, None);
+    second.spec.served_name = Some("a".into());
+    let models = vec![first, second];
+    let agents = vec![agent("gpu-1", json!([])), agent("gpu-2", json!([]))];
+    let (client, calls, _) = server(seed(&models, &agents), None);
+    let (_world, caches) = World::new(&models, &agents, &["gpu-1", "gpu-2"].map(node));
+    reconcile_models(&context(client, caches), &models).await;
+    let calls = take(&calls);
+    let writes: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.path.contains("/nodeagents/"))
+        .collect();
+    assert_eq!(
+        writes.len(),
+        1,
+        "only the first Model is placed: {writes:#?}"
+    );
+    assert!(writes[0].query.contains("%2Fml%2Fa"), "{:?}", writes[0]);
+    let status = calls
+        .iter()
+        .find(|c| c.path == format!("{}/status", model_path("b")))
+        .expect("b's status");
+    let condition = &status.body["status"]["conditions"][0];
+    assert_eq!(condition["reason"], "ServedNameConflict");
+    assert!(condition["message"].as_str().unwrap().contains("ml/a"));
+}

@@ -172,6 +172,18 @@ fn current(
     current
 }
 
+/// Of the Models asking for `model`'s served name, the one that gets it:
+/// the oldest, then the first by key. The others are not placed (a served
+/// name routes to one Model cluster-wide).
+fn name_holder<'a>(model: &Model, all: &[&'a Model]) -> &'a Model {
+    let served = world::served_name(model);
+    all.iter()
+        .copied()
+        .filter(|m| world::served_name(m) == served)
+        .min_by_key(|m| (m.metadata.creation_timestamp.as_ref().map(|t| t.0), key(m)))
+        .expect("the model itself asks for its name")
+}
+
 /// What apply decided for one Model.
 struct Decision {
     replicas: u32,
@@ -211,8 +223,21 @@ async fn decide(
         placed: placement::Placed::default(),
         problem: None,
     };
-    for m in others.iter().map(|m| m.as_ref()).chain([model]) {
+    let all: Vec<&Model> = others.iter().map(|m| m.as_ref()).chain([model]).collect();
+    for &m in &all {
         let mine = key(m) == me;
+        let holder = name_holder(m, &all);
+        if key(holder) != key(m) {
+            if mine {
+                let message = format!(
+                    "served name `{}` is already used by Model {}",
+                    world::served_name(m),
+                    key(holder)
+                );
+                decision.problem = Some(("ServedNameConflict".into(), message));
+            }
+            continue;
+        }
         match world::resolve_policies(m, &caches, &batches) {
             Ok((cache, batch)) => {
                 let now_placed = current.get(&key(m)).map_or(0, Vec::len);
