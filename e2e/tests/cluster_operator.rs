@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cluster_support::{Cluster, chat, until};
-use k8s_openapi::api::core::v1::{Event, Node};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use weir_crds::{ModelEnsemble, NodeAgent};
@@ -115,7 +116,7 @@ async fn operator_places_routes_and_moves_replicas() {
             list.items
                 .iter()
                 .any(|e| {
-                    e.message
+                    e.note
                         .as_deref()
                         .is_some_and(|m| m.contains("does-not-exist"))
                 })
