@@ -41,8 +41,9 @@ impl prometheus_client::collector::Collector for LeaderCollector {
             .and_then(|l| l.clone())
             .is_some_and(|l| l.load(Ordering::Acquire));
         let metric = prometheus_client::metrics::gauge::ConstGauge::new(i64::from(leader));
+        // The registry adds the `weir_operator` prefix.
         let family = encoder.encode_descriptor(
-            "weir_operator_leader",
+            "leader",
             "1 on the replica that holds the leader Lease",
             None,
             metric.metric_type(),
@@ -178,14 +179,16 @@ mod tests {
             get(&state, "/metrics")
                 .await
                 .1
-                .contains("weir_operator_leader 0")
+                .lines()
+                .any(|l| l == "weir_operator_leader 0")
         );
         leader.store(true, Ordering::Release);
         assert!(
             get(&state, "/metrics")
                 .await
                 .1
-                .contains("weir_operator_leader 1")
+                .lines()
+                .any(|l| l == "weir_operator_leader 1")
         );
         state.metrics.reconciled("Model", 0.01, true);
         state.metrics.record::<(), ()>("Model", &Err(()));

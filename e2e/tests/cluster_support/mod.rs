@@ -27,7 +27,7 @@ impl Proc {
             Command::new(binary(name))
                 .args(args)
                 .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
+                .stdout(Stdio::inherit())
                 .stderr(Stdio::inherit())
                 .spawn()
                 .unwrap_or_else(|e| panic!("starting {name}: {e}")),
