@@ -212,6 +212,7 @@ async fn ensembles_split_by_weight_and_reweighting_avoids_the_slow_member() {
     )
     .await;
     let shares = split(&url, &name, 120).await;
+    eprintln!("configured 1:3, traffic split {shares:?}");
     let slow_share = shares.get("slow").copied().unwrap_or(0.0);
     assert!((slow_share - 0.75).abs() < 0.13, "{shares:?}");
 
@@ -258,6 +259,7 @@ async fn ensembles_split_by_weight_and_reweighting_avoids_the_slow_member() {
     );
     // Agents route by the new weights.
     let after = split(&url, &name, 80).await;
+    eprintln!("reweighted to {moved:?} from {members:?}; traffic split {after:?}");
     assert!(
         after.get("slow").copied().unwrap_or(0.0) < 0.55,
         "weights {moved:?}, split {after:?}"
@@ -316,6 +318,7 @@ async fn a_sustained_queue_scales_up_to_max_and_back_down_to_min() {
         );
         assert!(s.nodes.len() <= 2, "{:?}", s.nodes);
     };
+    let started = std::time::Instant::now();
     until(
         "scale-up to two replicas",
         Duration::from_secs(90),
@@ -326,12 +329,17 @@ async fn a_sustained_queue_scales_up_to_max_and_back_down_to_min() {
         },
     )
     .await;
+    eprintln!(
+        "two ready replicas {:?} after the load began",
+        started.elapsed()
+    );
     // Load goes on: never beyond max.
     for _ in 0..10 {
         within(&models.get(&name).await.unwrap().status.unwrap());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     load.iter().for_each(|t| t.abort());
+    let stopped = std::time::Instant::now();
     until(
         "scale-down to one replica",
         Duration::from_secs(120),
