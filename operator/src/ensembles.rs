@@ -88,12 +88,11 @@ pub async fn reconcile(
                 Duration::from_secs(u64::from(r.interval_seconds.max(1)))
             });
         let figures = ctx.figures.read().await.clone();
+        let collection = ctx.collections.load(std::sync::atomic::Ordering::Acquire);
         let models = ctx.caches.models.state();
         let mut reweights = ctx.reweights().lock().await;
-        let before = reweights
-            .get(&key)
-            .map(|(_, f)| f.clone())
-            .unwrap_or_default();
+        let last = reweights.get(&key).cloned();
+        let before = last.as_ref().map(|l| l.figures.clone()).unwrap_or_default();
         let members = member_figures(&ensemble, &models, &figures, &before);
         // Availability changes are written at once; weights move each interval.
         let changed = ensemble.status.as_ref().is_none_or(|s| {
@@ -108,13 +107,15 @@ pub async fn reconcile(
                 .collect();
             now != then
         });
-        if let Some((at, _)) = reweights.get(&key)
-            && at.elapsed() < interval
-            && !changed
-        {
-            return Ok(Action::requeue(interval - at.elapsed()));
+        // Weights move only on figures collected since the last move.
+        let fresh = last
+            .as_ref()
+            .is_none_or(|l| l.at.elapsed() >= interval && collection > l.collection);
+        if !fresh && !changed {
+            let wait = last.map_or(interval, |l| interval.saturating_sub(l.at.elapsed()));
+            return Ok(Action::requeue(wait.max(Duration::from_secs(1))));
         }
-        let status = status(&ensemble, &members);
+        let status = status(&ensemble, &members, fresh);
         let api: Api<ModelEnsemble> = Api::namespaced(
             ctx.client.clone(),
             &ensemble.namespace().unwrap_or_default(),
@@ -127,14 +128,46 @@ pub async fn reconcile(
             .await;
         ctx.metrics.record("ModelEnsemble", &result);
         result?;
-        reweights.insert(key, (Instant::now(), figures));
+        if fresh {
+            let at = Instant::now();
+            let last = Reweighted {
+                at,
+                figures,
+                collection,
+            };
+            reweights.insert(key, last);
+        }
         Ok(Action::requeue(interval))
     })
     .await
 }
 
+/// An ensemble's last reweighting.
+#[derive(Clone, Debug)]
+pub struct Reweighted {
+    /// When.
+    pub at: Instant,
+    /// The collected figures it used (the baseline of the next one).
+    pub figures: BTreeMap<String, ModelFigures>,
+    /// Which collection they came from.
+    pub collection: u64,
+}
+
 /// The ensemble's status: effective weights from its members' figures.
-pub fn status(ensemble: &ModelEnsemble, members: &[MemberFigures]) -> ModelEnsembleStatus {
+/// Without `fresh` figures (only availability changed) the weights stay
+/// and the figures shown are the previous ones.
+pub fn status(
+    ensemble: &ModelEnsemble,
+    members: &[MemberFigures],
+    fresh: bool,
+) -> ModelEnsembleStatus {
+    let shown = |name: &str| {
+        ensemble
+            .status
+            .as_ref()
+            .filter(|_| !fresh)
+            .and_then(|s| s.members.iter().find(|m| m.name == name))
+    };
     let previous_shares: BTreeMap<String, f64> = ensemble
         .status
         .as_ref()
@@ -186,16 +219,26 @@ pub fn status(ensemble: &ModelEnsemble, members: &[MemberFigures]) -> ModelEnsem
         ),
         members: members
             .iter()
-            .map(|m| MemberStatus {
-                name: m.name.clone(),
-                weight: shares.get(&m.name).copied().unwrap_or(0.0),
-                requests: m.requests as u64,
-                latency_p50_ms: m.latency_p50.map(|s| s * 1e3),
-                ttft_p50_ms: m.ttft_p50.map(|s| s * 1e3),
-                error_rate: m.error_rate,
-                available: m.available,
+            .map(|m| match shown(&m.name) {
+                Some(before) => MemberStatus {
+                    weight: shares.get(&m.name).copied().unwrap_or(0.0),
+                    available: m.available,
+                    ..before.clone()
+                },
+                None => MemberStatus {
+                    name: m.name.clone(),
+                    weight: shares.get(&m.name).copied().unwrap_or(0.0),
+                    requests: m.requests as u64,
+                    latency_p50_ms: m.latency_p50.map(|s| s * 1e3),
+                    ttft_p50_ms: m.ttft_p50.map(|s| s * 1e3),
+                    error_rate: m.error_rate,
+                    available: m.available,
+                },
             })
             .collect(),
-        last_reweight_time: Some(Time(Timestamp::now())),
+        last_reweight_time: match ensemble.status.as_ref() {
+            Some(s) if !fresh => s.last_reweight_time.clone(),
+            _ => Some(Time(Timestamp::now())),
+        },
     }
 }

@@ -27,7 +27,7 @@ pub mod watch;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -62,8 +62,8 @@ pub enum Error {
     AgentsNotWritten(usize, kube::Error),
 }
 
-/// Per ensemble: when it was last reweighted and the figures then.
-pub(crate) type Reweights = Mutex<HashMap<String, (Instant, BTreeMap<String, ModelFigures>)>>;
+/// Per ensemble: its last reweighting.
+pub(crate) type Reweights = Mutex<HashMap<String, crate::ensembles::Reweighted>>;
 
 /// State shared by every controller.
 pub struct Context {
@@ -83,6 +83,9 @@ pub struct Context {
     pub caches: Caches,
     /// The latest figures collected from the agents, per served model.
     pub figures: RwLock<BTreeMap<String, ModelFigures>>,
+    /// How many collections have completed (ensembles reweight only on
+    /// figures newer than their last reweighting).
+    pub collections: AtomicU64,
     /// Placement ledger: the nodes each Model was last assigned by this
     /// term's writes (authoritative over a store that may lag them). Its
     /// lock serializes placement decisions.
@@ -111,6 +114,7 @@ impl Context {
             stale_after: Duration::from_secs(45),
             interval: Duration::from_secs(10),
             figures: RwLock::default(),
+            collections: AtomicU64::new(0),
             placing: Mutex::default(),
             scale: Mutex::default(),
             reweights: Mutex::default(),
@@ -275,6 +279,7 @@ async fn collect_forever(ctx: Arc<Context>) {
         let agents = ctx.caches.agents.state();
         let figures = collect(&ctx, &agents, Timestamp::now()).await;
         *ctx.figures.write().await = figures;
+        ctx.collections.fetch_add(1, Ordering::AcqRel);
     }
 }
 
