@@ -8,7 +8,7 @@
 // custom resources: Leases and events.k8s.io Events as CRDs in their real
 // groups (paths and JSON identical to kube-apiserver's), and core/v1 Nodes
 // through a shim that maps /api/v1/nodes onto the CRD group core.weir.test
-// and rewrites apiVersion in requests and responses (see crds.yaml).
+// and rewrites apiVersion in requests and responses (see crds.json).
 package main
 
 import (
@@ -147,7 +147,7 @@ func main() {
 	ro.Authorization.AlwaysAllowGroups = []string{"system:masters", "system:authenticated", "system:unauthenticated"}
 	ro.Admission = nil
 	cmd := &cobra.Command{
-		Use:   "crdserver",
+		Use:   "weir-dev-apiserver",
 		Short: "standalone apiextensions-apiserver (CRDs + custom resources)",
 		PersistentPreRunE: func(*cobra.Command, []string) error {
 			return o.ServerRunOptions.ComponentGlobalsRegistry.Set()
