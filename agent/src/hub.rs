@@ -82,6 +82,8 @@ impl Progress {
 pub struct Hub {
     http: reqwest::Client,
     endpoint: String,
+    max_bytes: u64,
+    max_files: usize,
 }
 
 /// Whether the engine reads `file` (weights, configs, tokenizer files).
@@ -127,7 +129,16 @@ impl Hub {
                 .build()
                 .unwrap_or_default(),
             endpoint: endpoint.trim_end_matches('/').to_owned(),
+            max_bytes: MAX_MODEL_BYTES,
+            max_files: MAX_FILES,
         }
+    }
+
+    /// The same Hub with other size limits (bytes over all files, files).
+    pub fn with_limits(mut self, max_bytes: u64, max_files: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self.max_files = max_files;
+        self
     }
 
     /// `HF_ENDPOINT`, else the public Hub.
@@ -189,10 +200,11 @@ impl Hub {
                 "{what} has no config.json or no safetensors weights"
             )));
         }
-        if files.len() > MAX_FILES {
+        if files.len() > self.max_files {
             return Err(HubError::Unusable(format!(
-                "{what} has {} files",
-                files.len()
+                "{what} has {} files to fetch, more than the limit of {}",
+                files.len(),
+                self.max_files
             )));
         }
         let parent = dest.parent().unwrap_or(Path::new("."));
@@ -232,12 +244,16 @@ impl Hub {
             let what = format!("hf://{repo}/{file}");
             let response = self.get(&url, &what, token).await?;
             let expected = response.content_length();
+            let too_large = || {
+                HubError::Unusable(format!(
+                    "hf://{repo} is larger than the limit of {} bytes",
+                    self.max_bytes
+                ))
+            };
             if let Some(n) = expected {
                 let total = progress.total.fetch_add(n, Ordering::Relaxed) + n;
-                if total > MAX_MODEL_BYTES {
-                    return Err(HubError::Unusable(format!(
-                        "hf://{repo} is larger than {MAX_MODEL_BYTES} bytes"
-                    )));
+                if total > self.max_bytes {
+                    return Err(too_large());
                 }
             }
             let path = tmp.join(file);
@@ -250,10 +266,15 @@ impl Hub {
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| HubError::Transfer(format!("{what}: {e}")))?;
                 written += chunk.len() as u64;
-                out.write_all(&chunk).await.map_err(io(&path))?;
-                progress
+                let done = progress
                     .done
-                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed)
+                    + chunk.len() as u64;
+                // Also for bodies without (or lying about) a length.
+                if done > self.max_bytes {
+                    return Err(too_large());
+                }
+                out.write_all(&chunk).await.map_err(io(&path))?;
             }
             out.flush().await.map_err(io(&path))?;
             if expected.is_some_and(|n| n != written) {

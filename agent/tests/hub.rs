@@ -4,6 +4,7 @@
 //! failures leave nothing that looks like a model.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path as UrlPath, State};
@@ -23,6 +24,8 @@ struct Repo {
     token: Option<&'static str>,
     broken_file: Option<&'static str>,
     fetched: Arc<Mutex<Vec<String>>>,
+    /// Serve files without a Content-Length (chunked).
+    chunked: Arc<AtomicBool>,
 }
 
 fn authorized(repo: &Repo, headers: &HeaderMap) -> bool {
@@ -65,6 +68,13 @@ async fn resolve(
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
     match std::fs::read(repo.dir.join(&file)) {
+        Ok(bytes) if repo.chunked.load(Ordering::Relaxed) => {
+            let chunks = bytes
+                .chunks(256)
+                .map(|c| Ok::<_, std::io::Error>(c.to_vec()));
+            axum::body::Body::from_stream(futures::stream::iter(chunks.collect::<Vec<_>>()))
+                .into_response()
+        }
         Ok(bytes) => bytes.into_response(),
         Err(_) => StatusCode::NOT_FOUND.into_response(),
     }
@@ -86,6 +96,7 @@ async fn hub(
         token,
         broken_file,
         fetched: Arc::default(),
+        chunked: Arc::default(),
     };
     let app = axum::Router::new()
         .route("/api/models/{org}/{name}/revision/{rev}", get(revision))
@@ -207,5 +218,53 @@ async fn downloads_in_cluster_mode_end_with_a_loadable_directory() {
         .await
         .expect("the download ends");
     assert!(dest.join("config.json").exists());
+    assert!(dest.join("model.safetensors").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_over_the_file_or_byte_limits_are_refused_and_leave_nothing() {
+    let (url, repo, tmp) = hub(None, None).await;
+    let dest = tmp.path().join("cache/hf/acme/tiny");
+    let progress = Progress::default();
+    let parent = || leftovers(dest.parent().unwrap());
+
+    let few_files = Hub::new(&url).with_limits(u64::MAX, 2);
+    let err = few_files
+        .download("acme/tiny", "main", None, &dest, &progress)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HubError::Unusable(_)), "{err}");
+    assert!(err.to_string().contains("limit of 2"), "{err}");
+    assert!(repo.fetched.lock().unwrap().is_empty(), "nothing fetched");
+
+    // Declared sizes over the limit stop the download before the body.
+    let small = Hub::new(&url).with_limits(1024, 2048);
+    let err = small
+        .download("acme/tiny", "main", None, &dest, &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("larger than the limit of 1024"),
+        "{err}"
+    );
+    assert!(!dest.exists() && parent().is_empty(), "{:?}", parent());
+
+    // Bodies without a length are counted as they stream.
+    repo.chunked.store(true, Ordering::Relaxed);
+    let err = small
+        .download("acme/tiny", "main", None, &dest, &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("larger than the limit of 1024"),
+        "{err}"
+    );
+    assert!(!dest.exists() && parent().is_empty(), "{:?}", parent());
+
+    // Within the limits, the chunked model downloads.
+    Hub::new(&url)
+        .download("acme/tiny", "main", None, &dest, &Progress::default())
+        .await
+        .unwrap();
     assert!(dest.join("model.safetensors").exists());
 }
