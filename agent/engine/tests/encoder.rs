@@ -107,3 +107,38 @@ fn a_decoder_directory_is_refused_with_the_field() {
         .expect("a llama directory is not an encoder");
     assert!(err.to_string().contains("model_type"), "{err}");
 }
+
+#[test]
+fn the_tiny_bert_writer_is_reproducible_and_its_model_loads() {
+    use weir_engine::testmodel::{TinyBertSpec, write_tiny_bert};
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    write_tiny_bert(&a, &TinyBertSpec::default()).unwrap();
+    write_tiny_bert(&b, &TinyBertSpec::default()).unwrap();
+    for file in ["tokenizer.json", "model.safetensors", "config.json"] {
+        let (x, y) = (
+            std::fs::read(a.join(file)).unwrap(),
+            std::fs::read(b.join(file)).unwrap(),
+        );
+        assert!(x == y, "{file} differs between two writes");
+    }
+    let embedder = TextEmbedder::load(&a).unwrap();
+    let out = embedder
+        .embed_texts(&["the agent on each node"], Truncation::Error)
+        .unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(a.join("tokenizer.json")).unwrap();
+    let ids: Vec<Option<u32>> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .iter()
+        .map(|t| tokenizer.token_to_id(t))
+        .collect();
+    assert_eq!(
+        ids,
+        [Some(0), Some(1), Some(2), Some(3), Some(4)],
+        "specials first"
+    );
+    let encoding = tokenizer.encode("the agent on each node", true).unwrap();
+    assert_eq!(encoding.get_ids().first(), Some(&2), "[CLS] leads");
+    assert_eq!(out[0].tokens, encoding.get_ids().len());
+    let norm: f32 = out[0].vector.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+}

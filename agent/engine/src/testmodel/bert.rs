@@ -8,8 +8,7 @@ use std::path::Path;
 
 use serde_json::json;
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
-use tokenizers::models::TrainerWrapper;
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
@@ -30,7 +29,8 @@ pub struct TinyBertSpec {
     pub num_layers: usize,
     /// Attention heads.
     pub num_heads: usize,
-    /// Target vocabulary of the trained tokenizer.
+    /// Largest vocabulary (the corpus's characters and specials, then its
+    /// most frequent words).
     pub vocab_size: usize,
     /// Rows of the position table.
     pub max_position_embeddings: usize,
@@ -57,31 +57,58 @@ impl Default for TinyBertSpec {
 
 const SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 
-fn train_wordpiece(spec: &TinyBertSpec) -> Result<Tokenizer> {
-    let mut trainer: TrainerWrapper = WordPieceTrainerBuilder::new()
-        .vocab_size(spec.vocab_size)
-        .min_frequency(1)
-        .show_progress(false)
-        .special_tokens(
-            SPECIALS
-                .iter()
-                .map(|s| AddedToken::from(*s, true))
-                .collect(),
-        )
-        .build()
-        .into();
-    let model = WordPiece::builder()
-        .unk_token("[UNK]".into())
-        .build()
-        .map_err(tok_err)?;
+/// The vocabulary, built without a trainer (WordPiece training breaks
+/// merge ties differently from run to run, and two agents writing the
+/// built-in encoder must make the same model): the specials, every
+/// character of the corpus alone and as a continuation, then the corpus's
+/// words, most frequent first (ties alphabetical), up to `vocab_size`.
+fn wordpiece_vocab(spec: &TinyBertSpec) -> Vec<String> {
+    let text = CORPUS.to_lowercase();
+    let chars: std::collections::BTreeSet<char> =
+        text.chars().filter(|c| !c.is_whitespace()).collect();
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for word in text.split(|c: char| !c.is_alphanumeric()) {
+        if word.chars().count() > 1 {
+            *counts.entry(word).or_default() += 1;
+        }
+    }
+    let mut words: Vec<(&str, usize)> = counts.into_iter().collect();
+    words.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut vocab: Vec<String> = SPECIALS.iter().map(|s| (*s).to_owned()).collect();
+    vocab.extend(chars.iter().map(|c| c.to_string()));
+    vocab.extend(
+        chars
+            .iter()
+            .filter(|c| c.is_alphanumeric())
+            .map(|c| format!("##{c}")),
+    );
+    let room = spec.vocab_size.saturating_sub(vocab.len());
+    vocab.extend(words.into_iter().take(room).map(|(w, _)| w.to_owned()));
+    vocab
+}
+
+fn wordpiece_tokenizer(spec: &TinyBertSpec) -> Result<Tokenizer> {
+    let vocab: serde_json::Map<String, serde_json::Value> = wordpiece_vocab(spec)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i.into()))
+        .collect();
+    // Through serde: the builder wants the crate's private map type.
+    let model = serde_json::json!({
+        "type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+        "max_input_chars_per_word": 100, "vocab": vocab,
+    });
+    let model: WordPiece = serde_json::from_str(&model.to_string()).map_err(tok_err)?;
     let mut tokenizer = Tokenizer::new(model);
     tokenizer.with_normalizer(Some(BertNormalizer::new(true, true, None, true)));
     tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
     tokenizer.with_decoder(Some(WordPieceDecoder::default()));
-    let lines: Vec<&str> = CORPUS.split(". ").collect();
-    tokenizer
-        .train(&mut trainer, lines.into_iter())
-        .map_err(tok_err)?;
+    tokenizer.add_special_tokens(
+        &SPECIALS
+            .iter()
+            .map(|s| AddedToken::from(*s, true))
+            .collect::<Vec<_>>(),
+    );
     let id = |t: &str| {
         tokenizer
             .token_to_id(t)
@@ -176,7 +203,7 @@ pub fn write_tiny_bert(dir: &Path, spec: &TinyBertSpec) -> Result<()> {
     };
     mkdir(dir)?;
     mkdir(&dir.join("1_Pooling"))?;
-    let tokenizer = train_wordpiece(spec)?;
+    let tokenizer = wordpiece_tokenizer(spec)?;
     let vocab = tokenizer.get_vocab_size(true);
     let text = tokenizer.to_string(true).map_err(tok_err)?;
     write(&dir.join("tokenizer.json"), text.as_bytes())?;
