@@ -6,7 +6,8 @@
 //!
 //! - Placement: a Model with two replicas lands on two NodeAgents and
 //!   reports two ready replicas; the third agent serves it by forwarding;
-//!   deleting a Node moves its replica; a Model naming a missing
+//!   deleting a Node moves its replica; an agent that stops is marked
+//!   stale (next to its own Ready) and loses its replica; a Model naming a missing
 //!   BatchPolicy gets a condition and an event naming it; deleted Models
 //!   are unassigned and released by the operator's finalizer.
 //! - Ensembles: traffic splits by weight, and reweighting moves weight
@@ -91,6 +92,46 @@ async fn operator_places_routes_and_moves_replicas() {
         on_lost.is_none_or(|a| !a.spec.models.iter().any(|m| m.served_name == name)),
         "the lost node's entry is taken off"
     );
+
+    // An agent that stops without its Node going: once its heartbeat is
+    // stale the operator marks it (a condition only the operator owns,
+    // next to the agent's own Ready) and takes its replica away.
+    let silent = cluster
+        .nodes
+        .iter()
+        .position(|n| *n != lost && *n != spare)
+        .unwrap();
+    let silent_name = cluster.nodes[silent].clone();
+    cluster.agents[silent] = None;
+    let agent = until(
+        "the stale agent to be marked",
+        Duration::from_secs(120),
+        async || {
+            let a = agent_api.get(&silent_name).await.ok()?;
+            let conditions = &a.status.as_ref()?.common.conditions;
+            conditions
+                .iter()
+                .any(|c| {
+                    c.type_ == "Heartbeat" && c.status == "False" && c.reason == "HeartbeatStale"
+                })
+                .then_some(a)
+        },
+    )
+    .await;
+    let conditions = &agent.status.as_ref().unwrap().common.conditions;
+    assert!(
+        conditions.iter().any(|c| c.type_ == "Ready"),
+        "the agent's own condition stays: {conditions:?}"
+    );
+    until(
+        "the stale agent's replica to go",
+        Duration::from_secs(60),
+        async || {
+            let s = models.get(&name).await.ok()?.status?;
+            (!s.nodes.contains(&silent_name) && s.ready_replicas == 1).then_some(())
+        },
+    )
+    .await;
 
     // A missing BatchPolicy: a condition and an event name it.
     let broken = format!("e2e-broken-{}", cluster.tag);
