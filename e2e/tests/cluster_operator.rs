@@ -15,7 +15,8 @@
 //! - Autoscaling: a sustained queue scales a Model up to its max, never
 //!   beyond, and back down to its min when the load stops.
 //! - Two operators: only the Lease holder writes; when it stops, the other
-//!   takes over.
+//!   takes over. Two Models on one NodeAgent each own their entry (a field
+//!   manager per Model); deleting one takes off its entry only.
 
 mod cluster_support;
 
@@ -469,14 +470,56 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         (s.metric("weir_operator_leader").await? == 1.0).then_some(())
     })
     .await;
+    // Two replicas on the two nodes: each NodeAgent carries both Models'
+    // entries, each applied under its Model's own field manager.
     let second = format!("second-{}", cluster.tag);
     cluster
         .model(
             &second,
-            json!({"source": {"uri": uri}, "replicas": {"min": 1, "max": 1}}),
+            json!({"source": {"uri": uri}, "replicas": {"min": 2, "max": 2}}),
         )
         .await;
-    cluster.ready(&second, 1, Duration::from_secs(120)).await;
+    cluster.ready(&second, 2, Duration::from_secs(120)).await;
     assert!(s.metric(writes).await.unwrap_or(0.0) >= 1.0);
+    let agents: Api<NodeAgent> = Api::all(cluster.client.clone());
+    let served = |a: &NodeAgent| -> Vec<String> {
+        let mut v: Vec<String> = a
+            .spec
+            .models
+            .iter()
+            .map(|m| m.served_name.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    let holder = cluster.ready(&first, 1, Duration::from_secs(10)).await[0].clone();
+    let both = agents.get(&holder).await.unwrap();
+    assert_eq!(served(&both), [first.clone(), second.clone()]);
+    let managers: Vec<String> = both
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|f| f.manager.clone())
+        .collect();
+    for m in [&first, &second] {
+        let manager = format!("weir-operator/default/{m}");
+        assert!(managers.contains(&manager), "{manager} in {managers:?}");
+    }
+    // Deleting one Model takes off its entry only.
+    let models: Api<weir_crds::Model> = Api::namespaced(cluster.client.clone(), "default");
+    models
+        .delete(&first, &DeleteParams::default())
+        .await
+        .unwrap();
+    until(
+        "the first Model's entry to go",
+        Duration::from_secs(60),
+        async || {
+            let a = agents.get(&holder).await.ok()?;
+            (served(&a) == [second.clone()]).then_some(())
+        },
+    )
+    .await;
     cluster.cleanup(&[&first, &second]).await;
 }
