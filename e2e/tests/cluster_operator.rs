@@ -94,13 +94,28 @@ async fn operator_places_routes_and_moves_replicas() {
         "the lost node's entry is taken off"
     );
 
-    // An agent that stops without its Node going: once its heartbeat is
-    // stale the operator marks it (a condition only the operator owns,
-    // next to the agent's own Ready) and takes its replica away.
+    silence_an_agent(&mut cluster, &name, &[&lost, &spare]).await;
+    let broken = a_missing_policy_is_named(&cluster).await;
+
+    // Deleting Models: the operator unassigns them, then releases them.
+    cluster.cleanup(&[&name, &broken]).await;
+    for n in &placed {
+        if let Ok(a) = agent_api.get(n).await {
+            assert!(!a.spec.models.iter().any(|m| m.served_name == name));
+        }
+    }
+}
+
+/// An agent that stops without its Node going: once its heartbeat is
+/// stale the operator marks it (a condition only the operator owns, next to
+/// the agent's own Ready) and takes its replica of `name` away.
+async fn silence_an_agent(cluster: &mut Cluster, name: &str, others: &[&String]) {
+    let agent_api: Api<NodeAgent> = Api::all(cluster.client.clone());
+    let models: Api<weir_crds::Model> = Api::namespaced(cluster.client.clone(), "default");
     let silent = cluster
         .nodes
         .iter()
-        .position(|n| *n != lost && *n != spare)
+        .position(|n| !others.contains(&n))
         .unwrap();
     let silent_name = cluster.nodes[silent].clone();
     cluster.agents[silent] = None;
@@ -128,13 +143,17 @@ async fn operator_places_routes_and_moves_replicas() {
         "the stale agent's replica to go",
         Duration::from_secs(60),
         async || {
-            let s = models.get(&name).await.ok()?.status?;
+            let s = models.get(name).await.ok()?.status?;
             (!s.nodes.contains(&silent_name) && s.ready_replicas == 1).then_some(())
         },
     )
     .await;
+}
 
-    // A missing BatchPolicy: a condition and an event name it.
+/// A Model naming a missing BatchPolicy: a condition and an event name
+/// it. Returns the Model's name.
+async fn a_missing_policy_is_named(cluster: &Cluster) -> String {
+    let models: Api<weir_crds::Model> = Api::namespaced(cluster.client.clone(), "default");
     let broken = format!("e2e-broken-{}", cluster.tag);
     cluster
         .model(&broken, json!({"source": {"uri": "file:///nowhere"}, "batchPolicyRef": {"name": "does-not-exist"}}))
@@ -167,13 +186,7 @@ async fn operator_places_routes_and_moves_replicas() {
     )
     .await;
 
-    // Deleting Models: the operator unassigns them, then releases them.
-    cluster.cleanup(&[&name, &broken]).await;
-    for n in &placed {
-        if let Ok(a) = agent_api.get(n).await {
-            assert!(!a.spec.models.iter().any(|m| m.served_name == name));
-        }
-    }
+    broken
 }
 
 /// Member shares of `count` requests to `ensemble` through `url`.
@@ -258,19 +271,34 @@ async fn ensembles_split_by_weight_and_reweighting_avoids_the_slow_member() {
     let slow_share = shares.get("slow").copied().unwrap_or(0.0);
     assert!((slow_share - 0.75).abs() < 0.13, "{shares:?}");
 
-    // Equal weights with reweighting on latency: weight moves away from
-    // the slow member (from the 3/4 it holds now towards 1/(1 + r) for a
-    // latency ratio r).
+    reweighting_moves_weight_off_the_slow_member(&ensembles, &name, [&fast, &slow], &url).await;
+
+    ensembles
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    cluster.cleanup(&[&fast, &slow]).await;
+}
+
+/// Equal weights with reweighting on latency: weight moves away from the
+/// slow member (from the 3/4 it holds towards 1/(1 + r) for a latency
+/// ratio r), and agents route by the new weights.
+async fn reweighting_moves_weight_off_the_slow_member(
+    ensembles: &Api<ModelEnsemble>,
+    name: &str,
+    [fast, slow]: [&String; 2],
+    url: &str,
+) {
     let patch = json!({"spec": {"members": [
             {"name": "fast", "modelRef": {"name": fast}, "weight": 1},
             {"name": "slow", "modelRef": {"name": slow}, "weight": 1}],
         "reweighting": {"objective": "Latency", "intervalSeconds": 5, "minWeight": 0.05, "maxStep": 0.3}}});
     ensembles
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
     let traffic = {
-        let (url, name) = (url.clone(), name.clone());
+        let (url, name) = (url.to_owned(), name.to_owned());
         tokio::spawn(async move {
             for i in 0.. {
                 chat(&url, &name, &format!("load {i}"), 16).await;
@@ -281,7 +309,7 @@ async fn ensembles_split_by_weight_and_reweighting_avoids_the_slow_member() {
         "weight to move off the slow member",
         Duration::from_secs(150),
         async || {
-            let e = ensembles.get(&name).await.ok()?;
+            let e = ensembles.get(name).await.ok()?;
             let w = weights(&e);
             let members = e.status?.members;
             (w.get("slow").copied()? < 0.45).then_some((w, members))
@@ -292,7 +320,7 @@ async fn ensembles_split_by_weight_and_reweighting_avoids_the_slow_member() {
     // Without traffic the weights hold still; agents pick them up within
     // their 3 s refresh.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let e = ensembles.get(&name).await.unwrap();
+    let e = ensembles.get(name).await.unwrap();
     let members = &e.status.as_ref().unwrap().members;
     let latency = |m: &str| {
         members
@@ -306,20 +334,14 @@ async fn ensembles_split_by_weight_and_reweighting_avoids_the_slow_member() {
     );
     let settled = weights(&e);
     // Agents route by the new weights.
-    let after = split(&url, &name, 100).await;
+    let after = split(url, name, 100).await;
     eprintln!("weights {moved:?}, then {settled:?} from {members:?}; traffic split {after:?}");
     let slow_after = after.get("slow").copied().unwrap_or(0.0);
     assert!(
         (slow_after - settled["slow"]).abs() < 0.13,
         "weights {settled:?}, split {after:?}"
     );
-    assert!(weights(&ensembles.get(&name).await.unwrap())["slow"] < 0.45);
-
-    ensembles
-        .delete(&name, &DeleteParams::default())
-        .await
-        .unwrap();
-    cluster.cleanup(&[&fast, &slow]).await;
+    assert!(weights(&ensembles.get(name).await.unwrap())["slow"] < 0.45);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -481,6 +503,14 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         .await;
     cluster.ready(&second, 2, Duration::from_secs(120)).await;
     assert!(s.metric(writes).await.unwrap_or(0.0) >= 1.0);
+    each_model_owns_its_entry(&cluster, &first, &second).await;
+    cluster.cleanup(&[&first, &second]).await;
+}
+
+/// `first` (one replica) and `second` (a replica on every node) share a
+/// NodeAgent, each entry under its Model's own field manager; deleting
+/// `first` takes off its entry only.
+async fn each_model_owns_its_entry(cluster: &Cluster, first: &str, second: &str) {
     let agents: Api<NodeAgent> = Api::all(cluster.client.clone());
     let served = |a: &NodeAgent| -> Vec<String> {
         let mut v: Vec<String> = a
@@ -492,9 +522,9 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         v.sort();
         v
     };
-    let holder = cluster.ready(&first, 1, Duration::from_secs(10)).await[0].clone();
+    let holder = cluster.ready(first, 1, Duration::from_secs(10)).await[0].clone();
     let both = agents.get(&holder).await.unwrap();
-    assert_eq!(served(&both), [first.clone(), second.clone()]);
+    assert_eq!(served(&both), [first.to_owned(), second.to_owned()]);
     let managers: Vec<String> = both
         .metadata
         .managed_fields
@@ -502,14 +532,14 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         .flatten()
         .filter_map(|f| f.manager.clone())
         .collect();
-    for m in [&first, &second] {
+    for m in [first, second] {
         let manager = format!("weir-operator/default/{m}");
         assert!(managers.contains(&manager), "{manager} in {managers:?}");
     }
     // Deleting one Model takes off its entry only.
     let models: Api<weir_crds::Model> = Api::namespaced(cluster.client.clone(), "default");
     models
-        .delete(&first, &DeleteParams::default())
+        .delete(first, &DeleteParams::default())
         .await
         .unwrap();
     until(
@@ -517,9 +547,8 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         Duration::from_secs(60),
         async || {
             let a = agents.get(&holder).await.ok()?;
-            (served(&a) == [second.clone()]).then_some(())
+            (served(&a) == [second.to_owned()]).then_some(())
         },
     )
     .await;
-    cluster.cleanup(&[&first, &second]).await;
 }
