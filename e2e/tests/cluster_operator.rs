@@ -427,11 +427,39 @@ async fn a_sustained_queue_scales_up_to_max_and_back_down_to_min() {
         "one replica {:?} after the load stopped (window 20 s)",
         stopped.elapsed()
     );
-    cluster.cleanup(&[&name]).await;
+    policy_deletion_waits_for_its_models(cluster, &policy, &name).await;
+}
+
+/// Deleting a BatchPolicy that `model` names is held (finalizer and an
+/// `InUse` event) until the Model goes; then the policy goes too.
+async fn policy_deletion_waits_for_its_models(cluster: Cluster, policy: &str, model: &str) {
+    let batches: Api<weir_crds::BatchPolicy> = Api::namespaced(cluster.client.clone(), "default");
     batches
-        .delete(&policy, &DeleteParams::default())
+        .delete(policy, &DeleteParams::default())
         .await
         .unwrap();
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), "default");
+    until("an InUse event", Duration::from_secs(30), async || {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("InUse")
+                    && e.note.as_deref().is_some_and(|n| n.contains(model))
+            })
+            .then_some(())
+    })
+    .await;
+    let held = batches.get(policy).await.unwrap();
+    assert!(
+        held.metadata.deletion_timestamp.is_some(),
+        "held while in use"
+    );
+    cluster.cleanup(&[model]).await;
+    until("the policy to go", Duration::from_secs(60), async || {
+        batches.get_opt(policy).await.ok()?.is_none().then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -417,3 +417,90 @@ async fn a_second_model_asking_for_a_served_name_is_not_placed() {
     assert_eq!(condition["reason"], "ServedNameConflict");
     assert!(condition["message"].as_str().unwrap().contains("ml/a"));
 }
+
+fn batch_policy(finalizer: bool, deleting: bool) -> weir_crds::BatchPolicy {
+    let mut p: weir_crds::BatchPolicy = serde_json::from_value(json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "BatchPolicy",
+        "metadata": {"name": "fast", "namespace": "ml", "uid": "uid-fast"}, "spec": {}}))
+    .unwrap();
+    if finalizer {
+        p.metadata.finalizers = Some(vec!["weir.dev/in-use".into()]);
+    }
+    if deleting {
+        p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            Timestamp::now(),
+        ));
+    }
+    p
+}
+
+#[tokio::test]
+async fn a_policy_in_use_is_counted_and_its_deletion_held_until_no_model_names_it() {
+    use weir_operator::controller::policy;
+    let path = "/apis/weir.dev/v1alpha1/namespaces/ml/batchpolicies/fast".to_owned();
+    let users = vec![
+        model("llama", 1, Some("fast")),
+        model("mistral", 1, Some("fast")),
+    ];
+    let seed = |p: &weir_crds::BatchPolicy| vec![(path.clone(), serde_json::to_value(p).unwrap())];
+
+    // A new policy first gets the finalizer, then its count.
+    let fresh = batch_policy(false, false);
+    let (client, calls, _) = server(seed(&fresh), None);
+    let (_world, caches) = World::new(&users, &[], &[]);
+    let ctx = context(client, caches);
+    policy::reconcile(Arc::new(fresh), ctx.clone())
+        .await
+        .unwrap();
+    let first = take(&calls);
+    assert!(
+        first[0].body.to_string().contains("weir.dev/in-use"),
+        "{first:?}"
+    );
+    let held = batch_policy(true, false);
+    policy::reconcile(Arc::new(held), ctx.clone())
+        .await
+        .unwrap();
+    let second = take(&calls);
+    let status = second
+        .iter()
+        .find(|c| c.path == format!("{path}/status"))
+        .expect("a count");
+    assert_eq!(status.body["status"]["modelCount"], 2);
+
+    // Deleted while two Models name it: held, with an event naming them.
+    let deleting = batch_policy(true, true);
+    let (client, calls, _) = server(seed(&deleting), None);
+    let (mut world, caches) = World::new(&users, &[], &[]);
+    let ctx = context(client, caches);
+    let result = policy::reconcile(Arc::new(deleting.clone()), ctx.clone()).await;
+    assert!(result.is_err(), "held: {result:?}");
+    let third = take(&calls);
+    assert!(
+        !third.iter().any(|c| c.path == path),
+        "the finalizer stays: {third:#?}"
+    );
+    let in_use = events(&third, "InUse");
+    assert_eq!(in_use.len(), 1, "{third:#?}");
+    let note = in_use[0].body["note"].as_str().unwrap();
+    assert!(note.contains("llama") && note.contains("mistral"), "{note}");
+
+    // Once no Model names it, the finalizer goes.
+    for m in &users {
+        world
+            .models
+            .apply_watcher_event(&watcher::Event::Delete(m.clone()));
+    }
+    policy::reconcile(Arc::new(deleting), ctx.clone())
+        .await
+        .unwrap();
+    let fourth = take(&calls);
+    let release = fourth
+        .iter()
+        .find(|c| c.path == path)
+        .expect("the finalizer is removed");
+    assert!(
+        release.body.to_string().contains("\"remove\""),
+        "{release:?}"
+    );
+}

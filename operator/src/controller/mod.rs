@@ -12,7 +12,8 @@
 //!   stale, and clears the mark when they report again.
 //! - **ModelEnsemble** ([`crate::ensembles`]): reweights members from
 //!   collected figures each reweighting interval.
-//! - **CachePolicy / BatchPolicy** ([`policy`]): count the Models using them.
+//! - **CachePolicy / BatchPolicy** ([`policy`]): count the Models using
+//!   them, and hold the deletion of one still in use.
 //!
 //! Every reconcile is timed and counted in the operator's metrics; a failed
 //! reconcile is retried with per-object exponential backoff (2 s doubling
@@ -60,6 +61,18 @@ pub enum Error {
     /// they succeed.
     #[error("{0} NodeAgent write(s) failed: {1}")]
     AgentsNotWritten(usize, kube::Error),
+    /// A deleted policy is still named by this many Models.
+    #[error("still named by {0} Model(s)")]
+    InUse(usize),
+}
+
+/// The reconcile's own error out of kube-runtime's finalizer wrapper.
+pub fn finalizer_error(e: kube::runtime::finalizer::Error<Error>) -> Error {
+    use kube::runtime::finalizer::Error as F;
+    match e {
+        F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    }
 }
 
 /// Per ensemble: its last reweighting.
@@ -190,7 +203,11 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
         *n
     };
     let delay = backoff_delay(failures);
-    tracing::warn!(object = %key, %error, failures, retry_in = ?delay, "reconcile failed");
+    match error {
+        // An expected hold (a deleted policy still in use), not a fault.
+        Error::InUse(_) => tracing::info!(object = %key, %error, retry_in = ?delay, "held"),
+        _ => tracing::warn!(object = %key, %error, failures, retry_in = ?delay, "reconcile failed"),
+    }
     Action::requeue(delay)
 }
 

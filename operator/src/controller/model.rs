@@ -59,11 +59,7 @@ pub async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, E
     observe(&ctx, model.as_ref(), async {
         let result = work.await;
         ctx.metrics.record("ModelFinalizer", &result);
-        result.map_err(|e| match e {
-            kube::runtime::finalizer::Error::ApplyFailed(e)
-            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-            other => Error::Finalizer(other.to_string()),
-        })
+        result.map_err(super::finalizer_error)
     })
     .await
 }
