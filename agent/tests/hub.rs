@@ -237,29 +237,22 @@ async fn models_over_the_file_or_byte_limits_are_refused_and_leave_nothing() {
     assert!(err.to_string().contains("limit of 2"), "{err}");
     assert!(repo.fetched.lock().unwrap().is_empty(), "nothing fetched");
 
-    // Declared sizes over the limit stop the download before the body.
+    // Declared sizes over the limit stop the download before the body;
+    // bodies without a length (chunked) are counted as they stream.
     let small = Hub::new(&url).with_limits(1024, 2048);
-    let err = small
-        .download("acme/tiny", "main", None, &dest, &Progress::default())
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("larger than the limit of 1024"),
-        "{err}"
-    );
-    assert!(!dest.exists() && parent().is_empty(), "{:?}", parent());
-
-    // Bodies without a length are counted as they stream.
-    repo.chunked.store(true, Ordering::Relaxed);
-    let err = small
-        .download("acme/tiny", "main", None, &dest, &Progress::default())
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("larger than the limit of 1024"),
-        "{err}"
-    );
-    assert!(!dest.exists() && parent().is_empty(), "{:?}", parent());
+    for chunked in [false, true] {
+        repo.chunked.store(chunked, Ordering::Relaxed);
+        let err = small
+            .download("acme/tiny", "main", None, &dest, &Progress::default())
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("larger than the limit of 1024"),
+            "chunked {chunked}: {text}"
+        );
+        assert!(!dest.exists() && parent().is_empty(), "{:?}", parent());
+    }
 
     // Within the limits, the chunked model downloads.
     Hub::new(&url)

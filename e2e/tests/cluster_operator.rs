@@ -317,8 +317,10 @@ async fn reweighting_moves_weight_off_the_slow_member(
     )
     .await;
     traffic.abort();
-    // Without traffic the weights hold still; agents pick them up within
-    // their 3 s refresh.
+    // Without traffic the weights hold still. Agents re-read ensembles
+    // every 3 s and expose no version of what they route by, so there is
+    // no condition to wait on: give them two refreshes. A lagging agent
+    // fails the split check below; it cannot make it pass.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let e = ensembles.get(name).await.unwrap();
     let members = &e.status.as_ref().unwrap().members;

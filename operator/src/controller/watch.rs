@@ -184,14 +184,7 @@ impl Caches {
                 }
             }
         };
-        let caches = Self {
-            models,
-            ensembles,
-            caches,
-            batches,
-            agents,
-            nodes,
-        };
+        let caches = Self::from_stores(models, ensembles, caches, batches, agents, nodes);
         (caches, changes, driver)
     }
 
