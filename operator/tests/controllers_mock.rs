@@ -331,6 +331,14 @@ fn ready(mut m: Model, replicas: u32) -> Model {
     m
 }
 
+/// The status write to `path` among `calls`.
+fn status_write<'a>(calls: &'a [Call], path: &str) -> &'a Call {
+    calls
+        .iter()
+        .find(|c| c.path == format!("{path}/status"))
+        .expect("a status write")
+}
+
 #[tokio::test]
 async fn an_ensemble_is_weighted_at_once_then_each_interval_or_when_availability_changes() {
     let models = vec![ready(model("a", 1, None), 1), ready(model("b", 1, None), 1)];
@@ -351,10 +359,7 @@ async fn an_ensemble_is_weighted_at_once_then_each_interval_or_when_availability
         .await
         .unwrap();
     let first = take(&calls);
-    let write = first
-        .iter()
-        .find(|c| c.path == format!("{path}/status"))
-        .expect("a status write");
+    let write = status_write(&first, &path);
     let members = &write.body["status"]["members"];
     assert_eq!(members[0]["weight"], 0.75, "{members}");
     assert_eq!(members[1]["weight"], 0.25);
@@ -380,10 +385,7 @@ async fn an_ensemble_is_weighted_at_once_then_each_interval_or_when_availability
         .await
         .unwrap();
     let third = take(&calls);
-    let write = third
-        .iter()
-        .find(|c| c.path == format!("{path}/status"))
-        .expect("a status write");
+    let write = status_write(&third, &path);
     assert_eq!(write.body["status"]["members"][1]["available"], false);
     assert_eq!(write.body["status"]["members"][1]["weight"], 0.0);
 }
@@ -462,10 +464,7 @@ async fn a_policy_in_use_is_counted_and_its_deletion_held_until_no_model_names_i
         .await
         .unwrap();
     let second = take(&calls);
-    let status = second
-        .iter()
-        .find(|c| c.path == format!("{path}/status"))
-        .expect("a count");
+    let status = status_write(&second, &path);
     assert_eq!(status.body["status"]["modelCount"], 2);
 
     // Deleted while two Models name it: held, with an event naming them.

@@ -251,6 +251,16 @@ async fn drain<S: futures::Stream + Send>(stream: S) {
     stream.for_each(|_| std::future::ready(())).await;
 }
 
+/// The controller of one policy kind, reconciled again on Model changes.
+fn policy_controller<P: policy::Policy>(ctx: &Arc<Context>, changes: &Changes) -> Task {
+    Box::pin(drain(
+        Controller::new(Api::<P>::all(ctx.client.clone()), Default::default())
+            .with_config(Config::default().debounce(Duration::from_millis(300)))
+            .reconcile_all_on(watch::on(&changes.models))
+            .run(policy::reconcile::<P>, error_policy, ctx.clone()),
+    ))
+}
+
 fn controllers(ctx: &Arc<Context>, changes: &Changes) -> Vec<Task> {
     let client = ctx.client.clone();
     let config = || Config::default().debounce(Duration::from_millis(300));
@@ -273,18 +283,8 @@ fn controllers(ctx: &Arc<Context>, changes: &Changes) -> Vec<Task> {
                 .reconcile_all_on(watch::on(&changes.models))
                 .run(crate::ensembles::reconcile, error_policy, ctx.clone()),
         )),
-        Box::pin(drain(
-            Controller::new(Api::<CachePolicy>::all(client.clone()), wc())
-                .with_config(config())
-                .reconcile_all_on(watch::on(&changes.models))
-                .run(policy::reconcile, error_policy, ctx.clone()),
-        )),
-        Box::pin(drain(
-            Controller::new(Api::<BatchPolicy>::all(client), wc())
-                .with_config(config())
-                .reconcile_all_on(watch::on(&changes.models))
-                .run(policy::reconcile, error_policy, ctx.clone()),
-        )),
+        policy_controller::<CachePolicy>(ctx, changes),
+        policy_controller::<BatchPolicy>(ctx, changes),
     ]
 }
 
