@@ -503,3 +503,25 @@ async fn a_policy_in_use_is_counted_and_its_deletion_held_until_no_model_names_i
         "{release:?}"
     );
 }
+
+#[tokio::test]
+async fn state_of_deleted_objects_is_pruned() {
+    let ensemble: ModelEnsemble = serde_json::from_value(json!({"apiVersion": "weir.dev/v1alpha1",
+        "kind": "ModelEnsemble", "metadata": {"name": "chat", "namespace": "ml"},
+        "spec": {"members": [{"name": "a", "modelRef": {"name": "a"}}]}}))
+    .unwrap();
+    let path = "/apis/weir.dev/v1alpha1/namespaces/ml/modelensembles/chat".to_owned();
+    let (client, _calls, _) = server(vec![(path, serde_json::to_value(&ensemble).unwrap())], None);
+    let (_world, caches) = World::new(&[], &[], &[]);
+    let ctx = context(client, caches);
+    weir_operator::ensembles::reconcile(Arc::new(ensemble.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let failed = Arc::new(model("gone", 1, None));
+    let error = weir_operator::controller::Error::InUse(1);
+    weir_operator::controller::error_policy(failed, &error, ctx.clone());
+    assert_eq!(ctx.tracked().await, (1, 1));
+    // Neither the ensemble nor the Model is in the caches: both go.
+    ctx.prune().await;
+    assert_eq!(ctx.tracked().await, (0, 0));
+}

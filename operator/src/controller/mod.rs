@@ -143,6 +143,42 @@ impl Context {
         self.reweights.lock().await.clear();
     }
 
+    /// Drops reweighting and backoff state of objects no longer cached, so
+    /// those maps stay bounded by the objects that exist.
+    pub async fn prune(&self) {
+        let c = &self.caches;
+        let mut live: std::collections::HashSet<String> = std::collections::HashSet::new();
+        live.extend(c.models.state().iter().map(|o| object_key(o.as_ref())));
+        live.extend(c.ensembles.state().iter().map(|o| object_key(o.as_ref())));
+        live.extend(c.caches.state().iter().map(|o| object_key(o.as_ref())));
+        live.extend(c.batches.state().iter().map(|o| object_key(o.as_ref())));
+        live.extend(c.agents.state().iter().map(|o| object_key(o.as_ref())));
+        let ensembles: std::collections::HashSet<String> = c
+            .ensembles
+            .state()
+            .iter()
+            .map(|e| format!("{}/{}", e.namespace().unwrap_or_default(), e.name_any()))
+            .collect();
+        self.reweights
+            .lock()
+            .await
+            .retain(|k, _| ensembles.contains(k));
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| live.contains(k));
+    }
+
+    /// How many ensembles have reweighting state and objects backoff state.
+    pub async fn tracked(&self) -> (usize, usize) {
+        let failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        (self.reweights.lock().await.len(), failures)
+    }
+
     /// Last reweighting of an ensemble and the figures it was based on.
     pub(crate) fn reweights(&self) -> &Reweights {
         &self.reweights
@@ -288,7 +324,8 @@ fn controllers(ctx: &Arc<Context>, changes: &Changes) -> Vec<Task> {
     ]
 }
 
-/// Collects figures every interval for as long as the term lasts.
+/// Collects figures every interval for as long as the term lasts, and
+/// forgets per-object state of objects that are gone.
 async fn collect_forever(ctx: Arc<Context>) {
     let mut tick = tokio::time::interval(ctx.interval);
     loop {
@@ -297,6 +334,7 @@ async fn collect_forever(ctx: Arc<Context>) {
         let figures = collect(&ctx, &agents, Timestamp::now()).await;
         *ctx.figures.write().await = figures;
         ctx.collections.fetch_add(1, Ordering::AcqRel);
+        ctx.prune().await;
     }
 }
 
