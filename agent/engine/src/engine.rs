@@ -25,7 +25,9 @@ use tokio::sync::mpsc as out;
 use crate::backend::{Backend, BatchLayout};
 use crate::error::EngineError;
 use crate::model::LlamaModel;
-use crate::sampler::{Sampler, SamplingParams, SequenceRng, TokenHistory};
+use crate::sampler::{
+    BatchRow, SampleOutput, Sampler, SamplerError, SamplingParams, SequenceRng, TokenHistory,
+};
 use crate::scheduler::{FinishReason, Priority, Scheduler, SchedulerConfig, SequenceRequest};
 use crate::stats::EngineStats;
 use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, TextTokenizer};
@@ -203,7 +205,8 @@ impl EngineHandle {
         )
         .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         let cache = model.alloc_kv_cache(options.num_blocks, options.block_size)?;
-        let sampler = Sampler::new(model.config().vocab_size)
+        // The vocabulary must be one the sampler can index.
+        Sampler::new(model.config().vocab_size)
             .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(options.queue_capacity.max(1));
         let stats = Arc::new(EngineStats::default());
@@ -214,7 +217,6 @@ impl EngineHandle {
             model,
             cache,
             scheduler,
-            sampler,
             tokenizer,
             eos,
             live: HashMap::new(),
@@ -317,7 +319,6 @@ struct Worker<B: Backend> {
     model: LlamaModel<B>,
     cache: B::KvCache,
     scheduler: Scheduler,
-    sampler: Sampler,
     tokenizer: Arc<TextTokenizer>,
     eos: Vec<u32>,
     live: HashMap<u64, Live>,
@@ -444,17 +445,17 @@ impl<B: Backend> Worker<B> {
                 prompt_rows += (seq.start + seq.tokens.len()).min(prompt_end) - seq.start;
             }
         }
-        let mut logits = match self.model.forward(&layout, &mut self.cache) {
+        let logits = match self.model.forward_logits(&layout, &mut self.cache) {
             Ok(logits) => logits,
             Err(e) => return self.fail_all(&e.to_string()),
         };
-        let vocab = self.model.config().vocab_size;
-        let mut sampled = Vec::with_capacity(sampled_ids.len());
-        for (row, id) in logits.chunks_exact_mut(vocab).zip(&sampled_ids) {
-            if let Some(token) = self.sample_one(*id, row) {
-                sampled.push((*id, token));
-            }
-        }
+        let sampled = match logits {
+            Some(logits) => match self.sample_all(logits, &sampled_ids) {
+                Ok(sampled) => sampled,
+                Err(e) => return self.fail_all(&e.to_string()),
+            },
+            None => Vec::new(),
+        };
         self.stats
             .record_step(output.scheduled.len(), prompt_rows, sampled.len());
         let finished = match self.scheduler.update(&sampled) {
@@ -470,14 +471,69 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// Samples one row and emits its token; returns the token, or `None`
-    /// when the request ended here (stop string, closed stream, error).
-    fn sample_one(&mut self, id: u64, row: &mut [f32]) -> Option<u32> {
+    /// Samples every row of `logits` (row `i` belongs to `ids[i]`) on the
+    /// backend and emits the tokens; returns the requests that go on, with
+    /// their tokens.
+    fn sample_all(
+        &mut self,
+        logits: B::Tensor,
+        ids: &[u64],
+    ) -> Result<Vec<(u64, u32)>, EngineError> {
+        // Each row borrows its request's state; the states leave the map for
+        // the call. A scheduled request always has its state (both go
+        // together), so the stand-in is only there to keep rows aligned.
+        let mut taken: Vec<(u64, Option<Live>)> =
+            ids.iter().map(|&id| (id, self.live.remove(&id))).collect();
+        let greedy = SamplingParams::greedy();
+        let empty = TokenHistory::new(&[]);
+        let mut spare: Vec<SequenceRng> = (0..taken.len())
+            .map(|_| SequenceRng::from_seed(0))
+            .collect();
+        let mut rows: Vec<BatchRow<'_>> = taken
+            .iter_mut()
+            .zip(spare.iter_mut())
+            .map(|((_, live), spare)| match live {
+                Some(l) => BatchRow {
+                    params: &l.sampling,
+                    history: &l.history,
+                    rng: &mut l.rng,
+                },
+                None => BatchRow {
+                    params: &greedy,
+                    history: &empty,
+                    rng: spare,
+                },
+            })
+            .collect();
+        let outcomes = self.model.backend().sample(logits, &mut rows);
+        drop(rows);
+        let outcomes = match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                for (id, live) in taken {
+                    if let Some(live) = live {
+                        self.live.insert(id, live);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let mut sampled = Vec::with_capacity(ids.len());
+        for ((id, live), outcome) in taken.into_iter().zip(outcomes) {
+            let Some(live) = live else { continue };
+            self.live.insert(id, live);
+            if let Some(token) = self.emit(id, outcome) {
+                sampled.push((id, token));
+            }
+        }
+        Ok(sampled)
+    }
+
+    /// Emits one sampled token; returns it, or `None` when the request
+    /// ended here (stop string, closed stream, sampling error).
+    fn emit(&mut self, id: u64, outcome: Result<SampleOutput, SamplerError>) -> Option<u32> {
         let live = self.live.get_mut(&id)?;
-        let out = match self
-            .sampler
-            .sample(row, &live.sampling, &live.history, &mut live.rng)
-        {
+        let out = match outcome {
             Ok(out) => out,
             Err(e) => {
                 let _ = live.events.try_send(Event::Failed(e.to_string()));

@@ -54,10 +54,30 @@ impl<B: Backend> LlamaModel<B> {
         backend: B,
         max_positions: usize,
     ) -> Result<Self> {
+        let tied = config.tie_word_embeddings && !weights.contains("lm_head.weight");
+        Self::from_loader(config, backend, max_positions, tied, |b, name, shape| {
+            b.load_weight(&weights.get(name, shape)?)
+        })
+    }
+
+    /// Builds the model from `load(backend, name, shape)`, which gives each
+    /// tensor under its Hugging Face name (checked against `shape`);
+    /// `tied` shares the embedding as the LM head. Benchmarks use this to
+    /// make weights on the device.
+    pub fn from_loader<L>(
+        config: ModelConfig,
+        backend: B,
+        max_positions: usize,
+        tied: bool,
+        load: L,
+    ) -> Result<Self>
+    where
+        L: Fn(&B, &str, &[usize]) -> Result<B::Weight>,
+    {
         let c = &config;
         let (h, kv) = (c.hidden_size, c.num_kv_heads * c.head_dim);
         let qd = c.num_heads * c.head_dim;
-        let load = |name: &str, shape: &[usize]| backend.load_weight(&weights.get(name, shape)?);
+        let load = |name: &str, shape: &[usize]| load(&backend, name, shape);
         let opt = |name: &str, shape: &[usize], on: bool| -> Result<Option<B::Weight>> {
             if on {
                 load(name, shape).map(Some)
@@ -94,7 +114,7 @@ impl<B: Backend> LlamaModel<B> {
             });
         }
         let embed = load("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let lm_head = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
+        let lm_head = if tied {
             None
         } else {
             Some(load("lm_head.weight", &[c.vocab_size, h])?)
@@ -143,43 +163,86 @@ impl<B: Backend> LlamaModel<B> {
     /// values into `cache`, and returns the logits of `layout.logits_rows`
     /// (row-major, `vocab_size` per row).
     pub fn forward(&self, layout: &BatchLayout, cache: &mut B::KvCache) -> Result<Vec<f32>> {
+        match self.forward_logits(layout, cache)? {
+            Some(logits) => self.backend.to_host(&logits),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// As [`forward`](Self::forward), leaving the logits on the device for
+    /// [`Backend::sample`]; `None` when the step asks for no logits.
+    pub fn forward_logits(
+        &self,
+        layout: &BatchLayout,
+        cache: &mut B::KvCache,
+    ) -> Result<Option<B::Tensor>> {
         if layout.num_rows() == 0 {
             return Err(EngineError::InvalidRequest("empty batch".into()));
         }
+        let batch = self.backend.prepare(layout)?;
+        if layout.logits_rows.is_empty() {
+            self.layers(&batch, cache)?;
+            return Ok(None);
+        }
+        let b = &self.backend;
+        let logits = b.run_step(&batch, || {
+            let x = self.layers(&batch, cache)?;
+            let last = b.gather_logits_rows(&x, &batch)?;
+            let normed = b.rms_norm(&last, &self.norm, self.config.rms_norm_eps as f32)?;
+            b.logits(&normed, self.lm_head.as_ref().unwrap_or(&self.embed))
+        })?;
+        Ok(Some(logits))
+    }
+
+    /// Every decoder layer over the batch; returns the residual stream.
+    fn layers(&self, batch: &B::Batch, cache: &mut B::KvCache) -> Result<B::Tensor> {
         let b = &self.backend;
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
-        let batch = b.prepare(layout)?;
         let shape = AttentionShape {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
         };
-        let mut x = b.embed(&self.embed, &batch)?;
+        let mut x = b.embed(&self.embed, batch)?;
+        let Some(first) = self.layers.first() else {
+            return Ok(x);
+        };
+        let mut normed = b.rms_norm(&x, &first.input_norm, eps)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let normed = b.rms_norm(&x, &layer.input_norm, eps)?;
             let mut q = b.linear(&normed, &layer.q, layer.q_bias.as_ref())?;
             let mut k = b.linear(&normed, &layer.k, layer.k_bias.as_ref())?;
             let v = b.linear(&normed, &layer.v, layer.v_bias.as_ref())?;
-            b.rope(&mut q, &self.rope, &batch, c.num_heads, c.head_dim)?;
-            b.rope(&mut k, &self.rope, &batch, c.num_kv_heads, c.head_dim)?;
-            b.write_kv(cache, i, &k, &v, &batch)?;
-            let attn = b.attention(&q, cache, i, &batch, shape)?;
+            drop(normed);
+            b.rope(&mut q, &self.rope, batch, c.num_heads, c.head_dim)?;
+            b.rope(&mut k, &self.rope, batch, c.num_kv_heads, c.head_dim)?;
+            b.write_kv(cache, i, &k, &v, batch)?;
+            drop((k, v));
+            let attn = b.attention(&q, cache, i, batch, shape)?;
+            drop(q);
             let attn_out = b.linear(&attn, &layer.o, layer.o_bias.as_ref())?;
-            b.add_assign(&mut x, &attn_out)?;
-            let normed = b.rms_norm(&x, &layer.post_norm, eps)?;
-            let gate = b.linear(&normed, &layer.gate, None)?;
-            let up = b.linear(&normed, &layer.up, None)?;
-            let mlp = b.linear(&b.silu_mul(&gate, &up)?, &layer.down, None)?;
-            b.add_assign(&mut x, &mlp)?;
+            drop(attn);
+            let post = b.add_rms_norm(&mut x, &attn_out, &layer.post_norm, eps)?;
+            drop(attn_out);
+            let gate = b.linear(&post, &layer.gate, None)?;
+            let up = b.linear(&post, &layer.up, None)?;
+            drop(post);
+            let act = b.silu_mul(&gate, &up)?;
+            drop((gate, up));
+            let mlp = b.linear(&act, &layer.down, None)?;
+            drop(act);
+            // The next layer's input norm is fused with this residual add;
+            // after the last layer only the add remains (the final norm runs
+            // on the gathered logits rows).
+            match self.layers.get(i + 1) {
+                Some(next) => normed = b.add_rms_norm(&mut x, &mlp, &next.input_norm, eps)?,
+                None => {
+                    b.add_assign(&mut x, &mlp)?;
+                    return Ok(x);
+                }
+            }
         }
-        if layout.logits_rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let last = b.gather_logits_rows(&x, &batch)?;
-        let normed = b.rms_norm(&last, &self.norm, eps)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        b.to_host(&b.linear(&normed, head, None)?)
+        Ok(x)
     }
 }
 

@@ -8,8 +8,9 @@
 
 use rayon::prelude::*;
 
-use super::{AttentionShape, Backend, BatchLayout, KvCacheShape, RopeTable};
+use super::{AttentionShape, Backend, BatchLayout, KvCacheShape, RopeTable, SampleResults};
 use crate::error::{EngineError, Result};
+use crate::sampler::{BatchRow, Sampler};
 use crate::weights::TensorView;
 
 /// A row-major f32 matrix (`rows × cols`); vectors have one row.
@@ -154,6 +155,21 @@ impl Backend for CpuBackend {
             }
         });
         Ok(out)
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut CpuTensor,
+        delta: &CpuTensor,
+        weight: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        self.add_assign(x, delta)?;
+        self.rms_norm(x, weight, eps)
+    }
+
+    fn logits(&self, x: &CpuTensor, w: &CpuTensor) -> Result<CpuTensor> {
+        self.linear(x, w, None)
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
@@ -352,5 +368,20 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
         Ok(x.data.clone())
+    }
+
+    fn run_step<F>(&self, _batch: &BatchLayout, mut forward: F) -> Result<CpuTensor>
+    where
+        F: FnMut() -> Result<CpuTensor>,
+    {
+        forward()
+    }
+
+    fn sample(&self, logits: CpuTensor, rows: &mut [BatchRow<'_>]) -> Result<SampleResults> {
+        let sampler = Sampler::new(logits.cols).map_err(|e| shape_err("sample", e.to_string()))?;
+        let mut data = logits.data;
+        sampler
+            .sample_batch(&mut data, rows)
+            .map_err(|e| shape_err("sample", e.to_string()))
     }
 }

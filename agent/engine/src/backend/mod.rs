@@ -8,9 +8,15 @@
 //! asynchronous.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
+use crate::sampler::{BatchRow, SampleOutput, SamplerError};
 use crate::weights::TensorView;
+
+/// Each sampled row's outcome: a token, or why that row could not be
+/// sampled (the other rows are unaffected).
+pub type SampleResults = Vec<std::result::Result<SampleOutput, SamplerError>>;
 
 /// Where one sequence's rows sit in a batch and which KV blocks hold its
 /// context.
@@ -153,6 +159,15 @@ pub trait Backend: Send {
     fn embed(&self, table: &Self::Weight, batch: &Self::Batch) -> Result<Self::Tensor>;
     /// RMSNorm of each row, scaled by `weight`.
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+    /// `x += delta`, then the RMSNorm of `x` scaled by `weight`: the
+    /// residual add and the next norm in one pass.
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
     /// `x · wᵀ (+ bias)` for `w` of shape `[out, in]`.
     fn linear(
         &self,
@@ -160,6 +175,9 @@ pub trait Backend: Send {
         w: &Self::Weight,
         bias: Option<&Self::Weight>,
     ) -> Result<Self::Tensor>;
+    /// `x · wᵀ` for the LM head: like [`linear`](Self::linear), with logits
+    /// kept in f32.
+    fn logits(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor>;
     /// Rotates each head of each row by its position (rotate-half layout).
     fn rope(
         &self,
@@ -196,4 +214,19 @@ pub trait Backend: Send {
     fn gather_logits_rows(&self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
     /// Copies a tensor to the host, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// Runs one step's forward pass, `forward`, for `batch`. A backend may
+    /// record the work and replay it for later steps of the same shape
+    /// (CUDA graphs), and may call `forward` again if a recording fails;
+    /// the CPU backend just calls it once.
+    fn run_step<F>(&self, batch: &Self::Batch, forward: F) -> Result<Self::Tensor>
+    where
+        F: FnMut() -> Result<Self::Tensor>;
+
+    /// Samples the next token of each row of `logits` (consumed: it is
+    /// scratch for the penalties; one row per entry of
+    /// `rows`, in order), each with its own parameters, history and
+    /// generator. Only token ids (and asked-for log probabilities) need
+    /// reach the host.
+    fn sample(&self, logits: Self::Tensor, rows: &mut [BatchRow<'_>]) -> Result<SampleResults>;
 }
