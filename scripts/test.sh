@@ -26,6 +26,22 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-ci.txt
 
+step "NVRTC from the Python packages, for the CUDA kernel compile test"
+NVRTC_LIB="$(.venv/bin/python - <<'PY'
+import glob, os, sys
+hits = glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "cu13", "lib"))
+print(hits[0] if hits else "")
+PY
+)"
+if [ -z "$NVRTC_LIB" ] || [ ! -e "$NVRTC_LIB/libnvrtc.so.13" ]; then
+    echo "libnvrtc.so.13 was not installed by nvidia-cuda-nvrtc" >&2
+    exit 1
+fi
+# libnvrtc loads libnvrtc-builtins from the library path at compile time.
+export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export WEIR_REQUIRE_NVRTC=1
+echo "NVRTC: $NVRTC_LIB"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

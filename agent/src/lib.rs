@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod coalesce;
 pub mod config;
 pub mod embeddings;
+pub mod engine_start;
 pub mod ensemble_serve;
 pub mod generate;
 pub mod gpu;

@@ -170,7 +170,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .next()
         .map(|m| m.name.clone())
         .unwrap_or_default();
-    tracing::info!(%addr, "serving the OpenAI API (backend: cpu)");
+    tracing::info!(%addr, "serving the OpenAI API");
     eprintln!(
         "Weir agent serving `{first}` on http://{addr}\nTry:\n  curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{first}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 32}}'"
     );

@@ -10,9 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use weir_crds::batch_policy::BatchPolicySpec;
 use weir_crds::cache_policy::CachePolicySpec;
 use weir_crds::common::EngineConfig;
-use weir_engine::backend::cpu::CpuBackend;
 use weir_engine::engine::{EngineHandle, EngineOptions};
-use weir_engine::model::LlamaModel;
 use weir_engine::scheduler::SchedulerConfig;
 use weir_engine::testmodel::{TinyBertSpec, TinyModelSpec, write_tiny_bert, write_tiny_model};
 use weir_engine::tokenizer::TextTokenizer;
@@ -105,15 +103,9 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// KV blocks for the CPU backend: enough for `max_num_seqs` sequences of a
-/// quarter of the context each, at least two full contexts.
-fn cpu_kv_blocks(max_model_len: usize, block_size: usize, max_num_seqs: usize) -> usize {
-    let per_seq = max_model_len.div_ceil(block_size);
-    (per_seq * 2).max(per_seq * max_num_seqs / 4).min(1 << 16)
-}
-
 impl ServedModel {
-    /// Loads `spec` onto the CPU backend and starts its engine.
+    /// Loads `spec` onto the GPU (or the CPU without one) and starts its
+    /// engine.
     pub fn load(spec: &ModelSpec) -> Result<Self, LoadError> {
         let err = |source| LoadError::Engine {
             name: spec.name.clone(),
@@ -126,7 +118,6 @@ impl ServedModel {
             .map_or(config.max_position_embeddings, |m| {
                 (m as usize).min(config.max_position_embeddings)
             });
-        let model = LlamaModel::load(&spec.dir, CpuBackend, max_model_len).map_err(err)?;
         let tokenizer = Arc::new(TextTokenizer::from_dir(&spec.dir).map_err(err)?);
         let block_size = spec.engine.block_size as usize;
         let max_num_seqs = spec.batch.max_num_seqs.min(spec.engine.max_num_seqs) as usize;
@@ -148,11 +139,26 @@ impl ServedModel {
                 aging: Duration::from_secs(u64::from(spec.batch.priority.aging_seconds)),
                 prefix_caching: spec.cache.prefix_cache.enabled,
             },
-            num_blocks: cpu_kv_blocks(max_model_len, block_size, max_num_seqs),
+            // Sized by the device in `start_engine`.
+            num_blocks: 0,
             block_size,
             queue_capacity: spec.batch.queue.max_queued as usize + max_num_seqs,
         };
-        let engine = EngineHandle::start(model, tokenizer.clone(), options).map_err(err)?;
+        let started = crate::engine_start::start_engine(
+            &spec.dir,
+            config,
+            &spec.engine,
+            tokenizer.clone(),
+            options,
+        )
+        .map_err(err)?;
+        tracing::info!(
+            model = %spec.name,
+            backend = started.backend,
+            kv_blocks = started.kv_blocks,
+            "engine started"
+        );
+        let engine = started.engine;
         Ok(Self {
             name: spec.name.clone(),
             engine,
