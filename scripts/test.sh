@@ -4,7 +4,8 @@
 #   formatting, lints, CRD drift, all Rust tests, and the Helm chart check
 #   (rendered with default and CI values, validated against the Kubernetes
 #   schemas), and the official OpenAI SDK against a running agent. It
-#   installs what is missing (redis-server from Debian, a Python venv in .venv).
+#   installs what is missing (redis-server from Debian, a Python venv in
+#   .venv with NVRTC for the CUDA kernel compile test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
