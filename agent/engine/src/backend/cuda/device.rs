@@ -13,7 +13,7 @@ use std::ffi::{CString, c_void};
 use std::sync::Arc;
 
 use cudarc::cublas::sys as blas;
-use cudarc::driver::{CudaContext, CudaStream, result, sys};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result, sys};
 
 use super::plan::Launch;
 use crate::error::{EngineError, Result};
@@ -302,6 +302,24 @@ impl Gpu {
         check_blas("GEMM", status)
     }
 
+    /// A fence: an event that [`Gpu::signal`] re-records and
+    /// [`Fence::wait`] waits on (made once, so steps create no events).
+    pub fn fence(&self) -> Result<Fence> {
+        let event = self
+            .stream
+            .record_event(None)
+            .map_err(|e| driver_err("event", e))?;
+        Ok(Fence(event))
+    }
+
+    /// Marks the point the stream has reached in `fence`.
+    pub fn signal(&self, fence: &Fence) -> Result<()> {
+        fence
+            .0
+            .record(&self.stream)
+            .map_err(|e| driver_err("event record", e))
+    }
+
     /// Starts capturing the stream's work into a graph.
     pub fn begin_capture(&self) -> Result<()> {
         // SAFETY: the stream is live; thread-local mode keeps other threads'
@@ -358,6 +376,16 @@ fn check_blas(what: &str, status: blas::cublasStatus_t) -> Result<()> {
     match status {
         blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
         other => Err(EngineError::Backend(format!("cuBLAS {what}: {other:?}"))),
+    }
+}
+
+/// A point in the stream the host can wait for.
+pub struct Fence(CudaEvent);
+
+impl Fence {
+    /// Blocks until the stream has passed the last [`Gpu::signal`].
+    pub fn wait(&self) -> Result<()> {
+        self.0.synchronize().map_err(|e| driver_err("event wait", e))
     }
 }
 

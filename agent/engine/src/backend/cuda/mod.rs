@@ -40,7 +40,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arena::Arena;
-use device::{DeviceBuffer, DeviceInfo, Function, Gpu, Graph, Module, PinnedBuffer};
+use device::{DeviceBuffer, DeviceInfo, Fence, Function, Gpu, Graph, Module, PinnedBuffer};
 use meta::{MetaOffsets, StepShape};
 use plan::StepLimits;
 
@@ -103,7 +103,9 @@ pub struct CudaTensor {
     ptr: u64,
     /// Rows the caller asked for (the rest pad a graph bucket).
     valid_rows: usize,
-    _lease: Arc<Lease>,
+    /// The workspace range; `None` for a captured step's logits, which
+    /// live in that step's own buffer.
+    _lease: Option<Arc<Lease>>,
 }
 
 impl CudaTensor {
@@ -119,13 +121,6 @@ impl CudaTensor {
 
     fn len(&self) -> usize {
         self.rows * self.cols
-    }
-
-    fn share(&self) -> CudaTensor {
-        CudaTensor {
-            _lease: self._lease.clone(),
-            ..*self
-        }
     }
 }
 
@@ -185,10 +180,14 @@ struct MetaPtrs {
     tile: [u64; 4],
 }
 
-/// A captured decode step and the tensor its replay fills.
+/// A captured decode step and the buffer its replay leaves the logits in
+/// (the graph's last node copies them there, so no workspace range stays
+/// reserved between steps).
 struct CapturedStep {
     graph: Graph,
-    output: CudaTensor,
+    logits: DeviceBuffer,
+    rows: usize,
+    cols: usize,
 }
 
 /// The CUDA backend of one engine.
@@ -205,6 +204,10 @@ pub struct CudaBackend {
     meta: DeviceBuffer,
     meta_ptrs: MetaPtrs,
     staging: RefCell<PinnedBuffer>,
+    /// Passed once the last metadata upload has read `staging`.
+    staging_read: Fence,
+    /// Positions the RoPE table covers (set by `load_rope`).
+    rope_positions: Cell<usize>,
     sampling: sample::SampleBuffers,
     ones: DeviceBuffer,
     weight_bytes: RefCell<usize>,
@@ -277,6 +280,8 @@ impl CudaBackend {
             meta,
             meta_ptrs,
             staging: RefCell::new(staging),
+            staging_read: gpu.fence()?,
+            rope_positions: Cell::new(0),
             sampling,
             ones,
             kernels,
@@ -434,12 +439,21 @@ impl CudaBackend {
             dtype,
             ptr: self.workspace.ptr + offset as u64,
             valid_rows: rows,
-            _lease: Arc::new(Lease {
+            _lease: Some(Arc::new(Lease {
                 arena: self.arena.clone(),
                 offset,
                 len,
-            }),
+            })),
         })
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Work still queued may read the buffers about to be freed.
+        if let Err(e) = self.gpu.bind().and_then(|()| self.gpu.synchronize()) {
+            tracing::warn!(error = %e, "CUDA work failed while the backend shut down");
+        }
     }
 }
 
@@ -486,6 +500,7 @@ impl Backend for CudaBackend {
         self.gpu.upload(cos.ptr, &table.cos, cos.bytes)?;
         self.gpu.upload(sin.ptr, &table.sin, sin.bytes)?;
         self.gpu.synchronize()?;
+        self.rope_positions.set(table.max_positions);
         Ok(CudaRope {
             cos,
             sin,

@@ -28,6 +28,18 @@ impl CudaBackend {
         self.gpu.bind()?;
         let limits = self.options.limits;
         let pad_block = self.pad_block()?;
+        if let Some(&p) = layout
+            .positions
+            .iter()
+            .find(|&&p| p as usize >= self.rope_positions.get())
+        {
+            return Err(EngineError::Backend(format!(
+                "rope: position {p} ≥ {}",
+                self.rope_positions.get()
+            )));
+        }
+        // The previous upload may still be reading the staging buffer.
+        self.staging_read.wait()?;
         let mut staging = self.staging.borrow_mut();
         let words = staging.words_mut();
         let shape = meta::pack(layout, &limits, pad_block, self.options.graphs, words)?;
@@ -433,30 +445,57 @@ impl CudaBackend {
         let real = batch.shape.real_logits;
         if let Some(step) = self.graphs.borrow().get(&bucket) {
             self.gpu.replay(&step.graph)?;
-            let mut out = step.output.share();
-            out.valid_rows = real;
-            return Ok(out);
+            return Ok(CudaTensor {
+                rows: step.rows,
+                cols: step.cols,
+                dtype: DType::F32,
+                ptr: step.logits.ptr,
+                valid_rows: real,
+                _lease: None,
+            });
         }
+        // Allocated before the capture: nothing may allocate during one.
+        let cols = self.config.vocab_size;
+        let logits = self.gpu.alloc_zeroed(bucket * cols * 4)?;
         self.gpu.begin_capture()?;
-        let captured = forward();
+        let captured = forward().and_then(|out| {
+            if out.dtype != DType::F32 || out.rows != bucket || out.cols != cols {
+                return Err(EngineError::Backend(format!(
+                    "a captured step returned {}x{} {:?}, not {bucket}x{cols} logits",
+                    out.rows, out.cols, out.dtype
+                )));
+            }
+            self.gpu.copy(logits.ptr, out.ptr, logits.bytes)
+        });
         let graph = self.gpu.end_capture();
-        let (output, graph) = match (captured, graph) {
-            (Ok(output), Ok(graph)) => (output, graph),
-            (Err(e), _) => return Err(e),
+        let graph = match (captured, graph) {
+            (Ok(()), Ok(graph)) => graph,
             // The captured work never ran: run the step eagerly, and keep
             // this bucket out of graphs from now on.
-            (Ok(_), Err(e)) => {
+            (Err(e), _) | (Ok(()), Err(e)) => {
                 tracing::warn!(bucket, error = %e, "CUDA graph capture failed; this batch size runs without graphs");
                 self.no_graph.borrow_mut().push(bucket);
                 return forward();
             }
         };
         self.gpu.replay(&graph)?;
-        let mut out = output.share();
-        out.valid_rows = real;
-        self.graphs
-            .borrow_mut()
-            .insert(bucket, CapturedStep { graph, output });
+        let out = CudaTensor {
+            rows: bucket,
+            cols,
+            dtype: DType::F32,
+            ptr: logits.ptr,
+            valid_rows: real,
+            _lease: None,
+        };
+        self.graphs.borrow_mut().insert(
+            bucket,
+            CapturedStep {
+                graph,
+                logits,
+                rows: bucket,
+                cols,
+            },
+        );
         Ok(out)
     }
 }
