@@ -385,7 +385,9 @@ pub struct Fence(CudaEvent);
 impl Fence {
     /// Blocks until the stream has passed the last [`Gpu::signal`].
     pub fn wait(&self) -> Result<()> {
-        self.0.synchronize().map_err(|e| driver_err("event wait", e))
+        self.0
+            .synchronize()
+            .map_err(|e| driver_err("event wait", e))
     }
 }
 
