@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod placement;
 pub mod reweight;
 pub mod scrape;
+pub mod taints;
 pub mod weights;
 pub mod world;

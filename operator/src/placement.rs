@@ -1,19 +1,26 @@
 //! Placement: which nodes serve which model replicas.
 //!
-//! Guarantees: a replica is only placed on a ready node whose labels match
-//! the model's node selector, whose `NoSchedule`/`NoExecute` taints the
-//! model tolerates, and that has enough free GPUs of enough memory; one
-//! replica per node per model; placement is stable — a replica on a node
-//! that is still valid stays there, so a round with nothing changed moves
-//! nothing; replicas on lost, unready, no-longer-matching nodes or nodes
-//! where the model failed are moved; scale-down drops the replicas on the
-//! most loaded nodes first, scale-up picks the least loaded nodes.
+//! Guarantees: a new replica is only placed on a ready node whose labels
+//! match the model's node selector, that is not cordoned, whose taints
+//! allow it (Kubernetes semantics, see [`crate::taints`]) and that has
+//! enough free GPUs of enough memory; nodes with untolerated
+//! `PreferNoSchedule` taints come last; one replica per node per model;
+//! placement is stable — a replica on a node that is still valid stays
+//! there, so a round with nothing changed moves nothing; `NoSchedule`
+//! taints and cordons never move a replica; replicas on lost, unready or
+//! no-longer-matching nodes, nodes where the model failed, or nodes with a
+//! `NoExecute` taint not tolerated (or past its `tolerationSeconds`) are
+//! moved; scale-down drops the replicas on the most loaded nodes first,
+//! scale-up picks the least loaded nodes.
 //! Deterministic: ties break by node name. Assumption: a GPU holds one
 //! replica (no GPU sharing between models).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Taint, Toleration};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::taints;
 
 /// A node as placement sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +31,8 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     /// Node taints.
     pub taints: Vec<Taint>,
+    /// Cordoned (`spec.unschedulable`).
+    pub unschedulable: bool,
     /// Memory of each GPU in bytes (empty: a CPU node).
     pub gpu_memory: Vec<u64>,
     /// Whether its agent heartbeats and is Ready.
@@ -62,61 +71,68 @@ pub struct Placed {
 
 /// Kubernetes toleration semantics for one taint.
 pub fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
-    tolerations.iter().any(|t| {
-        let effect_ok = t
-            .effect
-            .as_deref()
-            .is_none_or(|e| e.is_empty() || e == taint.effect);
-        let op = t.operator.as_deref().unwrap_or("Equal");
-        let key_ok = match (t.key.as_deref(), op) {
-            (None | Some(""), "Exists") => true,
-            (Some(k), "Exists") => k == taint.key,
-            (Some(k), _) => {
-                k == taint.key
-                    && t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
-            }
-            (None, _) => false,
-        };
-        effect_ok && key_ok
-    })
+    taints::tolerates(tolerations, taint)
 }
 
-/// Why `node` cannot host `model`, or `None` if it can (capacity aside).
-pub fn unfit(model: &ModelDemand, node: &NodeView) -> Option<String> {
+/// Why `node` cannot host `model` for reasons other than its taints.
+fn unfit_base(model: &ModelDemand, node: &NodeView) -> Option<String> {
     if !node.ready {
         return Some(format!("node {} is not ready", node.name));
     }
     if node.failed.contains(&model.served_name) {
         return Some(format!("the model failed to load on {}", node.name));
     }
-    if let Some((k, v)) = model
+    model
         .node_selector
         .iter()
         .find(|(k, v)| node.labels.get(*k) != Some(v))
-    {
-        return Some(format!(
-            "node {} does not match nodeSelector {k}={v}",
-            node.name
-        ));
-    }
-    let blocking = node
-        .taints
-        .iter()
-        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
-        .find(|t| !tolerates(&model.tolerations, t));
-    blocking.map(|t| {
-        format!(
-            "node {} has taint {}:{} that is not tolerated",
-            node.name, t.key, t.effect
-        )
+        .map(|(k, v)| format!("node {} does not match nodeSelector {k}={v}", node.name))
+}
+
+/// Why `node` cannot take a new replica of `model`, or `None` if it can
+/// (capacity aside).
+pub fn unfit(model: &ModelDemand, node: &NodeView) -> Option<String> {
+    unfit_base(model, node).or_else(|| {
+        let tolerations = taints::with_defaults(&model.tolerations);
+        let taints = taints::effective_taints(&node.taints, node.unschedulable);
+        taints::blocks_new(&tolerations, &taints).map(|why| format!("node {} has {why}", node.name))
     })
 }
 
-/// Places every model. `current` is the previous assignment (key → nodes).
+/// Why a replica of `model` already on `node` must move at `now`, or `None`
+/// if it stays (capacity aside). Cordons and `NoSchedule` taints never
+/// move it.
+pub fn must_move(model: &ModelDemand, node: &NodeView, now: Timestamp) -> Option<String> {
+    unfit_base(model, node).or_else(|| {
+        let tolerations = taints::with_defaults(&model.tolerations);
+        taints::eviction_time(&tolerations, &node.taints, now)
+            .filter(|at| *at <= now)
+            .map(|_| {
+                format!(
+                    "node {} has a NoExecute taint the model no longer tolerates",
+                    node.name
+                )
+            })
+    })
+}
+
+/// Places every model now. `current` is the previous assignment
+/// (key → nodes).
 pub fn place(
     nodes: &[NodeView],
     models: &[ModelDemand],
     current: &BTreeMap<String, Vec<String>>,
+) -> BTreeMap<String, Placed> {
+    place_at(nodes, models, current, Timestamp::now())
+}
+
+/// Places every model as of `now` (which decides whether tolerated
+/// `NoExecute` taints have run out).
+pub fn place_at(
+    nodes: &[NodeView],
+    models: &[ModelDemand],
+    current: &BTreeMap<String, Vec<String>>,
+    now: Timestamp,
 ) -> BTreeMap<String, Placed> {
     // Free GPUs per node, as memory sizes; replicas kept first, then new ones.
     let mut free: BTreeMap<&str, Vec<u64>> = nodes
@@ -143,7 +159,9 @@ pub fn place(
             let Some(node) = by_name.get(name.as_str()) else {
                 continue;
             };
-            if unfit(model, node).is_none() && take_gpus(free.get_mut(name.as_str()), model) {
+            if must_move(model, node, now).is_none()
+                && take_gpus(free.get_mut(name.as_str()), model)
+            {
                 *load.entry(node.name.as_str()).or_default() += 1;
                 kept.push(name.clone());
             }
@@ -178,8 +196,10 @@ pub fn place(
                     }
                 })
                 .collect();
+            let tolerations = taints::with_defaults(&model.tolerations);
             candidates.sort_by_key(|n| {
                 (
+                    taints::soft_penalty(&tolerations, &n.taints),
                     load.get(n.name.as_str()).copied().unwrap_or(0),
                     n.name.clone(),
                 )
@@ -274,6 +294,7 @@ mod tests {
             name: name.into(),
             labels: BTreeMap::from([("gpu".into(), "h100".into())]),
             taints: vec![],
+            unschedulable: false,
             gpu_memory: gpus.iter().map(|g| g * GIB).collect(),
             ready: true,
             failed: BTreeSet::new(),
@@ -422,6 +443,7 @@ mod props {
                         if big { "big" } else { "small" }.into(),
                     )]),
                     taints: vec![],
+                    unschedulable: false,
                     gpu_memory: gpus.iter().map(|g| g * GIB).collect(),
                     ready,
                     failed: BTreeSet::new(),

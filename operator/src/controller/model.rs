@@ -84,6 +84,9 @@ fn node_view(
         taints: node
             .and_then(|n| n.spec.as_ref()?.taints.clone())
             .unwrap_or_default(),
+        unschedulable: node
+            .and_then(|n| n.spec.as_ref()?.unschedulable)
+            .unwrap_or(false),
         gpu_memory: status
             .map(|s| s.gpus.iter().map(|g| g.memory_total_bytes).collect())
             .unwrap_or_default(),
@@ -254,7 +257,9 @@ async fn decide(
             Err(_) => {}
         }
     }
-    let mut placed = placement::place(&views, &demands, current);
+    // Replicas whose tolerated NoExecute taints run out move at the next
+    // reconcile after the deadline (every `interval`).
+    let mut placed = placement::place_at(&views, &demands, current, now);
     decision.placed = placed.remove(&me).unwrap_or_default();
     if decision.problem.is_none() {
         decision.problem = decision

@@ -73,8 +73,9 @@ fn hash_of(value: &impl Hash) -> u64 {
     h.finish()
 }
 
-/// A Node as placement sees it: labels and taints.
+/// A Node as placement sees it: labels, taints and cordon.
 fn node_fingerprint(node: &Node) -> Option<u64> {
+    let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable);
     let taints = node
         .spec
         .as_ref()
@@ -84,7 +85,7 @@ fn node_fingerprint(node: &Node) -> Option<u64> {
                 .map(|t| (t.key.clone(), t.value.clone(), t.effect.clone()))
                 .collect::<Vec<_>>()
         });
-    Some(hash_of(&(node.labels(), taints)))
+    Some(hash_of(&(node.labels(), taints, cordoned)))
 }
 
 /// A NodeAgent as placement and routing see it: everything but the
