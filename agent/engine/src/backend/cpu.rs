@@ -87,16 +87,7 @@ impl Backend for CpuBackend {
     }
 
     fn load_weight(&self, view: &TensorView<'_>) -> Result<CpuTensor> {
-        let (rows, cols) = match view.shape.as_slice() {
-            [n] => (1, *n),
-            [r, c] => (*r, *c),
-            other => {
-                return Err(shape_err(
-                    "load_weight",
-                    format!("unsupported rank {other:?}"),
-                ));
-            }
-        };
+        let (rows, cols) = super::matrix_shape(&view.shape)?;
         Ok(CpuTensor {
             rows,
             cols,

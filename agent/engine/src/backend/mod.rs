@@ -105,6 +105,17 @@ pub struct KvCacheShape {
     pub head_dim: usize,
 }
 
+/// `(rows, cols)` of a stored weight: a matrix, or a vector as one row.
+pub(crate) fn matrix_shape(shape: &[usize]) -> Result<(usize, usize)> {
+    match shape {
+        [n] => Ok((1, *n)),
+        [r, c] => Ok((*r, *c)),
+        other => Err(crate::error::EngineError::Backend(format!(
+            "load_weight: unsupported rank {other:?}"
+        ))),
+    }
+}
+
 /// Head counts for attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {

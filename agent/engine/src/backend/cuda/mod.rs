@@ -44,11 +44,9 @@ use device::{DeviceBuffer, DeviceInfo, Fence, Function, Gpu, Graph, Module, Pinn
 use meta::{MetaOffsets, StepShape};
 use plan::StepLimits;
 
-use super::{AttentionShape, Backend, BatchLayout, KvCacheShape, RopeTable, SampleResults};
+use crate::backend::KvCacheShape;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::sampler::BatchRow;
-use crate::weights::TensorView;
 
 /// Settings of a CUDA backend.
 #[derive(Clone, Debug)]
@@ -345,7 +343,7 @@ impl CudaBackend {
         mean: f32,
         std: f32,
     ) -> Result<CudaWeight> {
-        let (rows, cols) = matrix_shape(shape)?;
+        let (rows, cols) = crate::backend::matrix_shape(shape)?;
         let buf = self.gpu.alloc_zeroed(rows * cols * 2)?;
         self.launch(
             "fill_normal_bf16",
@@ -454,172 +452,5 @@ impl Drop for CudaBackend {
         if let Err(e) = self.gpu.bind().and_then(|()| self.gpu.synchronize()) {
             tracing::warn!(error = %e, "CUDA work failed while the backend shut down");
         }
-    }
-}
-
-fn matrix_shape(shape: &[usize]) -> Result<(usize, usize)> {
-    match shape {
-        [n] => Ok((1, *n)),
-        [r, c] => Ok((*r, *c)),
-        other => Err(EngineError::Backend(format!(
-            "load_weight: unsupported rank {other:?}"
-        ))),
-    }
-}
-
-impl Backend for CudaBackend {
-    type Tensor = CudaTensor;
-    type Weight = CudaWeight;
-    type KvCache = CudaKvCache;
-    type Batch = CudaBatch;
-    type Rope = CudaRope;
-
-    fn name(&self) -> &'static str {
-        "cuda"
-    }
-
-    fn load_weight(&self, view: &TensorView<'_>) -> Result<CudaWeight> {
-        let (rows, cols) = matrix_shape(&view.shape)?;
-        let bits = host::weight_to_bf16(view);
-        let buf = self.gpu.alloc_zeroed(bits.len() * 2)?;
-        self.gpu.upload(buf.ptr, &bits, buf.bytes)?;
-        // The host copy is freed on return; make sure the upload is done.
-        self.gpu.synchronize()?;
-        *self.weight_bytes.borrow_mut() += buf.bytes;
-        Ok(CudaWeight {
-            rows,
-            cols,
-            ptr: buf.ptr,
-            _buf: buf,
-        })
-    }
-
-    fn load_rope(&self, table: &RopeTable) -> Result<CudaRope> {
-        let cos = self.gpu.alloc_zeroed(table.cos.len() * 4)?;
-        let sin = self.gpu.alloc_zeroed(table.sin.len() * 4)?;
-        self.gpu.upload(cos.ptr, &table.cos, cos.bytes)?;
-        self.gpu.upload(sin.ptr, &table.sin, sin.bytes)?;
-        self.gpu.synchronize()?;
-        self.rope_positions.set(table.max_positions);
-        Ok(CudaRope {
-            cos,
-            sin,
-            max_positions: table.max_positions,
-            half_dim: table.half_dim,
-        })
-    }
-
-    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache> {
-        let limits = self.options.limits;
-        if shape.block_size != limits.block_size {
-            return Err(EngineError::Backend(format!(
-                "KV block size {} differs from the backend's {}",
-                shape.block_size, limits.block_size
-            )));
-        }
-        let slot = shape.num_kv_heads * shape.head_dim * 2;
-        let layer_bytes = (shape.num_blocks + 1) * shape.block_size * slot;
-        let buf = self.gpu.alloc_zeroed(2 * shape.num_layers * layer_bytes)?;
-        self.pad_block.set(Some(shape.num_blocks));
-        Ok(CudaKvCache {
-            shape,
-            buf,
-            layer_bytes,
-        })
-    }
-
-    fn prepare(&self, layout: &BatchLayout) -> Result<CudaBatch> {
-        self.ops_prepare(layout)
-    }
-
-    fn embed(&self, table: &CudaWeight, batch: &CudaBatch) -> Result<CudaTensor> {
-        self.ops_embed(table, batch)
-    }
-
-    fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
-        self.ops_rms_norm(x, weight, eps)
-    }
-
-    fn add_rms_norm(
-        &self,
-        x: &mut CudaTensor,
-        delta: &CudaTensor,
-        weight: &CudaWeight,
-        eps: f32,
-    ) -> Result<CudaTensor> {
-        self.ops_add_rms_norm(x, delta, weight, eps)
-    }
-
-    fn linear(
-        &self,
-        x: &CudaTensor,
-        w: &CudaWeight,
-        bias: Option<&CudaWeight>,
-    ) -> Result<CudaTensor> {
-        self.ops_linear(x, w, bias, DType::BF16)
-    }
-
-    fn logits(&self, x: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor> {
-        self.ops_linear(x, w, None, DType::F32)
-    }
-
-    fn rope(
-        &self,
-        x: &mut CudaTensor,
-        rope: &CudaRope,
-        batch: &CudaBatch,
-        num_heads: usize,
-        head_dim: usize,
-    ) -> Result<()> {
-        self.ops_rope(x, rope, batch, num_heads, head_dim)
-    }
-
-    fn write_kv(
-        &self,
-        cache: &mut CudaKvCache,
-        layer: usize,
-        k: &CudaTensor,
-        v: &CudaTensor,
-        batch: &CudaBatch,
-    ) -> Result<()> {
-        self.ops_write_kv(cache, layer, k, v, batch)
-    }
-
-    fn attention(
-        &self,
-        q: &CudaTensor,
-        cache: &CudaKvCache,
-        layer: usize,
-        batch: &CudaBatch,
-        shape: AttentionShape,
-    ) -> Result<CudaTensor> {
-        self.ops_attention(q, cache, layer, batch, shape)
-    }
-
-    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
-        self.ops_silu_mul(gate, up)
-    }
-
-    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
-        self.ops_add_assign(x, y)
-    }
-
-    fn gather_logits_rows(&self, x: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
-        self.ops_gather(x, batch)
-    }
-
-    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
-        self.ops_to_host(x)
-    }
-
-    fn run_step<F>(&self, batch: &CudaBatch, forward: F) -> Result<CudaTensor>
-    where
-        F: FnMut() -> Result<CudaTensor>,
-    {
-        self.ops_run_step(batch, forward)
-    }
-
-    fn sample(&self, logits: CudaTensor, rows: &mut [BatchRow<'_>]) -> Result<SampleResults> {
-        self.sample_rows(logits, rows)
     }
 }

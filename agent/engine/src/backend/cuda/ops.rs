@@ -1,4 +1,5 @@
-//! The backend operations as kernel launches and GEMMs, and the step
+//! The `Backend` implementation: loading, and every operation as kernel
+//! launches and GEMMs, and the step
 //! driver that captures and replays decode steps as CUDA graphs. Shapes
 //! and dtypes are checked here, before anything is launched.
 
@@ -6,10 +7,14 @@ use super::device::{Arg, Gemm};
 use super::plan::{self, Launch};
 use super::{
     CapturedStep, CudaBackend, CudaBatch, CudaKvCache, CudaRope, CudaTensor, CudaWeight, DType,
-    meta,
+    host, meta,
 };
-use crate::backend::{AttentionShape, BatchLayout};
+use crate::backend::{
+    AttentionShape, Backend, BatchLayout, KvCacheShape, RopeTable, SampleResults,
+};
 use crate::error::{EngineError, Result};
+use crate::sampler::BatchRow;
+use crate::weights::TensorView;
 
 fn check(ok: bool, op: &str, detail: impl FnOnce() -> String) -> Result<()> {
     if ok {
@@ -23,8 +28,68 @@ fn int(n: usize) -> Arg {
     Arg::I32(i32::try_from(n).unwrap_or(i32::MAX))
 }
 
-impl CudaBackend {
-    pub(super) fn ops_prepare(&self, layout: &BatchLayout) -> Result<CudaBatch> {
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+    type KvCache = CudaKvCache;
+    type Batch = CudaBatch;
+    type Rope = CudaRope;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn load_weight(&self, view: &TensorView<'_>) -> Result<CudaWeight> {
+        let (rows, cols) = crate::backend::matrix_shape(&view.shape)?;
+        let bits = host::weight_to_bf16(view);
+        let buf = self.gpu.alloc_zeroed(bits.len() * 2)?;
+        self.gpu.upload(buf.ptr, &bits, buf.bytes)?;
+        // The host copy is freed on return; make sure the upload is done.
+        self.gpu.synchronize()?;
+        *self.weight_bytes.borrow_mut() += buf.bytes;
+        Ok(CudaWeight {
+            rows,
+            cols,
+            ptr: buf.ptr,
+            _buf: buf,
+        })
+    }
+
+    fn load_rope(&self, table: &RopeTable) -> Result<CudaRope> {
+        let cos = self.gpu.alloc_zeroed(table.cos.len() * 4)?;
+        let sin = self.gpu.alloc_zeroed(table.sin.len() * 4)?;
+        self.gpu.upload(cos.ptr, &table.cos, cos.bytes)?;
+        self.gpu.upload(sin.ptr, &table.sin, sin.bytes)?;
+        self.gpu.synchronize()?;
+        self.rope_positions.set(table.max_positions);
+        Ok(CudaRope {
+            cos,
+            sin,
+            max_positions: table.max_positions,
+            half_dim: table.half_dim,
+        })
+    }
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache> {
+        let limits = self.options.limits;
+        if shape.block_size != limits.block_size {
+            return Err(EngineError::Backend(format!(
+                "KV block size {} differs from the backend's {}",
+                shape.block_size, limits.block_size
+            )));
+        }
+        let slot = shape.num_kv_heads * shape.head_dim * 2;
+        let layer_bytes = (shape.num_blocks + 1) * shape.block_size * slot;
+        let buf = self.gpu.alloc_zeroed(2 * shape.num_layers * layer_bytes)?;
+        self.pad_block.set(Some(shape.num_blocks));
+        Ok(CudaKvCache {
+            shape,
+            buf,
+            layer_bytes,
+        })
+    }
+
+    fn prepare(&self, layout: &BatchLayout) -> Result<CudaBatch> {
         self.gpu.bind()?;
         let limits = self.options.limits;
         let pad_block = self.pad_block()?;
@@ -58,16 +123,7 @@ impl CudaBackend {
         Ok(CudaBatch { shape })
     }
 
-    /// The KV block padding rows write to: the one after the pool's blocks
-    /// (known once the cache is allocated).
-    fn pad_block(&self) -> Result<u32> {
-        self.pad_block
-            .get()
-            .map(|b| b as u32)
-            .ok_or_else(|| EngineError::Backend("no KV cache is allocated".into()))
-    }
-
-    pub(super) fn ops_embed(&self, table: &CudaWeight, batch: &CudaBatch) -> Result<CudaTensor> {
+    fn embed(&self, table: &CudaWeight, batch: &CudaBatch) -> Result<CudaTensor> {
         let rows = batch.shape.rows;
         let out = self.tensor(rows, table.cols, DType::F32)?;
         self.launch(
@@ -85,12 +141,7 @@ impl CudaBackend {
         Ok(out)
     }
 
-    pub(super) fn ops_rms_norm(
-        &self,
-        x: &CudaTensor,
-        w: &CudaWeight,
-        eps: f32,
-    ) -> Result<CudaTensor> {
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> Result<CudaTensor> {
         check(
             x.dtype == DType::F32 && w.cols == x.cols,
             "rms_norm",
@@ -112,7 +163,7 @@ impl CudaBackend {
         Ok(out)
     }
 
-    pub(super) fn ops_add_rms_norm(
+    fn add_rms_norm(
         &self,
         x: &mut CudaTensor,
         delta: &CudaTensor,
@@ -149,52 +200,20 @@ impl CudaBackend {
         Ok(out)
     }
 
-    pub(super) fn ops_linear(
+    fn linear(
         &self,
         x: &CudaTensor,
         w: &CudaWeight,
         bias: Option<&CudaWeight>,
-        out_type: DType,
     ) -> Result<CudaTensor> {
-        check(x.dtype == DType::BF16 && x.cols == w.cols, "linear", || {
-            format!(
-                "{:?} x has {} cols, w is {}x{}",
-                x.dtype, x.cols, w.rows, w.cols
-            )
-        })?;
-        let mut out = self.tensor(x.rows, w.rows, out_type)?;
-        out.valid_rows = x.valid_rows;
-        let gemm = Gemm {
-            a: x.ptr,
-            b: w.ptr,
-            c: out.ptr,
-            m: x.rows,
-            n: w.rows,
-            k: x.cols,
-            c_f32: out_type == DType::F32,
-            accumulate: false,
-        };
-        self.gpu.gemm(gemm)?;
-        if let Some(bias) = bias {
-            check(bias.cols == w.rows, "linear bias", || {
-                format!("{} values for {} outputs", bias.cols, w.rows)
-            })?;
-            // out += ones[rows × 1] · bias[1 × n]: the bias broadcast over
-            // rows as a rank-1 GEMM, so no extra kernel is needed.
-            self.gpu.gemm(Gemm {
-                a: self.ones.ptr,
-                b: bias.ptr,
-                m: x.rows,
-                n: w.rows,
-                k: 1,
-                accumulate: true,
-                ..gemm
-            })?;
-        }
-        Ok(out)
+        self.gemm_out(x, w, bias, DType::BF16)
     }
 
-    pub(super) fn ops_rope(
+    fn logits(&self, x: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor> {
+        self.gemm_out(x, w, None, DType::F32)
+    }
+
+    fn rope(
         &self,
         x: &mut CudaTensor,
         rope: &CudaRope,
@@ -226,7 +245,7 @@ impl CudaBackend {
         )
     }
 
-    pub(super) fn ops_write_kv(
+    fn write_kv(
         &self,
         cache: &mut CudaKvCache,
         layer: usize,
@@ -260,7 +279,7 @@ impl CudaBackend {
         )
     }
 
-    pub(super) fn ops_attention(
+    fn attention(
         &self,
         q: &CudaTensor,
         cache: &CudaKvCache,
@@ -355,7 +374,7 @@ impl CudaBackend {
         Ok(out)
     }
 
-    pub(super) fn ops_silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
         check(
             gate.dtype == DType::BF16 && up.dtype == DType::BF16 && gate.len() == up.len(),
             "silu_mul",
@@ -375,7 +394,7 @@ impl CudaBackend {
         Ok(out)
     }
 
-    pub(super) fn ops_add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
         check(
             x.dtype == DType::F32 && x.len() == y.len(),
             "add_assign",
@@ -392,7 +411,7 @@ impl CudaBackend {
         )
     }
 
-    pub(super) fn ops_gather(&self, x: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
+    fn gather_logits_rows(&self, x: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
         check(x.dtype == DType::F32, "gather_logits_rows", || {
             format!("{:?} input", x.dtype)
         })?;
@@ -414,7 +433,7 @@ impl CudaBackend {
         Ok(out)
     }
 
-    pub(super) fn ops_to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
         let n = x.valid_rows * x.cols;
         match x.dtype {
             DType::F32 => {
@@ -432,7 +451,7 @@ impl CudaBackend {
 
     /// Runs a step: replays the bucket's graph, or captures it first, or
     /// runs eagerly when the step is not a graphable decode step.
-    pub(super) fn ops_run_step<F>(&self, batch: &CudaBatch, mut forward: F) -> Result<CudaTensor>
+    fn run_step<F>(&self, batch: &CudaBatch, mut forward: F) -> Result<CudaTensor>
     where
         F: FnMut() -> Result<CudaTensor>,
     {
@@ -496,6 +515,66 @@ impl CudaBackend {
                 cols,
             },
         );
+        Ok(out)
+    }
+
+    fn sample(&self, logits: CudaTensor, rows: &mut [BatchRow<'_>]) -> Result<SampleResults> {
+        self.sample_rows(logits, rows)
+    }
+}
+
+impl CudaBackend {
+    /// The KV block padding rows write to: the one after the pool's blocks
+    /// (known once the cache is allocated).
+    fn pad_block(&self) -> Result<u32> {
+        self.pad_block
+            .get()
+            .map(|b| b as u32)
+            .ok_or_else(|| EngineError::Backend("no KV cache is allocated".into()))
+    }
+
+    fn gemm_out(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        out_type: DType,
+    ) -> Result<CudaTensor> {
+        check(x.dtype == DType::BF16 && x.cols == w.cols, "linear", || {
+            format!(
+                "{:?} x has {} cols, w is {}x{}",
+                x.dtype, x.cols, w.rows, w.cols
+            )
+        })?;
+        let mut out = self.tensor(x.rows, w.rows, out_type)?;
+        out.valid_rows = x.valid_rows;
+        let gemm = Gemm {
+            a: x.ptr,
+            b: w.ptr,
+            c: out.ptr,
+            m: x.rows,
+            n: w.rows,
+            k: x.cols,
+            c_f32: out_type == DType::F32,
+            accumulate: false,
+        };
+        self.gpu.gemm(gemm)?;
+        if let Some(bias) = bias {
+            check(bias.cols == w.rows, "linear bias", || {
+                format!("{} values for {} outputs", bias.cols, w.rows)
+            })?;
+            // out += ones[rows × 1] · bias[1 × n]: the bias broadcast over
+            // rows as a rank-1 GEMM, so no extra kernel is needed.
+            self.gpu.gemm(Gemm {
+                a: self.ones.ptr,
+                b: bias.ptr,
+                m: x.rows,
+                n: w.rows,
+                k: 1,
+                accumulate: true,
+                ..gemm
+            })?;
+        }
         Ok(out)
     }
 }

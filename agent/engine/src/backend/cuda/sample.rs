@@ -10,7 +10,7 @@ use super::device::{Arg, DeviceBuffer, Gpu};
 use super::host::{SamplePack, device_can_sample};
 use super::plan::{Launch, SAMPLING_THREADS, StepLimits};
 use super::{CudaBackend, CudaTensor, DType};
-use crate::backend::SampleResults;
+use crate::backend::{Backend, SampleResults};
 use crate::error::{EngineError, Result};
 use crate::sampler::{BatchRow, SampleOutput, Sampler, SamplerError};
 use std::cell::RefCell;
@@ -152,7 +152,7 @@ impl CudaBackend {
         logits: &CudaTensor,
         rows: &mut [BatchRow<'_>],
     ) -> Result<SampleResults> {
-        let mut data = self.ops_to_host(logits)?;
+        let mut data = Backend::to_host(self, logits)?;
         let sampler =
             Sampler::new(logits.cols).map_err(|e| EngineError::Backend(format!("sample: {e}")))?;
         sampler

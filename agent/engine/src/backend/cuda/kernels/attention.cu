@@ -52,6 +52,47 @@ __device__ __forceinline__ void att_step(AttState& s, int h, float score, const 
     s.m[h] = m;
 }
 
+// This lane's dimensions of ATT_HEADS query heads starting at `head`
+// (scaled; zeros past the group or the head width, or when `!active`).
+__device__ __forceinline__ void att_load_q(float (&qv)[ATT_HEADS][ATT_DIMS], const bf16_t* q_row,
+                                           int head, int heads_left, int head_dim, float scale,
+                                           bool active) {
+    const int lane = threadIdx.x % WEIR_WARP;
+#pragma unroll
+    for (int h = 0; h < ATT_HEADS; ++h) {
+#pragma unroll
+        for (int i = 0; i < ATT_DIMS; ++i) {
+            const int d = lane + WEIR_WARP * i;
+            qv[h][i] = (active && h < heads_left && d < head_dim)
+                           ? bf16_to_f32(q_row[(long long)(head + h) * head_dim + d]) * scale
+                           : 0.0f;
+        }
+    }
+}
+
+// Folds one key and value (bf16 rows, this lane's dimensions) into the
+// state of every carried head: one warp sum per head.
+__device__ __forceinline__ void att_fold_key(AttState& s, const float (&qv)[ATT_HEADS][ATT_DIMS],
+                                             const bf16_t* k, const bf16_t* v, int head_dim,
+                                             int heads_left) {
+    const int lane = threadIdx.x % WEIR_WARP;
+    float kv[ATT_DIMS], vv[ATT_DIMS];
+#pragma unroll
+    for (int i = 0; i < ATT_DIMS; ++i) {
+        const int d = lane + WEIR_WARP * i;
+        kv[i] = d < head_dim ? bf16_to_f32(k[d]) : 0.0f;
+        vv[i] = d < head_dim ? bf16_to_f32(v[d]) : 0.0f;
+    }
+#pragma unroll
+    for (int h = 0; h < ATT_HEADS; ++h) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < ATT_DIMS; ++i) dot += qv[h][i] * kv[i];
+        dot = warp_sum(dot);
+        if (h < heads_left) att_step(s, h, dot, vv);
+    }
+}
+
 // Decode partials: grid (num_kv_heads, num_seqs, max_parts), block 128.
 // Each warp takes every fourth position of the partition for one chunk of
 // the group's query heads; the four warps' states are merged in shared
@@ -74,34 +115,11 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
         AttState s;
         att_init(s);
         float qv[ATT_HEADS][ATT_DIMS];
-#pragma unroll
-        for (int h = 0; h < ATT_HEADS; ++h) {
-            const int head = kv_head * group + h0 + h;
-#pragma unroll
-            for (int i = 0; i < ATT_DIMS; ++i) {
-                const int d = lane + WEIR_WARP * i;
-                qv[h][i] = (h0 + h < group && d < head_dim)
-                               ? bf16_to_f32(q[((long long)seq * num_heads + head) * head_dim + d]) * scale
-                               : 0.0f;
-            }
-        }
+        att_load_q(qv, q + (long long)seq * num_heads * head_dim, kv_head * group + h0,
+                   group - h0, head_dim, scale, true);
         for (int pos = start + warp; pos < end; pos += ATT_WARPS) {
             const long long row = att_row(table, pos, block_size, num_kv_heads, head_dim, kv_head);
-            float kv[ATT_DIMS], vv[ATT_DIMS];
-#pragma unroll
-            for (int i = 0; i < ATT_DIMS; ++i) {
-                const int d = lane + WEIR_WARP * i;
-                kv[i] = d < head_dim ? bf16_to_f32(k_cache[row + d]) : 0.0f;
-                vv[i] = d < head_dim ? bf16_to_f32(v_cache[row + d]) : 0.0f;
-            }
-#pragma unroll
-            for (int h = 0; h < ATT_HEADS; ++h) {
-                float dot = 0.0f;
-#pragma unroll
-                for (int i = 0; i < ATT_DIMS; ++i) dot += qv[h][i] * kv[i];
-                dot = warp_sum(dot);
-                if (h0 + h < group) att_step(s, h, dot, vv);
-            }
+            att_fold_key(s, qv, k_cache + row, v_cache + row, head_dim, group - h0);
         }
         __syncthreads();
 #pragma unroll
@@ -201,17 +219,8 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
         AttState s;
         att_init(s);
         float qv[ATT_HEADS][ATT_DIMS];
-#pragma unroll
-        for (int h = 0; h < ATT_HEADS; ++h) {
-            const int head = kv_head * group + h0 + h;
-#pragma unroll
-            for (int i = 0; i < ATT_DIMS; ++i) {
-                const int d = lane + WEIR_WARP * i;
-                qv[h][i] = (active && h0 + h < group && d < head_dim)
-                               ? bf16_to_f32(q[(qrow + head) * head_dim + d]) * scale
-                               : 0.0f;
-            }
-        }
+        att_load_q(qv, q + qrow * head_dim, kv_head * group + h0, group - h0, head_dim, scale,
+                   active);
         // Keys this round needs: up to the last active row's position.
         const int last_job = min(jobs, (round + 1) * ATT_WARPS) - 1;
         const int keys = first_pos + last_job / head_chunks + 1;
@@ -227,23 +236,7 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
             }
             __syncthreads();
             const int mine = active ? min(n, pos - base + 1) : 0;
-            for (int j = 0; j < mine; ++j) {
-                float kv[ATT_DIMS], vv[ATT_DIMS];
-#pragma unroll
-                for (int i = 0; i < ATT_DIMS; ++i) {
-                    const int d = lane + WEIR_WARP * i;
-                    kv[i] = d < head_dim ? bf16_to_f32(ks[j][d]) : 0.0f;
-                    vv[i] = d < head_dim ? bf16_to_f32(vs[j][d]) : 0.0f;
-                }
-#pragma unroll
-                for (int h = 0; h < ATT_HEADS; ++h) {
-                    float dot = 0.0f;
-#pragma unroll
-                    for (int i = 0; i < ATT_DIMS; ++i) dot += qv[h][i] * kv[i];
-                    dot = warp_sum(dot);
-                    if (h0 + h < group) att_step(s, h, dot, vv);
-                }
-            }
+            for (int j = 0; j < mine; ++j) att_fold_key(s, qv, ks[j], vs[j], head_dim, group - h0);
         }
         if (!active) continue;
 #pragma unroll
