@@ -486,13 +486,12 @@ impl<B: Backend> Worker<B> {
             ids.iter().map(|&id| (id, self.live.remove(&id))).collect();
         let greedy = SamplingParams::greedy();
         let empty = TokenHistory::new(&[]);
-        let mut spare: Vec<SequenceRng> = (0..taken.len())
-            .map(|_| SequenceRng::from_seed(0))
-            .collect();
-        let mut rows: Vec<BatchRow<'_>> = taken
-            .iter_mut()
-            .zip(spare.iter_mut())
-            .map(|((_, live), spare)| match live {
+        let missing = taken.iter().filter(|(_, live)| live.is_none()).count();
+        let mut spare: Vec<SequenceRng> = (0..missing).map(|_| SequenceRng::from_seed(0)).collect();
+        let mut spare = spare.iter_mut();
+        let mut rows: Vec<BatchRow<'_>> = Vec::with_capacity(taken.len());
+        for (_, live) in taken.iter_mut() {
+            rows.push(match live {
                 Some(l) => BatchRow {
                     params: &l.sampling,
                     history: &l.history,
@@ -501,10 +500,12 @@ impl<B: Backend> Worker<B> {
                 None => BatchRow {
                     params: &greedy,
                     history: &empty,
-                    rng: spare,
+                    rng: spare
+                        .next()
+                        .expect("one spare generator per missing request"),
                 },
-            })
-            .collect();
+            });
+        }
         let outcomes = self.model.backend().sample(logits, &mut rows);
         drop(rows);
         let outcomes = match outcomes {

@@ -237,11 +237,23 @@ impl Gpu {
     /// Launches `f` with `args` (each a 4- or 8-byte scalar or a device
     /// address) on the stream.
     pub fn launch(&self, f: &Function, launch: Launch, args: &[Arg]) -> Result<()> {
-        let mut values: Vec<u64> = args.iter().map(Arg::bits).collect();
-        let mut params: Vec<*mut c_void> = values
-            .iter_mut()
-            .map(|v| v as *mut u64 as *mut c_void)
-            .collect();
+        if args.len() > MAX_ARGS {
+            return Err(EngineError::Backend(format!(
+                "{} takes {} arguments, more than {MAX_ARGS}",
+                f.name,
+                args.len()
+            )));
+        }
+        // Fixed arrays: a launch allocates nothing on the host either.
+        let mut values = [0u64; MAX_ARGS];
+        for (v, a) in values.iter_mut().zip(args) {
+            *v = a.bits();
+        }
+        let mut params = [std::ptr::null_mut::<c_void>(); MAX_ARGS];
+        for (p, v) in params.iter_mut().zip(values.iter_mut()) {
+            *p = v as *mut u64 as *mut c_void;
+        }
+        let params = &mut params[..args.len()];
         // SAFETY: `f` comes from a loaded module that outlives the backend;
         // each parameter points at a value whose low bytes hold the
         // argument in the width the kernel declares (little-endian), and
@@ -254,7 +266,7 @@ impl Gpu {
                 launch.block,
                 0,
                 self.stream.cu_stream(),
-                &mut params,
+                params,
             )
         }
         .map_err(|e| driver_err(&format!("launching {}", f.name), e))
@@ -390,6 +402,9 @@ impl Fence {
             .map_err(|e| driver_err("event wait", e))
     }
 }
+
+/// Most arguments a kernel launch takes.
+const MAX_ARGS: usize = 24;
 
 /// One GEMM's operands: device addresses and sizes.
 #[derive(Clone, Copy, Debug)]
