@@ -1,6 +1,10 @@
 //! The HTTP server: OpenAI routes, health, readiness and metrics. Handlers
 //! only translate: requests become [`Job`]s, jobs become engine requests
-//! through [`crate::serve`], and events become JSON or SSE.
+//! through [`respond`], and events become JSON or SSE.
+
+pub mod embeddings;
+pub mod ensemble;
+pub mod respond;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -20,15 +24,15 @@ use crate::api::types::{
     ChatCompletionRequest, CompletionRequest, MessageContent, ModelCard, ModelList, Prompt,
     SamplingFields,
 };
-use crate::embeddings::ServedEncoder;
 use crate::generate::{Job, LogprobsWanted, SemanticInput, build_template, parse_priority};
 use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
+use crate::models::ServedEncoder;
 use crate::models::{ModelRegistry, ServedModel};
 use crate::render::{ResponseMeta, Shape};
 use crate::route::ensemble::EnsembleTable;
 use crate::route::{self, peers::PeerTable};
-use crate::serve::respond;
+use respond::respond;
 
 /// State shared by every handler.
 #[derive(Clone)]
@@ -149,7 +153,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
-        .route("/v1/embeddings", post(crate::embeddings::embeddings))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_key,
@@ -295,7 +299,7 @@ async fn entry(state: AppState, headers: HeaderMap, body: Bytes, kind: Kind) -> 
     if let Ok(ModelOnly { model }) = serde_json::from_slice::<ModelOnly>(&body)
         && let Some(ensemble) = state.ensembles.get(&model)
     {
-        return crate::ensemble_serve::serve(state, ensemble, headers, body, kind).await;
+        return ensemble::serve(state, ensemble, headers, body, kind).await;
     }
     serve_model(state, headers, body, kind).await
 }

@@ -12,6 +12,7 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, StreamExt};
 
+use super::AppState;
 use crate::admission::Permit;
 use crate::api::ApiError;
 use crate::coalesce::Joined;
@@ -22,7 +23,6 @@ use crate::render::Generation;
 use crate::render::{self, ResponseMeta, Shape};
 use crate::reuse;
 use crate::semantic::Probe;
-use crate::server::AppState;
 
 /// Runs `job` on `model` and answers as JSON or SSE: from the response
 /// cache when it holds the answer, by joining an identical generation in
@@ -102,7 +102,7 @@ async fn semantic_or_engine(
     key: Option<crate::cache::CacheKey>,
 ) -> Result<(GenStream, Option<&'static str>), ApiError> {
     let mut semantic = None;
-    match crate::semantic::probe(state, model, job).await {
+    match crate::semantic::probe(&state.metrics, |name| state.encoder(name), model, job).await {
         Some(Probe::Hit(hit)) => {
             if let Ok(generation) = serde_json::from_slice::<Generation>(&hit.answer) {
                 let tier_label = TierLabel {
