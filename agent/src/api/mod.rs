@@ -5,4 +5,3 @@ pub mod extract;
 pub mod types;
 
 pub use error::ApiError;
-pub use extract::OpenAiJson;

@@ -4,6 +4,10 @@
 
 pub mod embeddings;
 pub mod ensemble;
+pub mod error;
+pub mod extract;
+pub mod forward;
+pub mod render;
 pub mod respond;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +23,7 @@ use axum::routing::{get, post};
 use weir_engine::tokenizer::ChatMessage;
 
 use crate::api::ApiError;
-use crate::api::extract::{OpenAiBytes, parse};
+use crate::api::extract::parse;
 use crate::api::types::{
     ChatCompletionRequest, CompletionRequest, MessageContent, ModelCard, ModelList, Prompt,
     SamplingFields,
@@ -29,9 +33,11 @@ use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
 use crate::models::ServedEncoder;
 use crate::models::{ModelRegistry, ServedModel};
-use crate::render::{ResponseMeta, Shape};
 use crate::route::ensemble::EnsembleTable;
 use crate::route::{self, peers::PeerTable};
+use extract::OpenAiBytes;
+use forward as fwd;
+use render::{ResponseMeta, Shape};
 use respond::respond;
 
 /// State shared by every handler.
@@ -130,10 +136,10 @@ impl AppState {
         body: Bytes,
         prefix: &str,
     ) -> Response {
-        if route::was_forwarded(headers) {
+        if fwd::was_forwarded(headers) {
             return ApiError::ModelNotFound(model.to_owned()).into_response();
         }
-        route::forward(
+        fwd::forward(
             &self.http,
             &self.peers,
             model,
@@ -166,6 +172,15 @@ pub fn router(state: AppState) -> Router {
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })
         .layer(DefaultBodyLimit::max(crate::api::extract::MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until Ctrl-C.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
 }
 
 /// Checks `Authorization: Bearer <key>` when the agent has an API key.
@@ -546,7 +561,7 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> axum:
             .collect()
     };
     // Peers ask for what this agent holds itself; clients see the cluster.
-    if !route::was_forwarded(&headers) {
+    if !fwd::was_forwarded(&headers) {
         for name in state
             .peers
             .models()

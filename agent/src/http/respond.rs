@@ -13,14 +13,14 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::{self, StreamExt};
 
 use super::AppState;
+use super::render::{self, ResponseMeta, Shape};
 use crate::admission::Permit;
 use crate::api::ApiError;
 use crate::coalesce::Joined;
+use crate::generate::Generation;
 use crate::generate::{self, GenEvent, GenStream, Job};
 use crate::metrics::{Metrics, ModelLabel, OutcomeLabel, TierLabel};
 use crate::models::ServedModel;
-use crate::render::Generation;
-use crate::render::{self, ResponseMeta, Shape};
 use crate::reuse;
 use crate::semantic::Probe;
 
@@ -49,7 +49,7 @@ pub async fn respond(
             };
             state.metrics.cache_hits.get_or_create(&tier_label).inc();
             count_success(&state, &model);
-            let response = render_events(meta, shape, stream, render::replay(&generation)).await;
+            let response = render_events(meta, shape, stream, generate::replay(&generation)).await;
             return with_header(response, CACHE_HEADER, tier.label());
         }
         state.metrics.cache_misses.get_or_create(&label).inc();
@@ -111,7 +111,7 @@ async fn semantic_or_engine(
                 };
                 state.metrics.cache_hits.get_or_create(&tier_label).inc();
                 count_success(state, model);
-                return Ok((render::replay(&generation), Some("semantic")));
+                return Ok((generate::replay(&generation), Some("semantic")));
             }
         }
         Some(Probe::Miss(fill)) => semantic = Some(fill),
@@ -195,7 +195,7 @@ async fn render_events(
             .keep_alive(KeepAlive::default())
             .into_response();
     }
-    match render::collect(events).await {
+    match generate::collect(events).await {
         Ok(generation) => match shape {
             Shape::Chat => Json(render::chat_body(&meta, &generation)).into_response(),
             Shape::Completion => Json(render::completion_body(&meta, &generation)).into_response(),

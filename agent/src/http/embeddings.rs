@@ -10,8 +10,9 @@ use base64::Engine as _;
 use serde_json::json;
 
 use super::AppState;
+use super::extract::OpenAiBytes;
 use crate::api::ApiError;
-use crate::api::extract::{OpenAiBytes, parse};
+use crate::api::extract::parse;
 use crate::api::types::EmbeddingRequest;
 use crate::metrics::{ModelLabel, OutcomeLabel};
 
