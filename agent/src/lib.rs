@@ -17,6 +17,5 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod models;
-pub mod reuse;
+pub mod pipeline;
 pub mod route;
-pub mod semantic;

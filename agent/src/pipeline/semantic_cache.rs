@@ -15,11 +15,11 @@ use serde_json::json;
 use weir_crds::cache_policy::SemanticScope;
 use weir_engine::tokenizer::ChatMessage;
 
+use super::response_cache as reuse;
 use crate::cache::semantic::{SemanticFill, SemanticHit};
 use crate::generate::Job;
 use crate::metrics::{Metrics, ModelLabel};
 use crate::models::{ServedEncoder, ServedModel};
-use crate::reuse;
 
 /// The outcome of a semantic lookup.
 pub enum Probe {
@@ -62,7 +62,7 @@ pub fn split(
 /// and the job may be answered from a cache at all.
 pub async fn probe(
     metrics: &Metrics,
-    encoder_named: impl Fn(&str) -> Option<Arc<ServedEncoder>>,
+    encoder_named: &impl Fn(&str) -> Option<Arc<ServedEncoder>>,
     model: &ServedModel,
     job: &Job,
 ) -> Option<Probe> {
