@@ -1,44 +1,40 @@
-//! The HTTP server: OpenAI routes, health, readiness and metrics. Handlers
-//! only translate: requests become [`Job`]s, jobs become engine requests
-//! through [`respond`], and events become JSON or SSE.
+//! The HTTP surface, the only layer that knows axum: the routes, the API
+//! key, the body limit, and the state every handler shares. One handler
+//! module per endpoint family ([`chat`], [`embeddings`], [`models`],
+//! [`probes`]); requests are parsed into typed requests, answered through
+//! [`crate::pipeline`], and rendered as JSON or SSE ([`render`]); every
+//! error becomes a status and an OpenAI body in one place ([`error`]).
 
+pub mod chat;
 pub mod embeddings;
 pub mod ensemble;
 pub mod error;
 pub mod extract;
 pub mod forward;
+pub mod models;
+pub mod probes;
 pub mod render;
 pub mod respond;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use weir_engine::tokenizer::ChatMessage;
 
 use crate::api::ApiError;
-use crate::api::extract::parse;
-use crate::api::types::{
-    ChatCompletionRequest, CompletionRequest, MessageContent, ModelCard, ModelList, Prompt,
-    SamplingFields,
-};
-use crate::generate::{Job, LogprobsWanted, SemanticInput, build_template, parse_priority};
 use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
-use crate::models::ServedEncoder;
-use crate::models::{ModelRegistry, ServedModel};
+use crate::models::{ModelRegistry, ServedEncoder, ServedModel};
 use crate::route::ensemble::EnsembleTable;
 use crate::route::{self, peers::PeerTable};
-use extract::OpenAiBytes;
 use forward as fwd;
-use render::{ResponseMeta, Shape};
-use respond::respond;
+
+pub use chat::{Kind, serve_model};
 
 /// State shared by every handler.
 #[derive(Clone)]
@@ -156,9 +152,9 @@ impl AppState {
 /// The agent's router.
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
-        .route("/v1/models", get(list_models))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(chat::completions))
+        .route("/v1/models", get(models::list_models))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -167,8 +163,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .route("/health", get(|| async { "ok" }))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/ready", get(probes::ready))
+        .route("/metrics", get(probes::metrics))
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })
         .layer(DefaultBodyLimit::max(crate::api::extract::MAX_BODY_BYTES))
         .with_state(state)
@@ -203,405 +199,4 @@ async fn require_key(
         }
     }
     next.run(request).await
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn response_id(prefix: &str) -> String {
-    use std::sync::atomic::AtomicU64;
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}-{:x}{:08x}", unix_now(), n)
-}
-
-/// The priority from the body, else the `x-weir-priority` header.
-fn requested_priority(
-    fields: &SamplingFields,
-    headers: &HeaderMap,
-) -> Result<Option<weir_engine::scheduler::Priority>, ApiError> {
-    let header = headers.get("x-weir-priority").map(|v| {
-        v.to_str()
-            .map_err(|_| ApiError::invalid("x-weir-priority", "the header is not ASCII"))
-    });
-    match (&fields.priority, header) {
-        (Some(p), _) => parse_priority(p).map(Some),
-        (None, Some(h)) => parse_priority(h?).map(Some),
-        (None, None) => Ok(None),
-    }
-}
-
-fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
-    if request.messages.is_empty() {
-        return Err(ApiError::invalid("messages", "messages must not be empty"));
-    }
-    request
-        .messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let content = match &m.content {
-                None => String::new(),
-                Some(MessageContent::Text(t)) => t.clone(),
-                Some(MessageContent::Parts(parts)) => {
-                    let mut text = String::new();
-                    for part in parts {
-                        match (part.kind.as_str(), &part.text) {
-                            ("text", Some(t)) => text.push_str(t),
-                            (kind, _) => {
-                                return Err(ApiError::invalid(
-                                    &format!("messages[{i}].content"),
-                                    format!("content parts of type `{kind}` are not supported by this model"),
-                                ));
-                            }
-                        }
-                    }
-                    text
-                }
-            };
-            let role = if m.role == "developer" { "system".to_owned() } else { m.role.clone() };
-            Ok(ChatMessage { role, content })
-        })
-        .collect()
-}
-
-/// Which OpenAI route a body belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// `/v1/chat/completions`.
-    Chat,
-    /// `/v1/completions`.
-    Completion,
-}
-
-impl Kind {
-    /// The route's path.
-    pub fn path(self) -> &'static str {
-        match self {
-            Kind::Chat => "/v1/chat/completions",
-            Kind::Completion => "/v1/completions",
-        }
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct ModelOnly {
-    model: String,
-}
-
-async fn chat_completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    OpenAiBytes(body): OpenAiBytes,
-) -> Response {
-    entry(state, headers, body, Kind::Chat).await
-}
-
-async fn completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    OpenAiBytes(body): OpenAiBytes,
-) -> Response {
-    entry(state, headers, body, Kind::Completion).await
-}
-
-/// Ensembles first, then models served here or by peers.
-async fn entry(state: AppState, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
-    if let Ok(ModelOnly { model }) = serde_json::from_slice::<ModelOnly>(&body)
-        && let Some(ensemble) = state.ensembles.get(&model)
-    {
-        return ensemble::serve(state, ensemble, headers, body, kind).await;
-    }
-    serve_model(state, headers, body, kind).await
-}
-
-/// Serves a body naming a model (not an ensemble): here if the model is
-/// local, else by forwarding to a peer.
-pub async fn serve_model(state: AppState, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
-    match kind {
-        Kind::Chat => serve_chat(state, headers, body).await,
-        Kind::Completion => serve_completion(state, headers, body).await,
-    }
-}
-
-async fn serve_chat(state: AppState, headers: HeaderMap, body: Bytes) -> Response {
-    let request: ChatCompletionRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    if !state.is_local(&request.model) {
-        let prefix = request.messages.iter().find_map(|m| match &m.content {
-            Some(MessageContent::Text(t)) => Some(t.clone()),
-            _ => None,
-        });
-        let prefix = prefix.unwrap_or_default();
-        return state
-            .forward(&request.model, Kind::Chat.path(), &headers, body, &prefix)
-            .await;
-    }
-    match chat_job(&state, &headers, &request) {
-        Ok((model, job, meta, stream)) => {
-            respond(state, model, job, meta, Shape::Chat, stream).await
-        }
-        Err(e) => e.into_response(),
-    }
-}
-
-type Prepared = (Arc<ServedModel>, Job, ResponseMeta, bool);
-
-fn chat_job(
-    state: &AppState,
-    headers: &HeaderMap,
-    request: &ChatCompletionRequest,
-) -> Result<Prepared, ApiError> {
-    let model = state.model(&request.model)?;
-    let messages = chat_messages(request)?;
-    let prompt_text = model
-        .tokenizer
-        .apply_chat_template(&messages, true, request.tools.as_ref())
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let prompt = model
-        .tokenizer
-        .encode(&prompt_text, false)
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let logprobs = match (request.logprobs, request.top_logprobs) {
-        (Some(true), top) => LogprobsWanted::Yes(top_logprobs(top, 20)?),
-        (_, Some(t)) if t > 0 => {
-            return Err(ApiError::invalid(
-                "top_logprobs",
-                "top_logprobs needs logprobs: true",
-            ));
-        }
-        _ => LogprobsWanted::No,
-    };
-    let mut prepared = prepare(
-        state,
-        model,
-        headers,
-        &request.sampling,
-        vec![prompt],
-        logprobs,
-        &request.model,
-        "chatcmpl",
-    )?;
-    prepared.1.semantic = Some(SemanticInput {
-        route: "chat",
-        messages,
-    });
-    Ok(prepared)
-}
-
-fn top_logprobs(value: Option<i64>, max: i64) -> Result<usize, ApiError> {
-    match value.unwrap_or(0) {
-        n if (0..=max).contains(&n) => Ok(n as usize),
-        n => Err(ApiError::invalid(
-            "top_logprobs",
-            format!("must be between 0 and {max}, got {n}"),
-        )),
-    }
-}
-
-#[allow(clippy::too_many_arguments)] // one call site per route; a struct would only rename them
-fn prepare(
-    state: &AppState,
-    model: Arc<ServedModel>,
-    headers: &HeaderMap,
-    fields: &SamplingFields,
-    prompts: Vec<Vec<u32>>,
-    logprobs: LogprobsWanted,
-    requested_name: &str,
-    id_prefix: &str,
-) -> Result<Prepared, ApiError> {
-    let _ = state;
-    if prompts.iter().any(Vec::is_empty) {
-        return Err(ApiError::invalid("prompt", "the prompt is empty"));
-    }
-    let priority = model
-        .admission
-        .effective_priority(requested_priority(fields, headers)?);
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let (template, n) = build_template(fields, priority, logprobs, longest, model.max_model_len)?;
-    let stream = fields.stream.unwrap_or(false);
-    let meta = ResponseMeta {
-        id: response_id(id_prefix),
-        created: unix_now(),
-        model: requested_name.to_owned(),
-        logprobs: logprobs != LogprobsWanted::No,
-        include_usage: stream
-            && fields
-                .stream_options
-                .as_ref()
-                .is_some_and(|o| o.include_usage),
-    };
-    Ok((
-        model,
-        Job {
-            prompts,
-            n,
-            template,
-            logprobs,
-            semantic: None,
-        },
-        meta,
-        stream,
-    ))
-}
-
-async fn serve_completion(state: AppState, headers: HeaderMap, body: Bytes) -> Response {
-    let request: CompletionRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    if !state.is_local(&request.model) {
-        let prefix = match &request.prompt {
-            Prompt::Text(t) => t.clone(),
-            Prompt::Texts(ts) => ts.first().cloned().unwrap_or_default(),
-            Prompt::Tokens(ids) => format!("{:?}", &ids[..ids.len().min(64)]),
-            Prompt::TokenLists(l) => {
-                format!("{:?}", l.first().map(|ids| &ids[..ids.len().min(64)]))
-            }
-        };
-        return state
-            .forward(
-                &request.model,
-                Kind::Completion.path(),
-                &headers,
-                body,
-                &prefix,
-            )
-            .await;
-    }
-    match completion_job(&state, &headers, &request) {
-        Ok((model, job, meta, stream)) => {
-            respond(state, model, job, meta, Shape::Completion, stream).await
-        }
-        Err(e) => e.into_response(),
-    }
-}
-
-fn completion_job(
-    state: &AppState,
-    headers: &HeaderMap,
-    request: &CompletionRequest,
-) -> Result<Prepared, ApiError> {
-    let model = state.model(&request.model)?;
-    let encode = |text: &str| {
-        model
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| ApiError::invalid("prompt", e.to_string()))
-    };
-    let prompts = match &request.prompt {
-        Prompt::Text(t) => vec![encode(t)?],
-        Prompt::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
-        Prompt::Tokens(ids) => vec![ids.clone()],
-        Prompt::TokenLists(lists) => lists.clone(),
-    };
-    if prompts.is_empty() || prompts.len() > 64 {
-        return Err(ApiError::invalid("prompt", "give between 1 and 64 prompts"));
-    }
-    let vocab = model.tokenizer.vocab_size() as u32;
-    if let Some(bad) = prompts.iter().flatten().find(|&&id| id >= vocab) {
-        return Err(ApiError::invalid(
-            "prompt",
-            format!("token id {bad} is outside the vocabulary of {vocab}"),
-        ));
-    }
-    if request.echo == Some(true) {
-        return Err(ApiError::invalid("echo", "echo is not supported"));
-    }
-    let logprobs = match request.logprobs {
-        None => LogprobsWanted::No,
-        Some(n) => LogprobsWanted::Yes(top_logprobs(Some(n), 5).map_err(|_| {
-            ApiError::invalid(
-                "logprobs",
-                format!("logprobs must be between 0 and 5, got {n}"),
-            )
-        })?),
-    };
-    let mut prepared = prepare(
-        state,
-        model,
-        headers,
-        &request.sampling,
-        prompts,
-        logprobs,
-        &request.model,
-        "cmpl",
-    )?;
-    if let Prompt::Text(text) = &request.prompt {
-        prepared.1.semantic = Some(SemanticInput {
-            route: "completion",
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: text.clone(),
-            }],
-        });
-    }
-    Ok(prepared)
-}
-
-async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> axum::Json<ModelList> {
-    let card = |id: String, created: u64| ModelCard {
-        id,
-        object: "model".into(),
-        created,
-        owned_by: "weir".into(),
-    };
-    let mut data: Vec<ModelCard> = {
-        let models = state.models.read().unwrap_or_else(|p| p.into_inner());
-        models
-            .iter()
-            .map(|m| card(m.name.clone(), m.created))
-            .chain(models.encoders().map(|e| card(e.name.clone(), e.created)))
-            .collect()
-    };
-    // Peers ask for what this agent holds itself; clients see the cluster.
-    if !fwd::was_forwarded(&headers) {
-        for name in state
-            .peers
-            .models()
-            .into_iter()
-            .chain(state.ensembles.names())
-        {
-            if !data.iter().any(|c| c.id == name) {
-                data.push(card(name, 0));
-            }
-        }
-    }
-    axum::Json(ModelList {
-        object: "list".into(),
-        data,
-    })
-}
-
-async fn ready(State(state): State<AppState>) -> Response {
-    let has_models = state
-        .models
-        .read()
-        .map(|m| m.iter().next().is_some())
-        .unwrap_or(false);
-    if state.ready.load(Ordering::Acquire) && (has_models || state.cluster) {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
-    }
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    match state.metrics.encode() {
-        Ok(body) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-            .into_response(),
-        Err(e) => ApiError::Internal(format!("encoding metrics: {e}")).into_response(),
-    }
 }

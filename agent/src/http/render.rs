@@ -15,6 +15,7 @@ use crate::api::types::{
     TokenLogprob as ChatTokenLogprob, TopLogprob, Usage,
 };
 use crate::generate::{GenEvent, GenStream, Generation, TokenLogprob};
+use crate::pipeline::validate::ResponseMeta;
 
 fn chat_logprobs(lps: &[TokenLogprob]) -> ChoiceLogprobs {
     ChoiceLogprobs {
@@ -50,21 +51,6 @@ fn legacy_logprobs(lps: &[TokenLogprob]) -> CompletionLogprobs {
         offset += t.token.len();
     }
     out
-}
-
-/// Identity of one response: id, creation time, model name, logprobs asked.
-#[derive(Clone, Debug)]
-pub struct ResponseMeta {
-    /// Response id.
-    pub id: String,
-    /// Unix seconds.
-    pub created: u64,
-    /// Model name as requested.
-    pub model: String,
-    /// Whether log probabilities were asked for.
-    pub logprobs: bool,
-    /// Whether to send a usage chunk at the end of a stream.
-    pub include_usage: bool,
 }
 
 /// The chat response body for a finished generation.

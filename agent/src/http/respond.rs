@@ -9,12 +9,11 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use super::render::{self, ResponseMeta, Shape};
+use super::render::{self, Shape};
 use crate::generate::{self, GenStream, Job};
 use crate::models::ServedModel;
+use crate::pipeline::validate::ResponseMeta;
 use crate::pipeline::{self, Services};
-
-pub use crate::pipeline::{CACHE_HEADER, COALESCED_HEADER};
 
 /// Runs `job` on `model` through the request pipeline and answers as JSON
 /// or SSE.

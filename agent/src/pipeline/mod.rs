@@ -9,6 +9,7 @@
 pub mod measure;
 pub mod response_cache;
 pub mod semantic_cache;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::Instant;
