@@ -1,6 +1,9 @@
 //! The Weir node agent: the OpenAI-compatible server in front of the
-//! engine, with admission control, circuit breaking, response caching,
-//! coalescing and metrics, in standalone or cluster mode.
+//! engine, in layers that only look down: `http` (the only one that knows
+//! axum), `pipeline` (what a generation request goes through), the services
+//! (caches, coalescing, admission, breaker, adaptive limits, routing and
+//! ensembles, the model registry and loading, the Hub), and `cluster` on
+//! top. See docs/agent.md.
 
 pub mod adaptive;
 pub mod admission;

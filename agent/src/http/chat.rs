@@ -15,7 +15,7 @@ use super::respond::respond;
 use crate::api::ApiError;
 use crate::api::extract::parse;
 use crate::api::types::{ChatCompletionRequest, CompletionRequest, MessageContent, Prompt};
-use crate::pipeline::validate::{self, PriorityHeader};
+use crate::pipeline::validate::{self, Prepared, PriorityHeader};
 
 /// The `x-weir-priority` header, read for validation.
 fn priority_header(headers: &HeaderMap) -> PriorityHeader<'_> {
@@ -102,12 +102,7 @@ async fn serve_chat(state: AppState, headers: HeaderMap, body: Bytes) -> Respons
     let prepared = state
         .model(&request.model)
         .and_then(|model| validate::chat_job(model, priority_header(&headers), &request));
-    match prepared {
-        Ok((model, job, meta, stream)) => {
-            respond(state, model, job, meta, Shape::Chat, stream).await
-        }
-        Err(e) => e.into_response(),
-    }
+    answer(state, prepared, Shape::Chat).await
 }
 
 async fn serve_completion(state: AppState, headers: HeaderMap, body: Bytes) -> Response {
@@ -137,10 +132,14 @@ async fn serve_completion(state: AppState, headers: HeaderMap, body: Bytes) -> R
     let prepared = state
         .model(&request.model)
         .and_then(|model| validate::completion_job(model, priority_header(&headers), &request));
+    answer(state, prepared, Shape::Completion).await
+}
+
+/// A validated request answered through the pipeline; a refused one as its
+/// error.
+async fn answer(state: AppState, prepared: Result<Prepared, ApiError>, shape: Shape) -> Response {
     match prepared {
-        Ok((model, job, meta, stream)) => {
-            respond(state, model, job, meta, Shape::Completion, stream).await
-        }
+        Ok((model, job, meta, stream)) => respond(state, model, job, meta, shape, stream).await,
         Err(e) => e.into_response(),
     }
 }
