@@ -43,6 +43,9 @@ export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export WEIR_REQUIRE_NVRTC=1
 echo "NVRTC: $NVRTC_LIB"
 
+step "Layers: no import cycles in agent/src or operator/src; axum only in agent/src/http"
+python3 scripts/check_layers.py
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

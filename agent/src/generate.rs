@@ -437,3 +437,83 @@ fn choice_stream(
 fn token_text(tokenizer: &TextTokenizer, id: u32) -> String {
     tokenizer.decode(&[id], false).unwrap_or_default()
 }
+
+/// A finished generation: what the response cache stores and replays.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Generation {
+    /// Per choice: text, finish reason, token log probabilities.
+    pub choices: Vec<ChoiceResult>,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// One finished choice.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ChoiceResult {
+    /// The text.
+    pub text: String,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+    /// Per-token log probabilities, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// Collects a stream into a [`Generation`], or the error it ended with.
+pub async fn collect(mut events: GenStream) -> Result<Generation, (u16, serde_json::Value)> {
+    let mut generation = Generation::default();
+    while let Some(event) = events.next().await {
+        match event {
+            GenEvent::Delta {
+                index,
+                text,
+                logprobs,
+            } => {
+                let choice = choice_mut(&mut generation, index);
+                choice.text.push_str(&text);
+                choice.logprobs.extend(logprobs);
+            }
+            GenEvent::ChoiceDone {
+                index,
+                finish_reason,
+            } => {
+                choice_mut(&mut generation, index).finish_reason = finish_reason;
+            }
+            GenEvent::Done { usage } => {
+                generation.usage = usage;
+                return Ok(generation);
+            }
+            GenEvent::Error { status, body } => return Err((status, body)),
+        }
+    }
+    Err((
+        500,
+        serde_json::json!({"error": {"message": "generation ended early", "type": "internal_error"}}),
+    ))
+}
+
+fn choice_mut(g: &mut Generation, index: usize) -> &mut ChoiceResult {
+    if g.choices.len() <= index {
+        g.choices.resize_with(index + 1, ChoiceResult::default);
+    }
+    &mut g.choices[index]
+}
+
+/// Replays a stored generation as events (one delta per choice).
+pub fn replay(generation: &Generation) -> GenStream {
+    let mut events = Vec::new();
+    for (index, c) in generation.choices.iter().enumerate() {
+        events.push(GenEvent::Delta {
+            index,
+            text: c.text.clone(),
+            logprobs: c.logprobs.clone(),
+        });
+        events.push(GenEvent::ChoiceDone {
+            index,
+            finish_reason: c.finish_reason.clone(),
+        });
+    }
+    events.push(GenEvent::Done {
+        usage: generation.usage,
+    });
+    Box::pin(stream::iter(events))
+}

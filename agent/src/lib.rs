@@ -1,6 +1,9 @@
 //! The Weir node agent: the OpenAI-compatible server in front of the
-//! engine, with admission control, circuit breaking, response caching,
-//! coalescing and metrics, in standalone or cluster mode.
+//! engine, in layers that only look down: `http` (the only one that knows
+//! axum), `pipeline` (what a generation request goes through), the services
+//! (caches, coalescing, admission, breaker, adaptive limits, routing and
+//! ensembles, the model registry and loading, the Hub), and `cluster` on
+//! top. See docs/agent.md.
 
 pub mod adaptive;
 pub mod admission;
@@ -10,17 +13,12 @@ pub mod cache;
 pub mod cluster;
 pub mod coalesce;
 pub mod config;
-pub mod embeddings;
 pub mod engine_start;
-pub mod ensemble_serve;
 pub mod generate;
 pub mod gpu;
+pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod models;
-pub mod render;
-pub mod reuse;
+pub mod pipeline;
 pub mod route;
-pub mod semantic;
-pub mod serve;
-pub mod server;

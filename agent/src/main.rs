@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weir_agent::gpu::GpuMonitor;
+use weir_agent::http::AppState;
 use weir_agent::models::{
     BUILTIN_ENCODER, BUILTIN_MODEL, Loaded, ModelRegistry, ModelSpec, ensure_builtin,
     ensure_builtin_encoder,
 };
 use weir_agent::route::ensemble::Ensemble;
-use weir_agent::server::{AppState, router};
 
 /// Command line of the node agent.
 #[derive(Parser, Debug)]
@@ -209,10 +209,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             period,
         );
     }
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+    weir_agent::http::serve(listener, state)
         .await
         .context("HTTP server")
 }
@@ -248,10 +245,7 @@ async fn serve_cluster(args: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!(node = %config.node_name, endpoint = %config.endpoint, "cluster mode");
     tokio::spawn(weir_agent::cluster::run(client, config, state.clone()));
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+    weir_agent::http::serve(listener, state)
         .await
         .context("HTTP server")
 }

@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 use tower_test::mock;
 use weir_agent::cluster::plan::SourceRoots;
 use weir_agent::cluster::{ClusterConfig, ModelStates, heartbeat, register};
+use weir_agent::http::AppState;
 use weir_agent::models::ModelRegistry;
-use weir_agent::server::AppState;
 
 type Handle = mock::Handle<Request<Body>, Response<Body>>;
 

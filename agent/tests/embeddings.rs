@@ -7,10 +7,10 @@ use std::sync::OnceLock;
 
 use base64::Engine as _;
 use serde_json::{Value, json};
+use weir_agent::http::{AppState, router};
 use weir_agent::models::{
     Loaded, ModelRegistry, ModelSpec, ensure_builtin, ensure_builtin_encoder,
 };
-use weir_agent::server::{AppState, router};
 use weir_crds::cache_policy::{CachePolicySpec, SemanticScope};
 use weir_engine::testmodel::minilm_dir;
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
+use weir_agent::http::{AppState, router};
 use weir_agent::models::{ModelRegistry, ModelSpec, ServedModel, ensure_builtin};
-use weir_agent::server::{AppState, router};
 use weir_crds::BatchPolicySpec;
 
 fn builtin_dir() -> PathBuf {

@@ -6,7 +6,6 @@ pub mod api_check;
 pub mod apply;
 pub mod autoscale;
 pub mod controller;
-pub mod ensembles;
 pub mod http;
 pub mod leader;
 pub mod metrics;

@@ -355,7 +355,7 @@ async fn an_ensemble_is_weighted_at_once_then_each_interval_or_when_availability
     );
     let (mut world, caches) = World::new(&models, &[], &[]);
     let ctx = context(client, caches);
-    weir_operator::ensembles::reconcile(Arc::new(ensemble.clone()), ctx.clone())
+    weir_operator::controller::ensemble::reconcile(Arc::new(ensemble.clone()), ctx.clone())
         .await
         .unwrap();
     let first = take(&calls);
@@ -368,9 +368,10 @@ async fn an_ensemble_is_weighted_at_once_then_each_interval_or_when_availability
     // Within the interval and nothing changed: no write.
     let written: ModelEnsemble =
         serde_json::from_value(stored.lock().unwrap()[&path].clone()).unwrap();
-    let action = weir_operator::ensembles::reconcile(Arc::new(written.clone()), ctx.clone())
-        .await
-        .unwrap();
+    let action =
+        weir_operator::controller::ensemble::reconcile(Arc::new(written.clone()), ctx.clone())
+            .await
+            .unwrap();
     assert!(take(&calls).is_empty());
     assert!(
         format!("{action:?}").contains("requeue_after: Some"),
@@ -381,7 +382,7 @@ async fn an_ensemble_is_weighted_at_once_then_each_interval_or_when_availability
     world
         .models
         .apply_watcher_event(&watcher::Event::Apply(ready(model("b", 1, None), 0)));
-    weir_operator::ensembles::reconcile(Arc::new(written), ctx.clone())
+    weir_operator::controller::ensemble::reconcile(Arc::new(written), ctx.clone())
         .await
         .unwrap();
     let third = take(&calls);
@@ -514,7 +515,7 @@ async fn state_of_deleted_objects_is_pruned() {
     let (client, _calls, _) = server(vec![(path, serde_json::to_value(&ensemble).unwrap())], None);
     let (_world, caches) = World::new(&[], &[], &[]);
     let ctx = context(client, caches);
-    weir_operator::ensembles::reconcile(Arc::new(ensemble.clone()), ctx.clone())
+    weir_operator::controller::ensemble::reconcile(Arc::new(ensemble.clone()), ctx.clone())
         .await
         .unwrap();
     let failed = Arc::new(model("gone", 1, None));

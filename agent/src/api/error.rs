@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use http::StatusCode;
 use serde_json::json;
 
 /// An error answered in OpenAI's shape.
@@ -116,25 +115,13 @@ impl ApiError {
         }})
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    /// How long a client should wait before retrying, for 429 and 503.
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Overloaded { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
                 Some(*retry_after)
             }
             _ => None,
         }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status(), axum::Json(self.body())).into_response();
-        if let Some(after) = self.retry_after() {
-            let secs = after.as_secs().max(1).to_string();
-            if let Ok(value) = HeaderValue::from_str(&secs) {
-                response.headers_mut().insert(header::RETRY_AFTER, value);
-            }
-        }
-        response
     }
 }

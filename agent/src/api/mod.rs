@@ -1,8 +1,8 @@
-//! The OpenAI-compatible API surface: bodies, errors and the JSON extractor.
+//! The OpenAI API below the HTTP layer: request and response bodies, the
+//! error enum, and parsing bodies as OpenAI does.
 
 pub mod error;
 pub mod extract;
 pub mod types;
 
 pub use error::ApiError;
-pub use extract::OpenAiJson;

@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use weir_crds::cache_policy::SemanticCacheSpec;
 use weir_engine::backend::cpu::dot;
 
-use super::CacheKey;
+use super::{CacheError, CacheKey, parse_bytes};
 
 /// Most entries one scope keeps (a lookup compares against all of them).
 pub const MAX_PER_SCOPE: usize = 4096;
@@ -194,6 +195,43 @@ impl SemanticIndex {
     pub fn scope_count(&self) -> usize {
         self.entries.run_pending_tasks();
         lock(&self.scopes).len()
+    }
+}
+
+/// The index a policy asks for, if it enables the semantic cache.
+pub fn build_index(spec: &SemanticCacheSpec) -> Result<Option<Arc<SemanticIndex>>, CacheError> {
+    if !spec.enabled {
+        return Ok(None);
+    }
+    let bytes = parse_bytes(&spec.max_bytes.0).map_err(|e| e.at("semanticCache.maxBytes"))?;
+    Ok(Some(Arc::new(SemanticIndex::new(
+        spec.max_entries,
+        bytes,
+        Duration::from_secs(u64::from(spec.ttl_seconds)),
+        spec.threshold as f32,
+    ))))
+}
+
+/// What to store once the answer is complete.
+pub struct SemanticFill {
+    index: Arc<SemanticIndex>,
+    scope: CacheKey,
+    vector: Vec<f32>,
+}
+
+impl SemanticFill {
+    /// A fill of `index` under `scope` for the question's `vector`.
+    pub fn new(index: Arc<SemanticIndex>, scope: CacheKey, vector: Vec<f32>) -> Self {
+        Self {
+            index,
+            scope,
+            vector,
+        }
+    }
+
+    /// Stores `answer` for the question.
+    pub fn store(&self, answer: Arc<[u8]>) {
+        self.index.insert(self.scope, self.vector.clone(), answer);
     }
 }
 

@@ -16,9 +16,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use weir_crds::node_agent::ModelPhase;
 use weir_crds::{Model, ModelEnsemble, NodeAgent};
 
+use crate::http::AppState;
 use crate::route::ensemble::Ensemble;
 use crate::route::peers::Peer;
-use crate::server::AppState;
 
 /// Peers from NodeAgents: every other agent whose heartbeat is younger than
 /// `stale_after`, with the models it reports Ready.

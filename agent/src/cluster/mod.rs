@@ -20,8 +20,8 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use weir_crds::node_agent::{ModelPhase, NodeAgent, NodeAgentSpec};
 
+use crate::http::AppState;
 use crate::models::{Loaded, ModelSpec};
-use crate::server::AppState;
 use plan::{SourceRoots, SyncAction};
 use status::ModelState;
 

@@ -9,7 +9,7 @@ use weir_crds::common::CommonStatus;
 use weir_crds::node_agent::{Backend, GpuStatus, LoadedModelStatus, ModelPhase, NodeAgentStatus};
 
 use super::ClusterConfig;
-use crate::server::AppState;
+use crate::http::AppState;
 
 /// A model's phase with its reason.
 #[derive(Clone, Debug, PartialEq)]

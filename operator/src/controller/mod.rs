@@ -10,7 +10,7 @@
 //!   its entries off every NodeAgent before the finalizer is released.
 //! - **NodeAgent** ([`node_agent`]): marks agents whose heartbeat went
 //!   stale, and clears the mark when they report again.
-//! - **ModelEnsemble** ([`crate::ensembles`]): reweights members from
+//! - **ModelEnsemble** ([`ensemble`]): reweights members from
 //!   collected figures each reweighting interval.
 //! - **CachePolicy / BatchPolicy** ([`policy`]): count the Models using
 //!   them, and hold the deletion of one still in use.
@@ -20,6 +20,7 @@
 //! to 5 min), reset by the next success. Figures are collected from every
 //! ready agent's `/metrics` on an interval by one task ([`collect`]).
 
+pub mod ensemble;
 pub mod model;
 pub mod node_agent;
 pub mod policy;
@@ -76,7 +77,7 @@ pub fn finalizer_error(e: kube::runtime::finalizer::Error<Error>) -> Error {
 }
 
 /// Per ensemble: its last reweighting.
-pub(crate) type Reweights = Mutex<HashMap<String, crate::ensembles::Reweighted>>;
+pub(crate) type Reweights = Mutex<HashMap<String, ensemble::Reweighted>>;
 
 /// State shared by every controller.
 pub struct Context {
@@ -317,7 +318,7 @@ fn controllers(ctx: &Arc<Context>, changes: &Changes) -> Vec<Task> {
             Controller::new(Api::<ModelEnsemble>::all(client.clone()), wc())
                 .with_config(config())
                 .reconcile_all_on(watch::on(&changes.models))
-                .run(crate::ensembles::reconcile, error_policy, ctx.clone()),
+                .run(ensemble::reconcile, error_policy, ctx.clone()),
         )),
         policy_controller::<CachePolicy>(ctx, changes),
         policy_controller::<BatchPolicy>(ctx, changes),

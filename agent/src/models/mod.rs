@@ -2,6 +2,10 @@
 //! engine, the built-in standalone model, and the registry the server looks
 //! names up in.
 
+mod encoder;
+
+pub use encoder::{MAX_INPUTS, MAX_WAITING, ServedEncoder};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +24,6 @@ use crate::breaker::CircuitBreaker;
 use crate::cache::semantic::SemanticIndex;
 use crate::cache::{CacheKey, ResponseCache};
 use crate::coalesce::Coalescer;
-use crate::embeddings::ServedEncoder;
 use crate::generate::GenEvent;
 
 /// Name the built-in model is served under.
@@ -176,12 +179,12 @@ impl ServedModel {
             spec: spec.clone(),
             cache: response_cache(spec)?,
             weights_bytes: weights_bytes(&spec.dir),
-            semantic: crate::semantic::build_index(&spec.cache.semantic_cache).map_err(|e| {
-                LoadError::Cache {
+            semantic: crate::cache::semantic::build_index(&spec.cache.semantic_cache).map_err(
+                |e| LoadError::Cache {
                     name: spec.name.clone(),
                     source: e,
-                }
-            })?,
+                },
+            )?,
             coalescer: Arc::new(Coalescer::new(
                 spec.cache.coalescing.max_subscribers as usize,
             )),
@@ -221,12 +224,11 @@ impl ServedModel {
                 tracing::warn!(model = %spec.name, error = %e, "response cache disabled");
                 None
             }),
-            semantic: crate::semantic::build_index(&spec.cache.semantic_cache).unwrap_or_else(
-                |e| {
+            semantic: crate::cache::semantic::build_index(&spec.cache.semantic_cache)
+                .unwrap_or_else(|e| {
                     tracing::warn!(model = %spec.name, error = %e, "semantic cache disabled");
                     None
-                },
-            ),
+                }),
             coalescer: Arc::new(Coalescer::new(
                 spec.cache.coalescing.max_subscribers as usize,
             )),

@@ -8,12 +8,11 @@ use futures::stream::{self, StreamExt};
 use serde_json::json;
 use weir_crds::cache_policy::Cacheability;
 
+use crate::cache::semantic::SemanticFill;
 use crate::cache::{CacheKey, ResponseCache};
 use crate::coalesce::{Publisher, Subscription};
-use crate::generate::{GenEvent, GenStream, Job, is_deterministic};
+use crate::generate::{GenEvent, GenStream, Generation, Job, is_deterministic};
 use crate::models::ServedModel;
-use crate::render::Generation;
-use crate::semantic::SemanticFill;
 
 /// Whether `job`'s answer may be stored and replayed under `model`'s
 /// policy: by default only deterministic jobs (greedy, or seeded), since

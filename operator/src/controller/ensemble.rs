@@ -19,7 +19,7 @@ use weir_crds::common::CommonStatus;
 use weir_crds::ensemble::{MemberStatus, ModelEnsembleStatus};
 use weir_crds::{Model, ModelEnsemble};
 
-use crate::controller::{Context, observe};
+use super::{Context, Error, observe};
 use crate::reweight::{MemberFigures, reweight};
 use crate::scrape::ModelFigures;
 use crate::world;
@@ -70,10 +70,7 @@ pub fn member_figures(
 /// reweighting interval has passed (or it has no status yet), reweights it
 /// from the figures collected since its last reweighting and writes its
 /// status; requeued for the next interval.
-pub async fn reconcile(
-    ensemble: Arc<ModelEnsemble>,
-    ctx: Arc<Context>,
-) -> Result<Action, crate::controller::Error> {
+pub async fn reconcile(ensemble: Arc<ModelEnsemble>, ctx: Arc<Context>) -> Result<Action, Error> {
     observe(&ctx, ensemble.as_ref(), async {
         let key = format!(
             "{}/{}",

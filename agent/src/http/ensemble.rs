@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
 
+use super::{AppState, Kind, serve_model};
 use crate::api::ApiError;
 use crate::route::ensemble::{Ensemble, Member, Target};
-use crate::server::{AppState, Kind, serve_model};
 
 /// Header naming the member that answered.
 pub const MEMBER_HEADER: &str = "x-weir-ensemble-member";

@@ -10,33 +10,16 @@
 //! or busy never fails a request: the lookup is skipped and counted.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::json;
-use weir_crds::cache_policy::{SemanticCacheSpec, SemanticScope};
+use weir_crds::cache_policy::SemanticScope;
 use weir_engine::tokenizer::ChatMessage;
 
-use crate::cache::semantic::{SemanticHit, SemanticIndex};
-use crate::cache::{CacheError, CacheKey, parse_bytes};
+use super::response_cache as reuse;
+use crate::cache::semantic::{SemanticFill, SemanticHit};
 use crate::generate::Job;
-use crate::metrics::ModelLabel;
-use crate::models::ServedModel;
-use crate::reuse;
-use crate::server::AppState;
-
-/// What to store once the answer is complete.
-pub struct SemanticFill {
-    index: Arc<SemanticIndex>,
-    scope: CacheKey,
-    vector: Vec<f32>,
-}
-
-impl SemanticFill {
-    /// Stores `answer` for the question.
-    pub fn store(&self, answer: Arc<[u8]>) {
-        self.index.insert(self.scope, self.vector.clone(), answer);
-    }
-}
+use crate::metrics::{Metrics, ModelLabel};
+use crate::models::{ServedEncoder, ServedModel};
 
 /// The outcome of a semantic lookup.
 pub enum Probe {
@@ -44,20 +27,6 @@ pub enum Probe {
     Hit(SemanticHit),
     /// None: store this request's answer when it is complete.
     Miss(SemanticFill),
-}
-
-/// The index a policy asks for, if it enables the semantic cache.
-pub fn build_index(spec: &SemanticCacheSpec) -> Result<Option<Arc<SemanticIndex>>, CacheError> {
-    if !spec.enabled {
-        return Ok(None);
-    }
-    let bytes = parse_bytes(&spec.max_bytes.0).map_err(|e| e.at("semanticCache.maxBytes"))?;
-    Ok(Some(Arc::new(SemanticIndex::new(
-        spec.max_entries,
-        bytes,
-        Duration::from_secs(u64::from(spec.ttl_seconds)),
-        spec.threshold as f32,
-    ))))
 }
 
 /// The text compared by meaning and the JSON of what must match exactly.
@@ -91,7 +60,12 @@ pub fn split(
 
 /// Looks `job` up in `model`'s semantic index, when the policy enables it
 /// and the job may be answered from a cache at all.
-pub async fn probe(state: &AppState, model: &ServedModel, job: &Job) -> Option<Probe> {
+pub async fn probe(
+    metrics: &Metrics,
+    encoder_named: &impl Fn(&str) -> Option<Arc<ServedEncoder>>,
+    model: &ServedModel,
+    job: &Job,
+) -> Option<Probe> {
     let index = model.semantic.clone()?;
     let input = job.semantic.as_ref()?;
     if job.prompts.len() != 1 || !reuse::cacheable(model, job) {
@@ -103,13 +77,9 @@ pub async fn probe(state: &AppState, model: &ServedModel, job: &Job) -> Option<P
         let label = ModelLabel {
             model_name: model.name.clone(),
         };
-        state
-            .metrics
-            .semantic_unavailable
-            .get_or_create(&label)
-            .inc();
+        metrics.semantic_unavailable.get_or_create(&label).inc();
     };
-    let Some(encoder) = state.encoder(&policy.embedding_model) else {
+    let Some(encoder) = encoder_named(&policy.embedding_model) else {
         tracing::debug!(model = %model.name, encoder = %policy.embedding_model, "semantic cache: encoder not served here");
         unavailable();
         return None;
@@ -134,11 +104,7 @@ pub async fn probe(state: &AppState, model: &ServedModel, job: &Job) -> Option<P
     );
     Some(match index.lookup(&scope, &vector) {
         Some(hit) => Probe::Hit(hit),
-        None => Probe::Miss(SemanticFill {
-            index,
-            scope,
-            vector,
-        }),
+        None => Probe::Miss(SemanticFill::new(index, scope, vector)),
     })
 }
 

@@ -1,28 +1,18 @@
-//! `POST /v1/embeddings` and the encoders behind it. An encoder is a
-//! served model like any other (listed by `/v1/models`, forwarded to a peer
-//! when another agent holds it); the semantic cache uses the same ones.
-//! Encoding runs on the blocking pool one batch at a time (the encoder
-//! parallelizes inside), behind a bounded wait list: past it, 429.
+//! The encoders behind `/v1/embeddings` and the semantic cache. An encoder
+//! is a served model like any other. Encoding runs on the blocking pool one
+//! batch at a time (the encoder parallelizes inside), behind a bounded wait
+//! list: past it, 429.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
-use serde_json::json;
 use tokio::sync::Semaphore;
 use weir_engine::encoder::{Embedding, TextEmbedder, Truncation};
 
+use super::{LoadError, ModelSpec};
 use crate::api::ApiError;
-use crate::api::extract::{OpenAiBytes, parse};
-use crate::api::types::{EmbeddingInput, EmbeddingRequest};
-use crate::metrics::{ModelLabel, OutcomeLabel};
-use crate::models::{LoadError, ModelSpec};
-use crate::server::AppState;
+use crate::api::types::EmbeddingInput;
 
 /// Most inputs in one request (OpenAI's limit).
 pub const MAX_INPUTS: usize = 2048;
@@ -111,7 +101,7 @@ impl ServedEncoder {
     }
 
     /// Token ids of every input, refusing any that is empty or too long.
-    fn inputs(&self, input: EmbeddingInput) -> Result<Vec<Vec<u32>>, ApiError> {
+    pub fn inputs(&self, input: EmbeddingInput) -> Result<Vec<Vec<u32>>, ApiError> {
         let fit = |r: weir_engine::Result<Vec<u32>>, i: usize| {
             r.map_err(|e| ApiError::invalid("input", format!("input[{i}]: {e}")))
         };
@@ -181,108 +171,6 @@ fn wrap_nonempty(e: &TextEmbedder, ids: &[u32]) -> weir_engine::Result<Vec<u32>>
     e.wrap_ids(ids, Truncation::Error)
 }
 
-/// The handler: a local encoder answers; another agent's is forwarded to.
-pub async fn embeddings(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    OpenAiBytes(body): OpenAiBytes,
-) -> Response {
-    match embed(&state, &headers, body).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn embed(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let request: EmbeddingRequest = parse(&body)?;
-    let Some(encoder) = state.encoder(&request.model) else {
-        if state.is_local(&request.model) {
-            return Err(ApiError::invalid(
-                "model",
-                format!(
-                    "`{}` generates text; it does not serve embeddings",
-                    request.model
-                ),
-            ));
-        }
-        return Ok(state
-            .forward(&request.model, "/v1/embeddings", headers, body, "")
-            .await);
-    };
-    let base64 = match request.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(other) => {
-            return Err(ApiError::invalid(
-                "encoding_format",
-                format!("`{other}` is not one of float, base64"),
-            ));
-        }
-    };
-    let dim = encoder.embedder.dim();
-    if let Some(d) = request.dimensions
-        && d != dim as i64
-    {
-        return Err(ApiError::invalid(
-            "dimensions",
-            format!(
-                "model `{}` gives {dim}-dimensional vectors only, got {d}",
-                encoder.name
-            ),
-        ));
-    }
-    let inputs = encoder.inputs(request.input)?;
-    let outcome = |o: &str| OutcomeLabel {
-        model_name: encoder.name.clone(),
-        outcome: o.to_owned(),
-    };
-    let embeddings = match encoder.embed_ids(inputs).await {
-        Ok(e) => e,
-        Err(e) => {
-            state
-                .metrics
-                .requests
-                .get_or_create(&outcome(e.error_type()))
-                .inc();
-            return Err(e);
-        }
-    };
-    let tokens: usize = embeddings.iter().map(|e| e.tokens).sum();
-    let label = ModelLabel {
-        model_name: encoder.name.clone(),
-    };
-    state
-        .metrics
-        .embedding_tokens
-        .get_or_create(&label)
-        .inc_by(tokens as u64);
-    state
-        .metrics
-        .requests
-        .get_or_create(&outcome("success"))
-        .inc();
-    let data: Vec<_> = embeddings
-        .iter()
-        .enumerate()
-        .map(|(index, e)| {
-            let embedding = if base64 {
-                let bytes: Vec<u8> = e.vector.iter().flat_map(|v| v.to_le_bytes()).collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(e.vector)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
-        })
-        .collect();
-    Ok(axum::Json(json!({
-        "object": "list",
-        "data": data,
-        "model": request.model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }))
-    .into_response())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,7 +215,7 @@ mod tests {
         let cancelled = tokio::spawn(async move { gone.embed_text("cancelled").await });
         waiting(3, "the third waiter never queued").await;
         let refused = encoder.embed_text("one too many").await.unwrap_err();
-        assert_eq!(refused.status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.status(), http::StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(
             encoder.waiting.load(Ordering::Acquire),
             3,

@@ -1,0 +1,202 @@
+//! The HTTP surface, the only layer that knows axum: the routes, the API
+//! key, the body limit, and the state every handler shares. One handler
+//! module per endpoint family ([`chat`], [`embeddings`], [`models`],
+//! [`probes`]); requests are parsed into typed requests, answered through
+//! [`crate::pipeline`], and rendered as JSON or SSE ([`render`]); every
+//! error becomes a status and an OpenAI body in one place ([`error`]).
+
+pub mod chat;
+pub mod embeddings;
+pub mod ensemble;
+pub mod error;
+pub mod extract;
+pub mod forward;
+pub mod models;
+pub mod probes;
+pub mod render;
+pub mod respond;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::api::ApiError;
+use crate::gpu::GpuMonitor;
+use crate::metrics::Metrics;
+use crate::models::{ModelRegistry, ServedEncoder, ServedModel};
+use crate::route::ensemble::EnsembleTable;
+use crate::route::{self, peers::PeerTable};
+use forward as fwd;
+
+pub use chat::{Kind, serve_model};
+
+/// State shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// Served models.
+    pub models: Arc<RwLock<ModelRegistry>>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Whether the agent takes traffic.
+    pub ready: Arc<AtomicBool>,
+    /// GPU readings.
+    pub gpu: Arc<GpuMonitor>,
+    /// Bearer key clients must send, if set.
+    pub api_key: Option<Arc<str>>,
+    /// Cluster mode: ready once registered, even before models arrive.
+    pub cluster: bool,
+    /// Peers that serve other models.
+    pub peers: Arc<PeerTable>,
+    /// Ensembles by public name.
+    pub ensembles: Arc<EnsembleTable>,
+    /// Pooled keep-alive client for forwarding.
+    pub http: reqwest::Client,
+}
+
+impl AppState {
+    /// State over `models`, ready, without GPUs or an API key.
+    pub fn new(models: ModelRegistry) -> Self {
+        Self::with(models, Arc::new(GpuMonitor::default()), None)
+    }
+
+    /// State over `models` with a GPU monitor and an optional API key.
+    pub fn with(models: ModelRegistry, gpu: Arc<GpuMonitor>, api_key: Option<String>) -> Self {
+        let models = Arc::new(RwLock::new(models));
+        Self {
+            metrics: Metrics::new(models.clone(), gpu.clone()),
+            models,
+            ready: Arc::new(AtomicBool::new(true)),
+            gpu,
+            api_key: api_key.map(Arc::from),
+            cluster: false,
+            peers: Arc::default(),
+            ensembles: Arc::default(),
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(std::time::Duration::from_secs(90))
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    fn model(&self, name: &str) -> Result<Arc<ServedModel>, ApiError> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        if models.encoder(name).is_some() {
+            return Err(ApiError::invalid(
+                "model",
+                format!("`{name}` is an embedding model; use /v1/embeddings"),
+            ));
+        }
+        models
+            .get(name)
+            .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))
+    }
+
+    /// Requests running and waiting for `name` here (0 if not local).
+    pub fn load_of(&self, name: &str) -> f64 {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models.get(name).map_or(0.0, |m| {
+            let s = m.engine.stats().snapshot();
+            (s.running + s.waiting) as f64
+        })
+    }
+
+    /// Whether a model of either kind is served here.
+    pub fn is_local(&self, name: &str) -> bool {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .serves(name)
+    }
+
+    /// The encoder named `name`, if served here.
+    pub fn encoder(&self, name: &str) -> Option<Arc<ServedEncoder>> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .encoder(name)
+    }
+
+    /// Forwards a request for a model this agent does not hold.
+    pub async fn forward(
+        &self,
+        model: &str,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+        prefix: &str,
+    ) -> Response {
+        if fwd::was_forwarded(headers) {
+            return ApiError::ModelNotFound(model.to_owned()).into_response();
+        }
+        fwd::forward(
+            &self.http,
+            &self.peers,
+            model,
+            path,
+            headers,
+            body,
+            route::prefix_hash(prefix),
+        )
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+    }
+}
+
+/// The agent's router.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(chat::completions))
+        .route("/v1/models", get(models::list_models))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_key,
+        ));
+    Router::new()
+        .merge(api)
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(probes::ready))
+        .route("/metrics", get(probes::metrics))
+        .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })
+        .layer(DefaultBodyLimit::max(crate::api::extract::MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until Ctrl-C.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+}
+
+/// Checks `Authorization: Bearer <key>` when the agent has an API key.
+async fn require_key(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = &state.api_key {
+        let sent = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if sent != Some(key.as_ref()) {
+            return ApiError::Unauthorized(
+                "a valid API key is required (Authorization: Bearer ...)".into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}

@@ -1,0 +1,256 @@
+//! Validating a request into a [`Job`] for the engine: chat messages
+//! through the model's template, prompts into token ids (inside the
+//! vocabulary), the OpenAI sampling fields (400 naming the parameter),
+//! log probabilities, priority (body, else the `x-weir-priority` header),
+//! and the identity of the response.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use weir_engine::tokenizer::ChatMessage;
+
+use crate::api::ApiError;
+use crate::api::types::{
+    ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields,
+};
+use crate::generate::{Job, LogprobsWanted, SemanticInput, build_template, parse_priority};
+use crate::models::ServedModel;
+
+/// The `x-weir-priority` header as the HTTP layer read it: absent, text, or
+/// the error for a value that is not ASCII.
+pub type PriorityHeader<'a> = Option<Result<&'a str, ApiError>>;
+
+/// Identity of one response: id, creation time, model name, logprobs asked.
+#[derive(Clone, Debug)]
+pub struct ResponseMeta {
+    /// Response id.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// Model name as requested.
+    pub model: String,
+    /// Whether log probabilities were asked for.
+    pub logprobs: bool,
+    /// Whether to send a usage chunk at the end of a stream.
+    pub include_usage: bool,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn response_id(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{:x}{:08x}", unix_now(), n)
+}
+
+/// The priority from the body, else the `x-weir-priority` header.
+fn requested_priority(
+    fields: &SamplingFields,
+    header: PriorityHeader<'_>,
+) -> Result<Option<weir_engine::scheduler::Priority>, ApiError> {
+    match (&fields.priority, header) {
+        (Some(p), _) => parse_priority(p).map(Some),
+        (None, Some(h)) => parse_priority(h?).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
+    if request.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    request
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.kind.as_str(), &part.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    &format!("messages[{i}].content"),
+                                    format!("content parts of type `{kind}` are not supported by this model"),
+                                ));
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            let role = if m.role == "developer" { "system".to_owned() } else { m.role.clone() };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+/// A validated request: the model, its job, the response's identity, and
+/// whether to stream.
+pub type Prepared = (Arc<ServedModel>, Job, ResponseMeta, bool);
+
+/// Validates a chat request for `model` into a job.
+pub fn chat_job(
+    model: Arc<ServedModel>,
+    priority_header: PriorityHeader<'_>,
+    request: &ChatCompletionRequest,
+) -> Result<Prepared, ApiError> {
+    let messages = chat_messages(request)?;
+    let prompt_text = model
+        .tokenizer
+        .apply_chat_template(&messages, true, request.tools.as_ref())
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let prompt = model
+        .tokenizer
+        .encode(&prompt_text, false)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let logprobs = match (request.logprobs, request.top_logprobs) {
+        (Some(true), top) => LogprobsWanted::Yes(top_logprobs(top, 20)?),
+        (_, Some(t)) if t > 0 => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            ));
+        }
+        _ => LogprobsWanted::No,
+    };
+    let mut prepared = prepare(
+        model,
+        priority_header,
+        &request.sampling,
+        vec![prompt],
+        logprobs,
+        &request.model,
+        "chatcmpl",
+    )?;
+    prepared.1.semantic = Some(SemanticInput {
+        route: "chat",
+        messages,
+    });
+    Ok(prepared)
+}
+
+fn top_logprobs(value: Option<i64>, max: i64) -> Result<usize, ApiError> {
+    match value.unwrap_or(0) {
+        n if (0..=max).contains(&n) => Ok(n as usize),
+        n => Err(ApiError::invalid(
+            "top_logprobs",
+            format!("must be between 0 and {max}, got {n}"),
+        )),
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one call site per route; a struct would only rename them
+fn prepare(
+    model: Arc<ServedModel>,
+    priority_header: PriorityHeader<'_>,
+    fields: &SamplingFields,
+    prompts: Vec<Vec<u32>>,
+    logprobs: LogprobsWanted,
+    requested_name: &str,
+    id_prefix: &str,
+) -> Result<Prepared, ApiError> {
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    let priority = model
+        .admission
+        .effective_priority(requested_priority(fields, priority_header)?);
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let (template, n) = build_template(fields, priority, logprobs, longest, model.max_model_len)?;
+    let stream = fields.stream.unwrap_or(false);
+    let meta = ResponseMeta {
+        id: response_id(id_prefix),
+        created: unix_now(),
+        model: requested_name.to_owned(),
+        logprobs: logprobs != LogprobsWanted::No,
+        include_usage: stream
+            && fields
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+    };
+    Ok((
+        model,
+        Job {
+            prompts,
+            n,
+            template,
+            logprobs,
+            semantic: None,
+        },
+        meta,
+        stream,
+    ))
+}
+
+/// Validates a completion request for `model` into a job.
+pub fn completion_job(
+    model: Arc<ServedModel>,
+    priority_header: PriorityHeader<'_>,
+    request: &CompletionRequest,
+) -> Result<Prepared, ApiError> {
+    let encode = |text: &str| {
+        model
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| ApiError::invalid("prompt", e.to_string()))
+    };
+    let prompts = match &request.prompt {
+        Prompt::Text(t) => vec![encode(t)?],
+        Prompt::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        Prompt::Tokens(ids) => vec![ids.clone()],
+        Prompt::TokenLists(lists) => lists.clone(),
+    };
+    if prompts.is_empty() || prompts.len() > 64 {
+        return Err(ApiError::invalid("prompt", "give between 1 and 64 prompts"));
+    }
+    let vocab = model.tokenizer.vocab_size() as u32;
+    if let Some(bad) = prompts.iter().flatten().find(|&&id| id >= vocab) {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    if request.echo == Some(true) {
+        return Err(ApiError::invalid("echo", "echo is not supported"));
+    }
+    let logprobs = match request.logprobs {
+        None => LogprobsWanted::No,
+        Some(n) => LogprobsWanted::Yes(top_logprobs(Some(n), 5).map_err(|_| {
+            ApiError::invalid(
+                "logprobs",
+                format!("logprobs must be between 0 and 5, got {n}"),
+            )
+        })?),
+    };
+    let mut prepared = prepare(
+        model,
+        priority_header,
+        &request.sampling,
+        prompts,
+        logprobs,
+        &request.model,
+        "cmpl",
+    )?;
+    if let Prompt::Text(text) = &request.prompt {
+        prepared.1.semantic = Some(SemanticInput {
+            route: "completion",
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: text.clone(),
+            }],
+        });
+    }
+    Ok(prepared)
+}
