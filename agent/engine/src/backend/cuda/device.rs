@@ -204,13 +204,6 @@ impl Gpu {
             .map_err(|e| driver_err("copy", e))
     }
 
-    /// Zeroes `bytes` at `dst` on the stream.
-    pub fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
-        // SAFETY: `dst` is owned device memory of at least `bytes`.
-        unsafe { result::memset_d8_async(dst, 0, bytes, self.stream.cu_stream()) }
-            .map_err(|e| driver_err("memset", e))
-    }
-
     /// Waits until the stream has finished everything issued.
     pub fn synchronize(&self) -> Result<()> {
         self.stream

@@ -38,9 +38,7 @@ pub const ELEMENTWISE: ModuleSource = ModuleSource {
         "add_bf16_to_f32",
         "add_f32",
         "gather_rows_f32",
-        "cast_f32_to_bf16",
         "fill_normal_bf16",
-        "fill_f32",
     ],
 };
 

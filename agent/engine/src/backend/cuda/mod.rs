@@ -107,16 +107,6 @@ pub struct CudaTensor {
 }
 
 impl CudaTensor {
-    /// Rows (padded to the graph bucket in graph mode).
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Columns.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     fn len(&self) -> usize {
         self.rows * self.cols
     }

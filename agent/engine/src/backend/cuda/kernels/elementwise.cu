@@ -373,24 +373,6 @@ extern "C" __global__ void __launch_bounds__(256) gather_rows_f32(
     }
 }
 
-// out = bf16(x), round to nearest even. Layout: n elements. Geometry as
-// silu_mul.
-extern "C" __global__ void __launch_bounds__(256) cast_f32_to_bf16(
-    bf16_t* out, const float* x, long long n) {
-    const long long t0 = ew_gtid(), step = ew_gstride();
-    long long done = 0;
-    if (ew_aligned16(out) && ew_aligned16(x)) {
-        const long long n8 = n >> 3;
-        for (long long i = t0; i < n8; i += step) {
-            float f[8];
-            ew_load8f(x + 8 * i, f);
-            reinterpret_cast<uint4*>(out)[i] = ew_pack8(f);
-        }
-        done = n8 << 3;
-    }
-    for (long long i = done + t0; i < n; i += step) out[i] = f32_to_bf16(x[i]);
-}
-
 // SplitMix64 finaliser: a bijective 64-bit mix.
 __device__ __forceinline__ unsigned long long ew_mix64(unsigned long long z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -430,18 +412,4 @@ extern "C" __global__ void __launch_bounds__(256) fill_normal_bf16(
     }
     for (long long i = done + t0; i < n; i += step)
         out[i] = f32_to_bf16(ew_normal(key, (unsigned long long)i, mean, std));
-}
-
-// out[:] = value. Layout: n f32. Geometry as silu_mul.
-extern "C" __global__ void __launch_bounds__(256) fill_f32(
-    float* out, long long n, float value) {
-    const long long t0 = ew_gtid(), step = ew_gstride();
-    long long done = 0;
-    if (ew_aligned16(out)) {
-        const long long n4 = n >> 2;
-        const float4 v = make_float4(value, value, value, value);
-        for (long long i = t0; i < n4; i += step) reinterpret_cast<float4*>(out)[i] = v;
-        done = n4 << 2;
-    }
-    for (long long i = done + t0; i < n; i += step) out[i] = value;
 }
