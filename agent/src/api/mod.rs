@@ -6,3 +6,22 @@ pub mod extract;
 pub mod types;
 
 pub use error::ApiError;
+
+/// Which OpenAI generation route a body belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completion,
+}
+
+impl Kind {
+    /// The route's path.
+    pub fn path(self) -> &'static str {
+        match self {
+            Kind::Chat => "/v1/chat/completions",
+            Kind::Completion => "/v1/completions",
+        }
+    }
+}

@@ -2,15 +2,14 @@
 //! key, the body limit, and the state every handler shares. One handler
 //! module per endpoint family ([`chat`], [`embeddings`], [`models`],
 //! [`probes`]); requests are parsed into typed requests, answered through
-//! [`crate::pipeline`], and rendered as JSON or SSE ([`render`]); every
+//! [`crate::pipeline`], and rendered as JSON or SSE ([`render`],
+//! [`respond`]); every
 //! error becomes a status and an OpenAI body in one place ([`error`]).
 
 pub mod chat;
 pub mod embeddings;
-pub mod ensemble;
 pub mod error;
 pub mod extract;
-pub mod forward;
 pub mod models;
 pub mod probes;
 pub mod render;
@@ -29,12 +28,11 @@ use axum::routing::{get, post};
 use crate::api::ApiError;
 use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
-use crate::models::{ModelRegistry, ServedEncoder, ServedModel};
+use crate::models::{ModelRegistry, ServedEncoder};
+use crate::pipeline;
 use crate::route::ensemble::EnsembleTable;
-use crate::route::{self, peers::PeerTable};
-use forward as fwd;
-
-pub use chat::{Kind, serve_model};
+use crate::route::forward;
+use crate::route::peers::PeerTable;
 
 /// State shared by every handler.
 #[derive(Clone)]
@@ -85,45 +83,34 @@ impl AppState {
         }
     }
 
-    fn model(&self, name: &str) -> Result<Arc<ServedModel>, ApiError> {
-        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
-        if models.encoder(name).is_some() {
-            return Err(ApiError::invalid(
-                "model",
-                format!("`{name}` is an embedding model; use /v1/embeddings"),
-            ));
+    /// What the request pipeline uses of this state.
+    pub fn pipeline(&self) -> pipeline::Context<'_> {
+        pipeline::Context {
+            models: &self.models,
+            metrics: &self.metrics,
+            peers: &self.peers,
+            ensembles: &self.ensembles,
+            http: &self.http,
         }
-        models
-            .get(name)
-            .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))
     }
 
     /// Requests running and waiting for `name` here (0 if not local).
     pub fn load_of(&self, name: &str) -> f64 {
-        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
-        models.get(name).map_or(0.0, |m| {
-            let s = m.engine.stats().snapshot();
-            (s.running + s.waiting) as f64
-        })
+        self.pipeline().load_of(name)
     }
 
     /// Whether a model of either kind is served here.
     pub fn is_local(&self, name: &str) -> bool {
-        self.models
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .serves(name)
+        self.pipeline().is_local(name)
     }
 
     /// The encoder named `name`, if served here.
     pub fn encoder(&self, name: &str) -> Option<Arc<ServedEncoder>> {
-        self.models
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .encoder(name)
+        self.pipeline().encoder(name)
     }
 
-    /// Forwards a request for a model this agent does not hold.
+    /// Forwards a request for a model this agent does not hold to a peer
+    /// that does (routed by `prefix`).
     pub async fn forward(
         &self,
         model: &str,
@@ -132,20 +119,11 @@ impl AppState {
         body: Bytes,
         prefix: &str,
     ) -> Response {
-        if fwd::was_forwarded(headers) {
-            return ApiError::ModelNotFound(model.to_owned()).into_response();
+        let prefix = crate::route::prefix_hash(prefix);
+        match forward::to_peer(&self.http, &self.peers, model, path, headers, body, prefix).await {
+            Ok(relayed) => respond::relay(relayed),
+            Err(e) => e.into_response(),
         }
-        fwd::forward(
-            &self.http,
-            &self.peers,
-            model,
-            path,
-            headers,
-            body,
-            route::prefix_hash(prefix),
-        )
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
     }
 }
 

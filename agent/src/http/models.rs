@@ -5,8 +5,8 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 
 use super::AppState;
-use super::forward as fwd;
 use crate::api::types::{ModelCard, ModelList};
+use crate::route::forward;
 
 /// The handler.
 pub(super) async fn list_models(
@@ -28,7 +28,7 @@ pub(super) async fn list_models(
             .collect()
     };
     // Peers ask for what this agent holds itself; clients see the cluster.
-    if !fwd::was_forwarded(&headers) {
+    if !forward::was_forwarded(&headers) {
         for name in state
             .peers
             .models()

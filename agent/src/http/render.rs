@@ -108,14 +108,8 @@ fn json_event<T: Serialize>(value: &T) -> SseEvent {
     }))
 }
 
-/// Which response shape a stream renders.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Shape {
-    /// `chat.completion.chunk`.
-    Chat,
-    /// `text_completion`.
-    Completion,
-}
+/// Which response shape a stream renders: that of its route.
+pub use crate::api::Kind as Shape;
 
 /// Renders events as SSE chunks, ending with `[DONE]`.
 pub fn sse(

@@ -1,50 +1,49 @@
-//! Answering one job over HTTP: the pipeline's events rendered as one JSON
-//! body or as SSE, with the header saying where the answer came from.
-
-use std::sync::Arc;
+//! Rendering the pipeline's outcome: a generation's events as one JSON
+//! body or as SSE, a relayed answer passed through as it streams, each with
+//! the headers saying where the answer came from.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
-use super::AppState;
 use super::render::{self, Shape};
-use crate::generate::{self, GenStream, Job};
-use crate::models::ServedModel;
+use crate::generate::{self, GenStream};
 use crate::pipeline::validate::ResponseMeta;
-use crate::pipeline::{self, Services};
+use crate::pipeline::{Outcome, Reply};
+use crate::route::forward::Relayed;
 
-/// Runs `job` on `model` through the request pipeline and answers as JSON
-/// or SSE.
-pub async fn respond(
-    state: AppState,
-    model: Arc<ServedModel>,
-    job: Job,
-    meta: ResponseMeta,
-    shape: Shape,
-    stream: bool,
-) -> Response {
-    let services = Services {
-        metrics: &state.metrics,
-        encoder_named: |name: &str| state.encoder(name),
+/// The response for `outcome` on a route of shape `shape`.
+pub async fn render(shape: Shape, outcome: Outcome) -> Response {
+    let mut response = match outcome.reply {
+        Reply::Answered {
+            events,
+            meta,
+            stream,
+        } => render_events(meta, shape, stream, events).await,
+        Reply::Relayed(relayed) => relay(relayed),
     };
-    match pipeline::run(&services, model, job).await {
-        Ok(answer) => {
-            let response = render_events(meta, shape, stream, answer.events).await;
-            match answer.header {
-                Some((name, value)) => with_header(response, name, value),
-                None => response,
-            }
+    for (name, value) in outcome.headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
         }
-        Err(e) => e.into_response(),
     }
+    response
 }
 
-fn with_header(mut response: Response, name: &'static str, value: &'static str) -> Response {
-    response
-        .headers_mut()
-        .insert(name, axum::http::HeaderValue::from_static(value));
+/// An answer from a peer or an external endpoint, streamed through.
+pub fn relay(relayed: Relayed) -> Response {
+    let status = StatusCode::from_u16(relayed.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, Body::from_stream(relayed.body)).into_response();
+    for (name, value) in relayed.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(&value),
+        ) {
+            response.headers_mut().insert(n, v);
+        }
+    }
     response
 }
 

@@ -1,32 +1,203 @@
-//! The request pipeline: what happens to a generation request once the HTTP
-//! layer has resolved its target to a local model and validated it into a
-//! [`Job`]. [`run`] reads, in order: the response cache (L1, L2), coalescing
-//! with an identical request in flight, the semantic cache, the circuit
-//! breaker and admission, the engine, filling the caches, and the
-//! measurements on the way out. It knows no HTTP: it answers with events
-//! and the header that says where they came from.
+//! The request pipeline: every step a generation request goes through
+//! once the HTTP layer has parsed its route, body and headers. [`generate`]
+//! reads them in order:
+//!
+//! 1. resolve the target: an ensemble, a model served here, or a peer
+//!    ([`target`]); an ensemble tries its members ([`ensemble`]), each
+//!    through the rest of this pipeline; a peer gets the request as it came
+//!    ([`crate::route::forward`]);
+//! 2. validate into an engine job ([`validate`]);
+//! 3. the response cache, L1 then L2 ([`response_cache`]);
+//! 4. coalescing with an identical request in flight;
+//! 5. the semantic cache ([`semantic_cache`]);
+//! 6. the circuit breaker and admission;
+//! 7. the engine ([`crate::generate`]);
+//! 8. filling the caches on the way out, and the measurements ([`measure`]).
+//!
+//! It knows no HTTP server: it answers with events (or a relayed answer)
+//! and the headers that say where they came from.
 
+pub mod ensemble;
 pub mod measure;
 pub mod response_cache;
 pub mod semantic_cache;
+pub mod target;
 pub mod validate;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use crate::api::ApiError;
+use bytes::Bytes;
+use http::HeaderMap;
+
+use crate::api::{ApiError, Kind};
 use crate::cache::CacheKey;
 use crate::coalesce::{Joined, Publisher, Subscription};
 use crate::generate::{self, GenEvent, GenStream, Generation, Job};
 use crate::metrics::{Metrics, ModelLabel, OutcomeLabel, TierLabel};
-use crate::models::{ServedEncoder, ServedModel};
+use crate::models::{ModelRegistry, ServedEncoder, ServedModel};
+use crate::route::ensemble::EnsembleTable;
+use crate::route::forward::{self, Relayed};
+use crate::route::peers::PeerTable;
 use semantic_cache::Probe;
+use target::{GenerationRequest, Target};
+use validate::ResponseMeta;
 
 /// Header saying which cache tier answered (`l1`, `l2`, `semantic`, or
 /// `miss`).
 pub const CACHE_HEADER: &str = "x-weir-cache";
 /// Header marking an answer shared with an identical request in flight.
 pub const COALESCED_HEADER: &str = "x-weir-coalesced";
+
+/// What the pipeline uses of the agent: its models, metrics, peers,
+/// ensembles and the client it forwards with.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    /// Served models.
+    pub models: &'a RwLock<ModelRegistry>,
+    /// The agent's metrics.
+    pub metrics: &'a Metrics,
+    /// Peers and the models they serve.
+    pub peers: &'a PeerTable,
+    /// Ensembles by public name.
+    pub ensembles: &'a EnsembleTable,
+    /// Pooled keep-alive client for peers and external members.
+    pub http: &'a reqwest::Client,
+}
+
+impl Context<'_> {
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, ModelRegistry> {
+        self.models.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The generation model served here as `name`, or why not.
+    pub fn model(&self, name: &str) -> Result<Arc<ServedModel>, ApiError> {
+        let models = self.registry();
+        if models.encoder(name).is_some() {
+            return Err(ApiError::invalid(
+                "model",
+                format!("`{name}` is an embedding model; use /v1/embeddings"),
+            ));
+        }
+        models
+            .get(name)
+            .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))
+    }
+
+    /// Whether a model of either kind is served here.
+    pub fn is_local(&self, name: &str) -> bool {
+        self.registry().serves(name)
+    }
+
+    /// The encoder served here as `name`, if any.
+    pub fn encoder(&self, name: &str) -> Option<Arc<ServedEncoder>> {
+        self.registry().encoder(name)
+    }
+
+    /// Requests running and waiting for `name` here (0 if not local).
+    pub fn load_of(&self, name: &str) -> f64 {
+        self.registry().get(name).map_or(0.0, |m| {
+            let s = m.engine.stats().snapshot();
+            (s.running + s.waiting) as f64
+        })
+    }
+}
+
+/// A generation request as the HTTP layer hands it over.
+pub struct Incoming {
+    /// Its route.
+    pub kind: Kind,
+    /// Its body, unparsed (peers and external members get it as it came).
+    pub body: Bytes,
+    /// Its headers (priority, and those passed on to peers).
+    pub headers: HeaderMap,
+    /// Sent by an ensemble to one of its members.
+    pub for_member: bool,
+}
+
+/// How a request was answered, and the headers saying by whom.
+pub struct Outcome {
+    /// The answer.
+    pub reply: Reply,
+    /// `x-weir-cache`, `x-weir-coalesced`, `x-weir-ensemble-member`.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// An answer made here, or one passed on from elsewhere.
+pub enum Reply {
+    /// Events of a generation here (engine, cache or a shared one).
+    Answered {
+        /// The events, to render as JSON or SSE.
+        events: GenStream,
+        /// Ids and names for the rendered body.
+        meta: ResponseMeta,
+        /// Whether the client asked for SSE.
+        stream: bool,
+    },
+    /// A peer's or an external endpoint's answer, passed on unchanged.
+    Relayed(Relayed),
+}
+
+impl Outcome {
+    /// The HTTP status this answer starts with.
+    pub fn status(&self) -> u16 {
+        match &self.reply {
+            Reply::Answered { .. } => 200,
+            Reply::Relayed(r) => r.status,
+        }
+    }
+}
+
+/// Answers one generation request, every step in order.
+pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, ApiError> {
+    let (model, request) = match target::resolve(ctx, &incoming)? {
+        Target::Ensemble(e) => return ensemble::serve(ctx, &e, &incoming).await,
+        Target::Peer(request) => return to_peer(ctx, &request, incoming).await,
+        Target::Local(model, request) => (model, request),
+    };
+    let priority = validate::priority_header(&incoming.headers);
+    let (model, job, meta, stream) = match &request {
+        GenerationRequest::Chat(r) => validate::chat_job(model, priority, r)?,
+        GenerationRequest::Completion(r) => validate::completion_job(model, priority, r)?,
+    };
+    let answer = run(ctx, model, job).await?;
+    Ok(Outcome {
+        reply: Reply::Answered {
+            events: answer.events,
+            meta,
+            stream,
+        },
+        headers: answer
+            .header
+            .map(|(name, value)| (name, value.to_owned()))
+            .into_iter()
+            .collect(),
+    })
+}
+
+/// Passes the request on to a peer that serves its model.
+async fn to_peer(
+    ctx: &Context<'_>,
+    request: &GenerationRequest,
+    incoming: Incoming,
+) -> Result<Outcome, ApiError> {
+    let prefix = crate::route::prefix_hash(&request.routing_prefix());
+    let path = incoming.kind.path();
+    let relayed = forward::to_peer(
+        ctx.http,
+        ctx.peers,
+        request.model(),
+        path,
+        &incoming.headers,
+        incoming.body,
+        prefix,
+    )
+    .await?;
+    Ok(Outcome {
+        reply: Reply::Relayed(relayed),
+        headers: Vec::new(),
+    })
+}
 
 /// The events that answer a job, and the header (name, value) saying where
 /// they came from, if any.
@@ -37,27 +208,12 @@ pub struct Answer {
     pub header: Option<(&'static str, &'static str)>,
 }
 
-/// What the pipeline needs from the agent: its metrics and the encoders it
-/// serves (for the semantic cache).
-pub struct Services<'a, F> {
-    /// The agent's metrics.
-    pub metrics: &'a Metrics,
-    /// The encoder served under a name, if any.
-    pub encoder_named: F,
-}
-
-/// Runs `job` on `model`: from the response cache when it holds the answer,
-/// by joining an identical generation in flight when there is one, else
-/// from the semantic cache or the engine (filling the caches).
-pub async fn run<F>(
-    services: &Services<'_, F>,
-    model: Arc<ServedModel>,
-    job: Job,
-) -> Result<Answer, ApiError>
-where
-    F: Fn(&str) -> Option<Arc<ServedEncoder>>,
-{
-    let metrics = services.metrics;
+/// Steps 3 to 8 for `job` on `model`: from the response cache when it
+/// holds the answer, by joining an identical generation in flight when
+/// there is one, else from the semantic cache or the engine (filling the
+/// caches).
+pub async fn run(ctx: &Context<'_>, model: Arc<ServedModel>, job: Job) -> Result<Answer, ApiError> {
+    let metrics = ctx.metrics;
     let label = ModelLabel {
         model_name: model.name.clone(),
     };
@@ -70,7 +226,7 @@ where
         Coalesced::Leader(leader) => leader,
     };
     // Only a leader asks the semantic cache: followers share its answer.
-    let (events, tier) = match semantic_or_engine(services, &model, &job, &label, key).await {
+    let (events, tier) = match semantic_or_engine(ctx, &model, &job, &label, key).await {
         Ok(found) => found,
         Err(e) => {
             // Requests that joined meanwhile get the same answer.
@@ -162,19 +318,17 @@ fn share_with_followers(events: GenStream, leader: Leader) -> GenStream {
 
 /// A semantic hit's replay, else a fresh generation that fills the caches;
 /// with the `x-weir-cache` value to answer with, if any.
-async fn semantic_or_engine<F>(
-    services: &Services<'_, F>,
+async fn semantic_or_engine(
+    ctx: &Context<'_>,
     model: &Arc<ServedModel>,
     job: &Job,
     label: &ModelLabel,
     key: Option<CacheKey>,
-) -> Result<(GenStream, Option<&'static str>), ApiError>
-where
-    F: Fn(&str) -> Option<Arc<ServedEncoder>>,
-{
-    let metrics = services.metrics;
+) -> Result<(GenStream, Option<&'static str>), ApiError> {
+    let metrics = ctx.metrics;
     let mut semantic = None;
-    match semantic_cache::probe(metrics, &services.encoder_named, model, job).await {
+    let encoder_named = |name: &str| ctx.encoder(name);
+    match semantic_cache::probe(metrics, &encoder_named, model, job).await {
         Some(Probe::Hit(hit)) => {
             if let Ok(generation) = serde_json::from_slice::<Generation>(&hit.answer) {
                 let tier_label = TierLabel {

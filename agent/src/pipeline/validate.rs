@@ -17,9 +17,17 @@ use crate::api::types::{
 use crate::generate::{Job, LogprobsWanted, SemanticInput, build_template, parse_priority};
 use crate::models::ServedModel;
 
-/// The `x-weir-priority` header as the HTTP layer read it: absent, text, or
-/// the error for a value that is not ASCII.
+/// The `x-weir-priority` header: absent, text, or the error for a value
+/// that is not ASCII.
 pub type PriorityHeader<'a> = Option<Result<&'a str, ApiError>>;
+
+/// Reads the `x-weir-priority` header from `headers`.
+pub fn priority_header(headers: &http::HeaderMap) -> PriorityHeader<'_> {
+    headers.get("x-weir-priority").map(|v| {
+        v.to_str()
+            .map_err(|_| ApiError::invalid("x-weir-priority", "the header is not ASCII"))
+    })
+}
 
 /// Identity of one response: id, creation time, model name, logprobs asked.
 #[derive(Clone, Debug)]

@@ -6,6 +6,7 @@
 //! next replica; a request already forwarded once is never forwarded again.
 
 pub mod ensemble;
+pub mod forward;
 pub mod peers;
 
 /// Header marking a request forwarded by another agent.
