@@ -243,6 +243,12 @@ def check_agent(objects: list[tuple[str, Obj]], label: str, fails: Failures) -> 
                         ("readinessProbe", "/ready")):
         got = ((c.get(probe) or {}).get("httpGet") or {}).get("path")
         fails.check(got == path, where, f"{probe} is not an httpGet on {path} (got {got!r})")
+    drain = [a for a in c.get("args") or [] if str(a).startswith("--drain-timeout=")]
+    if fails.check(len(drain) == 1, where, "no --drain-timeout argument"):
+        seconds = int(drain[0].split("=", 1)[1])
+        grace = pod.get("terminationGracePeriodSeconds")
+        fails.check(isinstance(grace, int) and grace > seconds, where,
+                    f"terminationGracePeriodSeconds {grace!r} does not outlast the drain ({seconds} s)")
     return ds
 
 

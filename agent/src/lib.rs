@@ -2,8 +2,8 @@
 //! engine, in layers that only look down: `http` (the only one that knows
 //! axum), `pipeline` (what a generation request goes through), the services
 //! (caches, coalescing, admission, breaker, adaptive limits, routing and
-//! ensembles, the model registry and loading, the Hub), and `cluster` on
-//! top. See docs/agent.md.
+//! ensembles, the model registry and loading, the Hub), and `cluster` and
+//! `shutdown` on top. See docs/agent.md.
 
 pub mod adaptive;
 pub mod admission;
@@ -22,3 +22,4 @@ pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod route;
+pub mod shutdown;

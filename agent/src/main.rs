@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -13,6 +14,7 @@ use weir_agent::models::{
     ensure_builtin_encoder,
 };
 use weir_agent::route::ensemble::Ensemble;
+use weir_agent::shutdown;
 
 /// Command line of the node agent.
 #[derive(Parser, Debug)]
@@ -79,6 +81,11 @@ struct ServeArgs {
     /// Where downloaded and built-in models are kept.
     #[arg(long, env = "WEIR_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
+    /// Seconds requests in flight get to finish when the agent stops
+    /// (SIGTERM) or a model is unassigned; those still running then end
+    /// with an error event.
+    #[arg(long, env = "WEIR_DRAIN_TIMEOUT", default_value_t = 30)]
+    drain_timeout: u64,
 }
 
 fn default_cache() -> PathBuf {
@@ -209,7 +216,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             period,
         );
     }
-    weir_agent::http::serve(listener, state)
+    let timeout = std::time::Duration::from_secs(args.drain_timeout);
+    let stop = {
+        let state = state.clone();
+        async move {
+            shutdown::signal().await;
+            shutdown::drain_all(&state, None, timeout).await;
+        }
+    };
+    weir_agent::http::serve(listener, state, stop)
         .await
         .context("HTTP server")
 }
@@ -242,10 +257,20 @@ async fn serve_cluster(args: ServeArgs) -> anyhow::Result<()> {
             pvc_root: args.pvc_root.clone(),
         },
         downloads: weir_agent::cluster::fetch::Downloads::new(weir_agent::hub::Hub::from_env()),
+        drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
+        beat_now: Arc::default(),
     };
     tracing::info!(node = %config.node_name, endpoint = %config.endpoint, "cluster mode");
+    let stop = {
+        let (state, beat_now, timeout) =
+            (state.clone(), config.beat_now.clone(), config.drain_timeout);
+        async move {
+            shutdown::signal().await;
+            shutdown::drain_all(&state, Some(&beat_now), timeout).await;
+        }
+    };
     tokio::spawn(weir_agent::cluster::run(client, config, state.clone()));
-    weir_agent::http::serve(listener, state)
+    weir_agent::http::serve(listener, state, stop)
         .await
         .context("HTTP server")
 }

@@ -122,6 +122,8 @@ async fn heartbeat_applies_status_with_endpoint_and_ready_condition() {
         downloads: weir_agent::cluster::fetch::Downloads::new(weir_agent::hub::Hub::new(
             "http://127.0.0.1:9",
         )),
+        drain_timeout: std::time::Duration::from_secs(30),
+        beat_now: Default::default(),
     };
     let state = AppState::new(ModelRegistry::default());
     let states = ModelStates::default();

@@ -41,6 +41,10 @@ pub struct ClusterConfig {
     pub roots: SourceRoots,
     /// Downloads of `hf://` sources.
     pub downloads: fetch::Downloads,
+    /// Bound on draining an unassigned model (or the agent on SIGTERM).
+    pub drain_timeout: Duration,
+    /// Wakes the heartbeat to report a change at once (a drain starting).
+    pub beat_now: Arc<tokio::sync::Notify>,
 }
 
 /// Errors of cluster mode.
@@ -152,7 +156,10 @@ pub async fn run(client: kube::Client, config: ClusterConfig, state: AppState) {
         async move {
             let mut tick = tokio::time::interval(config.heartbeat);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = config.beat_now.notified() => {}
+                }
                 let observed = *generation.read().unwrap_or_else(|p| p.into_inner());
                 if let Err(e) = heartbeat(&client, &config, &state, &states, observed).await {
                     tracing::warn!(error = %e, "heartbeat");
@@ -287,10 +294,12 @@ pub async fn sync(
     if spec.draining {
         desired.clear();
     }
+    // A model draining is on its way out: assigned again, it loads afresh.
     let loaded: BTreeMap<String, ModelSpec> = {
         let models = state.models.read().unwrap_or_else(|p| p.into_inner());
         models
             .iter()
+            .filter(|m| !m.drain.is_draining())
             .map(|m| (m.name.clone(), m.spec.clone()))
             .chain(models.encoders().map(|e| (e.name.clone(), e.spec.clone())))
             .collect()
@@ -301,18 +310,44 @@ pub async fn sync(
         .unwrap_or_else(|p| p.into_inner())
         .retain(|name, _| assigned.contains(&name.as_str()));
     for action in plan::plan(&loaded, &desired) {
-        apply(state, states, action).await;
+        apply(config, state, states, action).await;
     }
 }
 
-async fn apply(state: &AppState, states: &ModelStates, action: SyncAction) {
-    match action {
-        SyncAction::Unload(name) => {
-            let mut models = state.models.write().unwrap_or_else(|p| p.into_inner());
-            models.remove(&name);
-            models.remove_encoder(&name);
+/// Takes `name` out of service: an encoder at once; a generator reported
+/// `Unloading` by a heartbeat now, then drained (its requests in flight
+/// finish within the drain timeout) and only then removed.
+fn unload(config: &ClusterConfig, state: &AppState, name: &str) {
+    let model = {
+        let mut models = state.models.write().unwrap_or_else(|p| p.into_inner());
+        if models.remove_encoder(name).is_some() {
             tracing::info!(model = %name, "unloaded");
         }
+        models.get(name)
+    };
+    let Some(model) = model else { return };
+    model.drain.begin();
+    config.beat_now.notify_one();
+    let (models, timeout) = (state.models.clone(), config.drain_timeout);
+    tokio::spawn(async move {
+        let drained = model.drain.run(timeout).await;
+        let removed = models
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove_this(&model);
+        tracing::info!(
+            model = %model.name,
+            in_flight = drained.in_flight,
+            aborted = drained.aborted,
+            removed,
+            "drained and unloaded"
+        );
+    });
+}
+
+async fn apply(config: &ClusterConfig, state: &AppState, states: &ModelStates, action: SyncAction) {
+    match action {
+        SyncAction::Unload(name) => unload(config, state, &name),
         SyncAction::UpdatePolicies(spec) => {
             let mut models = state.models.write().unwrap_or_else(|p| p.into_inner());
             if let Some(current) = models.get(&spec.name) {

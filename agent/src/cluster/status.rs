@@ -104,6 +104,14 @@ pub fn build(
                 waiting: 0,
                 weights_bytes: None,
             });
+        if model.drain.is_draining() {
+            entry.phase = ModelPhase::Unloading;
+            entry.reason = Some("Draining".into());
+            entry.message = Some(format!(
+                "taken out of service; {} requests in flight",
+                model.drain.in_flight()
+            ));
+        }
         entry.kv_cache_usage = snap.kv_usage;
         entry.running = snap.running as u32;
         entry.waiting = snap.waiting as u32;
@@ -127,11 +135,14 @@ pub fn build(
         .filter(|m| m.phase == ModelPhase::Failed)
         .map(|m| m.served_name.as_str())
         .collect();
+    let serving = state.ready.load(std::sync::atomic::Ordering::Acquire);
     let ready = Condition {
         type_: "Ready".into(),
-        status: "True".into(),
-        reason: "Heartbeat".into(),
-        message: if failed.is_empty() {
+        status: if serving { "True" } else { "False" }.into(),
+        reason: if serving { "Heartbeat" } else { "ShuttingDown" }.into(),
+        message: if !serving {
+            "agent is stopping: draining its models".into()
+        } else if failed.is_empty() {
             "agent is serving".into()
         } else {
             format!("agent is serving; failed models: {}", failed.join(", "))

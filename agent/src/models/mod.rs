@@ -2,6 +2,7 @@
 //! engine, the built-in standalone model, and the registry the server looks
 //! names up in.
 
+pub mod drain;
 mod encoder;
 
 pub use encoder::{MAX_INPUTS, MAX_WAITING, ServedEncoder};
@@ -59,6 +60,8 @@ pub struct ServedModel {
     pub semantic: Option<Arc<SemanticIndex>>,
     /// Bytes of the weight files (reported for the GPU memory estimate).
     pub weights_bytes: u64,
+    /// Whether it is being taken out of service, and its requests in flight.
+    pub drain: Arc<drain::Drain>,
 }
 
 /// A model to load: where, under what name, with which settings.
@@ -188,6 +191,7 @@ impl ServedModel {
             coalescer: Arc::new(Coalescer::new(
                 spec.cache.coalescing.max_subscribers as usize,
             )),
+            drain: Arc::default(),
         })
     }
 
@@ -232,6 +236,7 @@ impl ServedModel {
             coalescer: Arc::new(Coalescer::new(
                 spec.cache.coalescing.max_subscribers as usize,
             )),
+            drain: self.drain.clone(),
         }
     }
 }
@@ -316,6 +321,19 @@ impl ModelRegistry {
     /// Removes a generator; requests in flight keep their handle and finish.
     pub fn remove(&mut self, name: &str) -> Option<Arc<ServedModel>> {
         self.models.remove(name)
+    }
+
+    /// Removes `model` if it is still the one served under its name (not
+    /// replaced by a newer load meanwhile).
+    pub fn remove_this(&mut self, model: &Arc<ServedModel>) -> bool {
+        let same = self
+            .models
+            .get(&model.name)
+            .is_some_and(|m| Arc::ptr_eq(&m.drain, &model.drain));
+        if same {
+            self.models.remove(&model.name);
+        }
+        same
     }
 
     /// Removes an encoder.

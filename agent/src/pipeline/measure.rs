@@ -2,7 +2,9 @@
 //! inter-token latency, end-to-end latency and outcome, the queue timeout
 //! (no first token in time: a 429 error event), and the circuit breaker's
 //! record. Admission permits live as long as the stream, so a client that
-//! goes away frees its place and its KV blocks at once.
+//! goes away frees its place and its KV blocks at once. The stream counts
+//! as in flight for the model's drain, and ends with a 503 error event if
+//! the drain times out before it finishes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,9 +16,12 @@ use crate::api::ApiError;
 use crate::generate::{GenEvent, GenStream};
 use crate::metrics::{Metrics, ModelLabel, OutcomeLabel};
 use crate::models::ServedModel;
+use crate::models::drain::InFlight;
 
 struct Watch {
     events: GenStream,
+    _in_flight: InFlight,
+    aborted: tokio::sync::watch::Receiver<bool>,
     metrics: Metrics,
     model: Arc<ServedModel>,
     _permits: Vec<Permit>,
@@ -101,6 +106,8 @@ pub fn instrument(
     let start = Instant::now();
     let watch = Watch {
         events,
+        _in_flight: model.drain.enter(),
+        aborted: model.drain.aborted(),
         metrics: metrics.clone(),
         model,
         _permits: permits,
@@ -113,22 +120,20 @@ pub fn instrument(
         if w.done {
             return None;
         }
-        let next = match w.deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline.into(), w.events.next()).await
-            {
-                Ok(next) => next,
-                Err(_) => {
-                    let err = ApiError::Overloaded {
-                        message: format!(
-                            "no capacity within the queue timeout of {:?}",
-                            timeout_of(&w)
-                        ),
-                        retry_after: Duration::from_secs(1),
-                    };
-                    Some(GenEvent::error(&err))
-                }
-            },
-            None => w.events.next().await,
+        let next = tokio::select! {
+            biased;
+            next = next_event(&mut w.events, w.deadline, &w.model) => next,
+            _ = w.aborted.wait_for(|aborted| *aborted) => {
+                let err = ApiError::Unavailable {
+                    message: format!(
+                        "model `{}` was taken out of service on this agent before the answer \
+                         finished; retry",
+                        w.model.name
+                    ),
+                    retry_after: Duration::from_secs(1),
+                };
+                Some(GenEvent::error(&err))
+            }
         };
         let event = next?;
         w.observe(&event);
@@ -136,6 +141,27 @@ pub fn instrument(
     }))
 }
 
-fn timeout_of(w: &Watch) -> Duration {
-    w.model.admission.queue_timeout()
+/// The next event, or a 429 error event when no first token came before
+/// `deadline`.
+async fn next_event(
+    events: &mut GenStream,
+    deadline: Option<Instant>,
+    model: &ServedModel,
+) -> Option<GenEvent> {
+    let Some(deadline) = deadline else {
+        return events.next().await;
+    };
+    match tokio::time::timeout_at(deadline.into(), events.next()).await {
+        Ok(next) => next,
+        Err(_) => {
+            let err = ApiError::Overloaded {
+                message: format!(
+                    "no capacity within the queue timeout of {:?}",
+                    model.admission.queue_timeout()
+                ),
+                retry_after: Duration::from_secs(1),
+            };
+            Some(GenEvent::error(&err))
+        }
+    }
 }

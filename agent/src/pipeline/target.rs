@@ -1,7 +1,9 @@
 //! Step 1, resolving the target: the body's `model` names an ensemble, a
 //! model served here, or a model a peer serves. Ensembles are looked up
 //! by name before the body is parsed in full, so that a body meant for an
-//! external member passes on as the client wrote it.
+//! external member passes on as the client wrote it. A model being taken
+//! out of service here ([`crate::models::drain`]) goes to a peer that
+//! serves it, or is refused as retryable (503 with `Retry-After`).
 
 use std::sync::Arc;
 
@@ -90,5 +92,20 @@ pub fn resolve(ctx: &Context<'_>, incoming: &Incoming) -> Result<Target, ApiErro
         return Ok(Target::Peer(request));
     }
     let model = ctx.model(request.model())?;
+    if model.drain.is_draining() {
+        // Taken out of service here: a peer answers, else the client retries.
+        if !ctx.peers.serving(&model.name).is_empty()
+            && !crate::route::forward::was_forwarded(&incoming.headers)
+        {
+            return Ok(Target::Peer(request));
+        }
+        return Err(ApiError::Unavailable {
+            message: format!(
+                "model `{}` is being taken out of service on this agent; retry",
+                model.name
+            ),
+            retry_after: std::time::Duration::from_secs(1),
+        });
+    }
     Ok(Target::Local(model, request))
 }
