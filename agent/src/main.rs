@@ -214,6 +214,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             peers,
             state.http.clone(),
             period,
+            state.api_key.clone(),
         );
     }
     let timeout = std::time::Duration::from_secs(args.drain_timeout);

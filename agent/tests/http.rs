@@ -312,6 +312,42 @@ async fn overload_is_answered_429_with_retry_after_never_a_hang() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_shed_in_the_queue_is_a_429_not_a_200() {
+    let mut batch = BatchPolicySpec {
+        max_num_seqs: 1,
+        ..Default::default()
+    };
+    batch.queue.timeout_seconds = 1;
+    let base = start(batch).await;
+    let client = reqwest::Client::new();
+    // One long answer holds the only slot for well over the queue timeout.
+    let mut long = chat("hold the slot", 1800);
+    long["ignore_eos"] = json!(true);
+    long["n"] = json!(2);
+    let holder = {
+        let (client, url) = (client.clone(), format!("{base}/v1/chat/completions"));
+        tokio::spawn(async move { client.post(url).json(&long).send().await.unwrap().status() })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut body = chat("wait in line", 4);
+    body["stream"] = json!(true);
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry = r.headers().get("retry-after").cloned();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, 429, "shed before its first token: {text}");
+    assert!(retry.is_some(), "429 without Retry-After");
+    let error: Value = serde_json::from_str(&text).expect("an OpenAI error body, not SSE");
+    assert!(error["error"]["message"].as_str().unwrap().contains("queue timeout"));
+    assert_eq!(holder.await.unwrap().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_streams_all_complete() {
     let base = start(BatchPolicySpec::default()).await;
     let client = reqwest::Client::new();

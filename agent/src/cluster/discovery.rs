@@ -88,6 +88,12 @@ pub async fn run(client: kube::Client, me: String, state: AppState) {
             Duration::from_secs(45),
         ));
         let models = models.state();
+        state.peers.declare(
+            models
+                .iter()
+                .map(|m| m.spec.served_name.clone().unwrap_or_else(|| m.name_any()))
+                .collect(),
+        );
         let mut resolved = Vec::new();
         for e in ensembles.state() {
             let ns = e.namespace().unwrap_or_default();

@@ -120,7 +120,18 @@ impl AppState {
         prefix: &str,
     ) -> Response {
         let prefix = crate::route::prefix_hash(prefix);
-        match forward::to_peer(&self.http, &self.peers, model, path, headers, body, prefix).await {
+        let head = forward::head_timeout(false);
+        let forwarded = forward::to_peer(
+            &self.http,
+            &self.peers,
+            model,
+            path,
+            headers,
+            body,
+            prefix,
+            head,
+        );
+        match forwarded.await {
             Ok(relayed) => respond::relay(relayed),
             Err(e) => e.into_response(),
         }

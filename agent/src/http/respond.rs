@@ -9,7 +9,9 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
 use super::render::{self, Shape};
-use crate::generate::{self, GenStream};
+use futures::StreamExt;
+
+use crate::generate::{self, GenEvent, GenStream};
 use crate::pipeline::validate::ResponseMeta;
 use crate::pipeline::{Outcome, Reply};
 use crate::route::forward::Relayed;
@@ -47,14 +49,25 @@ pub fn relay(relayed: Relayed) -> Response {
     response
 }
 
-/// Renders events as SSE or as one JSON body.
+/// Renders events as SSE or as one JSON body. A stream's head waits for
+/// its first event, so that a request shed before its first token (queue
+/// timeout, engine refusal) is answered with its own status and
+/// `Retry-After` rather than a 200 and an error event.
 async fn render_events(
     meta: ResponseMeta,
     shape: Shape,
     stream: bool,
-    events: GenStream,
+    mut events: GenStream,
 ) -> Response {
     if stream {
+        let first = match events.next().await {
+            Some(GenEvent::Error { status, body }) => return error_response(status, body),
+            Some(first) => first,
+            None => GenEvent::error(&crate::api::ApiError::Internal(
+                "the generation ended without an event".into(),
+            )),
+        };
+        let events: GenStream = Box::pin(futures::stream::once(async { first }).chain(events));
         let body = render::sse(meta, shape, events);
         return Sse::new(body)
             .keep_alive(KeepAlive::default())
@@ -65,17 +78,20 @@ async fn render_events(
             Shape::Chat => Json(render::chat_body(&meta, &generation)).into_response(),
             Shape::Completion => Json(render::completion_body(&meta, &generation)).into_response(),
         },
-        Err((status, body)) => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut response = (status, Json(body)).into_response();
-            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE
-            {
-                response.headers_mut().insert(
-                    axum::http::header::RETRY_AFTER,
-                    axum::http::HeaderValue::from_static("1"),
-                );
-            }
-            response
-        }
+        Err((status, body)) => error_response(status, body),
     }
+}
+
+/// An error event as a whole response: its status, its OpenAI body, and
+/// `Retry-After` when retrying helps.
+fn error_response(status: u16, body: serde_json::Value) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, Json(body)).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+    }
+    response
 }

@@ -191,6 +191,7 @@ async fn to_peer(
         &incoming.headers,
         incoming.body,
         prefix,
+        forward::head_timeout(request.stream()),
     )
     .await?;
     Ok(Outcome {

@@ -49,6 +49,15 @@ impl GenerationRequest {
         }
     }
 
+    /// Whether the client asked for SSE.
+    pub fn stream(&self) -> bool {
+        match self {
+            Self::Chat(r) => r.sampling.stream,
+            Self::Completion(r) => r.sampling.stream,
+        }
+        .unwrap_or(false)
+    }
+
     /// The text a peer replica is chosen by: the first message or prompt,
     /// so that requests sharing a prefix meet its cached KV blocks.
     pub fn routing_prefix(&self) -> String {

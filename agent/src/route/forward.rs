@@ -1,14 +1,22 @@
 //! Passing a request on over HTTP: to a peer that serves its model (the
 //! replica chosen by [`super::order`]) or to an ensemble's external
 //! endpoint, and the answer back as a [`Relayed`] stream, unchanged.
+//!
+//! Bounded in time: a peer must send its answer's head within
+//! [`head_timeout`] (short for streams, whose head comes at once; long for
+//! whole answers, which come when generated) or the next replica is tried,
+//! as after any failure before a byte came back; after the head, a gap of
+//! [`IDLE_TIMEOUT`] between chunks ends the answer (SSE keep-alives come
+//! every 15 s). A stream that breaks or stalls ends with an OpenAI error
+//! event and `[DONE]`, never a truncated body.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
 use http::HeaderMap;
 
 use super::FORWARDED;
@@ -24,6 +32,15 @@ const KEEP: [&str; 4] = [
     "x-weir-cache",
     "x-weir-coalesced",
 ];
+
+/// Longest gap between two chunks of a relayed answer.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a peer may take to send its answer's head: 10 s for a stream,
+/// 300 s for a whole answer.
+pub fn head_timeout(stream: bool) -> Duration {
+    Duration::from_secs(if stream { 10 } else { 300 })
+}
 
 /// An answer from elsewhere, passed on as it arrives.
 pub struct Relayed {
@@ -41,8 +58,11 @@ pub fn was_forwarded(headers: &HeaderMap) -> bool {
 }
 
 /// Forwards `body` to a ready peer serving `model`, trying the next replica
-/// when one cannot be reached. A request already forwarded once is not
-/// forwarded again (the model is then not found).
+/// when one fails before answering (unreachable, dead pooled connection, no
+/// head within `head_timeout`). A model that exists without a ready replica
+/// is 503 with `Retry-After`; one nobody knows is 404, as is a request
+/// already forwarded once.
+#[allow(clippy::too_many_arguments)]
 pub async fn to_peer(
     client: &reqwest::Client,
     table: &PeerTable,
@@ -51,10 +71,15 @@ pub async fn to_peer(
     headers: &HeaderMap,
     body: Bytes,
     prefix: u64,
+    head_timeout: Duration,
 ) -> Result<Relayed, ApiError> {
     let replicas: Vec<Peer> = table.serving(model);
     if replicas.is_empty() || was_forwarded(headers) {
-        return Err(ApiError::ModelNotFound(model.to_owned()));
+        return Err(if table.is_known(model) {
+            no_replica(model, "no replica is ready now")
+        } else {
+            ApiError::ModelNotFound(model.to_owned())
+        });
     }
     let loads: Vec<(String, usize)> = replicas
         .iter()
@@ -74,26 +99,26 @@ pub async fn to_peer(
         }
         let counter = table.counter(url);
         counter.fetch_add(1, Ordering::AcqRel);
-        match request.send().await {
-            Ok(answer) => return Ok(relay(answer, Some(counter))),
-            Err(e) if e.is_connect() || e.is_timeout() => {
-                counter.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!(peer = %url, error = %e, "peer unreachable; trying the next replica");
-                last_error = e.to_string();
-            }
-            Err(e) => {
-                counter.fetch_sub(1, Ordering::AcqRel);
-                return Err(ApiError::Unavailable {
-                    message: format!("forwarding to {url}: {e}"),
-                    retry_after: Duration::from_secs(1),
-                });
-            }
-        }
+        let failure = match tokio::time::timeout(head_timeout, request.send()).await {
+            Ok(Ok(answer)) => return Ok(relay(answer, Some(counter))),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {head_timeout:?}"),
+        };
+        counter.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(peer = %url, error = %failure, "peer failed before answering; trying the next replica");
+        last_error = format!("{url}: {failure}");
     }
-    Err(ApiError::Unavailable {
-        message: format!("no replica of `{model}` could be reached: {last_error}"),
+    Err(no_replica(
+        model,
+        &format!("no replica could be reached ({last_error})"),
+    ))
+}
+
+fn no_replica(model: &str, why: &str) -> ApiError {
+    ApiError::Unavailable {
+        message: format!("model `{model}` is unavailable: {why}; retry shortly"),
         retry_after: Duration::from_secs(1),
-    })
+    }
 }
 
 /// Posts `body` to an external OpenAI-compatible endpoint (`url` ends in
@@ -121,33 +146,80 @@ pub async fn to_external(
 /// The answer as a [`Relayed`]; the peer's in-flight count (if any) drops
 /// when the body has been passed on or the client went away.
 fn relay(answer: reqwest::Response, counter: Option<Arc<AtomicUsize>>) -> Relayed {
-    struct Release(Option<Arc<AtomicUsize>>);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            if let Some(counter) = &self.0 {
-                counter.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-    }
-    let headers = answer
+    let headers: Vec<(String, Vec<u8>)> = answer
         .headers()
         .iter()
         .filter(|(name, _)| KEEP.contains(&name.as_str()))
         .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
         .collect();
+    let sse = headers
+        .iter()
+        .any(|(n, v)| n == "content-type" && v.starts_with(b"text/event-stream"));
     let status = answer.status().as_u16();
-    let release = Release(counter);
-    let body = answer
-        .bytes_stream()
-        .map_err(std::io::Error::other)
-        .map_ok(move |chunk| {
-            let _keep = &release;
-            chunk
-        })
-        .boxed();
+    let state = Relay {
+        body: answer.bytes_stream().boxed(),
+        sse,
+        at_boundary: true,
+        done: false,
+        _release: Release(counter),
+    };
+    let body = futures::stream::unfold(state, |mut r| async move {
+        if r.done {
+            return None;
+        }
+        let failure = match tokio::time::timeout(IDLE_TIMEOUT, r.body.next()).await {
+            Ok(Some(Ok(chunk))) => {
+                r.at_boundary = chunk.ends_with(b"\n\n") || (chunk.is_empty() && r.at_boundary);
+                return Some((Ok(chunk), r));
+            }
+            Ok(None) => return None,
+            Ok(Some(Err(e))) => e.to_string(),
+            Err(_) => format!("no data for {IDLE_TIMEOUT:?}"),
+        };
+        r.done = true;
+        tracing::warn!(error = %failure, "a relayed answer broke off");
+        if r.sse {
+            Some((Ok(broken_stream_end(&failure, r.at_boundary)), r))
+        } else {
+            Some((Err(std::io::Error::other(failure)), r))
+        }
+    })
+    .boxed();
     Relayed {
         status,
         headers,
         body,
     }
+}
+
+/// A relayed body as it is being passed on.
+struct Relay {
+    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    sse: bool,
+    /// Whether what was passed on ends between two events.
+    at_boundary: bool,
+    done: bool,
+    _release: Release,
+}
+
+/// Drops a peer's in-flight count with the relay.
+struct Release(Option<Arc<AtomicUsize>>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if let Some(counter) = &self.0 {
+            counter.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The end of an SSE stream whose source broke off: an OpenAI error event
+/// and `[DONE]`, after a blank line if the source stopped inside an event.
+fn broken_stream_end(why: &str, at_boundary: bool) -> Bytes {
+    let error = ApiError::Unavailable {
+        message: format!("the replica answering this stream failed: {why}; retry"),
+        retry_after: Duration::from_secs(1),
+    };
+    let gap = if at_boundary { "" } else { "\n\n" };
+    Bytes::from(format!("{gap}data: {}\n\ndata: [DONE]\n\n", error.body()))
 }

@@ -2,9 +2,13 @@
 //! built from a static list of peer URLs, each asked for `/v1/models` on an
 //! interval; in cluster mode from the NodeAgents' status (endpoint, models
 //! Ready, heartbeat). A peer that does not answer, or whose heartbeat is
-//! stale, is not ready and never receives traffic.
+//! stale, is not ready and never receives traffic. The table also knows
+//! which models exist without a ready replica (declared by Model objects in
+//! cluster mode, or seen on a peer in the last [`SEEN_FOR`]), so that a
+//! request for one is told to retry (503) rather than that it does not
+//! exist (404).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -21,27 +25,63 @@ pub struct Peer {
     pub ready: bool,
 }
 
+/// How long a model seen on a peer is still known after it was last seen.
+pub const SEEN_FOR: Duration = Duration::from_secs(600);
+
 /// The peers an agent can forward to, with in-flight counts for bounded
 /// load.
 #[derive(Debug, Default)]
 pub struct PeerTable {
     peers: RwLock<BTreeMap<String, Peer>>,
     in_flight: RwLock<BTreeMap<String, Arc<std::sync::atomic::AtomicUsize>>>,
+    declared: RwLock<BTreeSet<String>>,
+    seen: RwLock<BTreeMap<String, Instant>>,
 }
 
 impl PeerTable {
     /// Replaces the whole table (cluster mode).
     pub fn replace(&self, peers: Vec<Peer>) {
+        self.saw(&peers);
         let mut table = self.peers.write().unwrap_or_else(|p| p.into_inner());
         *table = peers.into_iter().map(|p| (p.url.clone(), p)).collect();
     }
 
     /// Sets one peer's entry (standalone polling).
     pub fn upsert(&self, peer: Peer) {
+        self.saw(std::slice::from_ref(&peer));
         self.peers
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(peer.url.clone(), peer);
+    }
+
+    fn saw(&self, peers: &[Peer]) {
+        let now = Instant::now();
+        let mut seen = self.seen.write().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, at| now.duration_since(*at) < SEEN_FOR);
+        for model in peers.iter().filter(|p| p.ready).flat_map(|p| &p.models) {
+            seen.insert(model.clone(), now);
+        }
+    }
+
+    /// Sets the models that exist in the cluster (served names of the
+    /// Model objects), whether or not a replica is ready.
+    pub fn declare(&self, models: BTreeSet<String>) {
+        *self.declared.write().unwrap_or_else(|p| p.into_inner()) = models;
+    }
+
+    /// Whether `model` exists somewhere even if no replica is ready now.
+    pub fn is_known(&self, model: &str) -> bool {
+        self.declared
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(model)
+            || self
+                .seen
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(model)
+                .is_some_and(|at| at.elapsed() < SEEN_FOR)
     }
 
     /// Ready peers serving `model`, by URL.
@@ -78,30 +118,38 @@ impl PeerTable {
 }
 
 /// Polls each static peer's `/v1/models` every `period`, marking a peer not
-/// ready when it does not answer within `timeout`.
+/// ready when it does not answer within `timeout`. Peers are asked with
+/// `api_key`, the agent's own key (peers of one deployment share it).
 pub fn poll_static(
     table: Arc<PeerTable>,
     urls: Vec<String>,
     client: reqwest::Client,
     period: Duration,
+    api_key: Option<Arc<str>>,
 ) {
     let timeout = Duration::from_secs(2).min(period);
     for url in urls {
-        let (table, client) = (table.clone(), client.clone());
+        let (table, client, key) = (table.clone(), client.clone(), api_key.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
                 let started = Instant::now();
-                let answer = client
+                let mut ask = client
                     .get(format!("{url}/v1/models"))
                     .header(super::FORWARDED, "1")
-                    .timeout(timeout)
-                    .send()
-                    .await;
+                    .timeout(timeout);
+                if let Some(key) = &key {
+                    ask = ask.bearer_auth(key);
+                }
+                let answer = ask.send().await;
                 let models = match answer {
                     Ok(r) if r.status().is_success() => r.json::<ModelList>().await.ok(),
-                    _ => None,
+                    Ok(r) => {
+                        tracing::warn!(peer = %url, status = %r.status(), "peer refused the model list");
+                        None
+                    }
+                    Err(_) => None,
                 };
                 let ready = models.is_some();
                 let models = models
