@@ -261,23 +261,18 @@ impl<'a> Round<'a> {
         let mut reasons = Vec::new();
         let tolerations = taints::with_defaults(&model.tolerations);
         while (placed.nodes.len() as u32) < model.replicas {
-            let holds = |n: &NodeView| {
-                placed.nodes.contains(&n.name) || placed.leaving.iter().any(|(l, _)| *l == n.name)
-            };
+            let leaving = |n: &NodeView| placed.leaving.iter().find(|(l, _)| *l == n.name);
             let nodes: &'a [NodeView] = self.nodes;
             let mut candidates: Vec<&'a NodeView> = nodes
                 .iter()
-                .filter(|n| !holds(n))
-                .filter(|n| match unfit(model, n) {
-                    Some(why) => {
-                        reasons.push(why);
-                        false
-                    }
-                    None if fits(self.free.get(n.name.as_str()), model) => true,
-                    None => {
-                        reasons.push(capacity_reason(model, n, self.free.get(n.name.as_str())));
-                        false
-                    }
+                .filter(|n| !placed.nodes.contains(&n.name))
+                .filter(|n| {
+                    let free = self.free.get(n.name.as_str());
+                    let why = leaving(n)
+                        .map(|(_, why)| why.clone())
+                        .or_else(|| unfit(model, n))
+                        .or_else(|| (!fits(free, model)).then(|| capacity_reason(model, n, free)));
+                    why.map(|why| reasons.push(why)).is_none()
                 })
                 .collect();
             candidates.sort_by_key(|n| {
