@@ -248,8 +248,24 @@ impl Sim {
 
 const MAINTENANCE: &str = "maintenance";
 
-fn scenario() -> impl Strategy<Value = (usize, Vec<(u32, u32, bool)>, Vec<usize>, Vec<usize>, i64)>
-{
+/// A generated scenario.
+#[derive(Clone, Debug)]
+struct Scenario {
+    /// Nodes (two GPUs each; odd ones labelled `zone=x`).
+    nodes: usize,
+    /// Per model: replicas, maxUnavailable, whether its selector changes
+    /// to `zone=x`.
+    models: Vec<(u32, u32, bool)>,
+    /// Nodes drained (the last node is tainted instead).
+    drained: Vec<usize>,
+    /// Rounds a new replica takes to report Ready, used in turn.
+    delays: Vec<usize>,
+    /// `tolerationSeconds` of the `maintenance` NoExecute taint (one
+    /// round is one second).
+    toleration: i64,
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
     (
         3usize..8,
         prop::collection::vec((1u32..4, 0u32..3, any::<bool>()), 1..4),
@@ -257,22 +273,29 @@ fn scenario() -> impl Strategy<Value = (usize, Vec<(u32, u32, bool)>, Vec<usize>
         prop::collection::vec(0usize..5, 1..6),
         2i64..10,
     )
+        .prop_map(|(nodes, models, drained, delays, toleration)| Scenario {
+            nodes,
+            models,
+            drained,
+            delays,
+            toleration,
+        })
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
-
-    #[test]
-    fn voluntary_moves_keep_enough_replicas_ready_and_finish(
-        (count, specs, drained, delays, toleration) in scenario()
-    ) {
-        let mut nodes: Vec<NodeView> = (0..count).map(|i| node(&format!("n{i}"), 2)).collect();
-        for (i, n) in nodes.iter_mut().enumerate() {
-            if i % 2 == 1 {
-                n.labels.insert("zone".into(), "x".into());
-            }
-        }
-        let models: Vec<ModelDemand> = specs
+impl Sim {
+    /// Round 0 of `s`: every replica placed and Ready.
+    fn start(s: &Scenario) -> Self {
+        let nodes: Vec<NodeView> = (0..s.nodes)
+            .map(|i| {
+                let mut n = node(&format!("n{i}"), 2);
+                if i % 2 == 1 {
+                    n.labels.insert("zone".into(), "x".into());
+                }
+                n
+            })
+            .collect();
+        let models: Vec<ModelDemand> = s
+            .models
             .iter()
             .enumerate()
             .map(|(i, (replicas, max_unavailable, _))| {
@@ -281,80 +304,112 @@ proptest! {
                     key: Some(MAINTENANCE.into()),
                     operator: Some("Exists".into()),
                     effect: Some("NoExecute".into()),
-                    toleration_seconds: Some(toleration),
+                    toleration_seconds: Some(s.toleration),
                     value: None,
                 }];
                 m
             })
             .collect();
-        let mut sim = Sim { nodes, models, current: BTreeMap::new(), ready_at: BTreeMap::new() };
-        // Round 0: placed and Ready at once.
+        let mut sim = Sim {
+            nodes,
+            models,
+            current: BTreeMap::new(),
+            ready_at: BTreeMap::new(),
+        };
         let out = place_at(&sim.nodes, &sim.models, &sim.current, at(0));
         sim.apply(&out, 0, &[0]);
-        for v in sim.ready_at.values_mut() {
-            *v = 0;
+        sim.ready_at.values_mut().for_each(|v| *v = 0);
+        sim
+    }
+
+    /// Round 1's changes: drains, a `maintenance` NoExecute taint added at
+    /// 1 s on the last node, selector changes. Returns the tainted node.
+    fn disrupt(&mut self, s: &Scenario) -> String {
+        let last = self.nodes.len() - 1;
+        for d in s.drained.iter().filter(|d| **d < last) {
+            self.nodes[*d].draining = true;
         }
-        // Round 1: drains, a maintenance NoExecute taint tolerated for
-        // `toleration` seconds on the last node, and selector changes.
-        for d in &drained {
-            let last = sim.nodes.len() - 1;
-            if *d < last {
-                sim.nodes[*d].draining = true;
-            }
-        }
-        let tainted = sim.nodes.len() - 1;
-        sim.nodes[tainted].taints = vec![Taint {
+        self.nodes[last].taints = vec![Taint {
             key: MAINTENANCE.into(),
             effect: "NoExecute".into(),
             value: None,
             time_added: Some(Time(at(1))),
         }];
-        for (m, (_, _, picky)) in sim.models.iter_mut().zip(&specs) {
+        for (m, (_, _, picky)) in self.models.iter_mut().zip(&s.models) {
             if *picky {
                 m.node_selector.insert("zone".into(), "x".into());
             }
         }
-        let deadline = 1 + toleration as usize;
+        self.nodes[last].name.clone()
+    }
+
+    /// The invariants of one round's outcome for `m` (round `r`; the
+    /// tainted node's deadline is `deadline`).
+    fn check(
+        &self,
+        m: &ModelDemand,
+        placed: &Placed,
+        r: usize,
+        tainted: &str,
+        deadline: usize,
+    ) -> Result<(), TestCaseError> {
+        let before = self.current.get(&m.key).cloned().unwrap_or_default();
+        let after = &placed.nodes;
+        // Forced: from the deadline on nothing stays on the tainted node.
+        if r >= deadline {
+            prop_assert!(!after.iter().any(|n| n == tainted), "round {r}: {placed:?}");
+        }
+        // Nothing new goes to a draining node.
+        for n in after.iter().filter(|n| !before.contains(n)) {
+            let v = self.nodes.iter().find(|x| &x.name == n).unwrap();
+            prop_assert!(!v.draining, "new replica on draining {n}");
+        }
+        // Voluntary: Ready replicas never drop below the floor (what the
+        // forced deadline took aside).
+        let lost: Vec<String> = before.iter().filter(|n| *n == tainted).cloned().collect();
+        let forced = if r == deadline {
+            self.ready(&m.key, &lost)
+        } else {
+            0
+        };
+        let budget = if placed.unplaced.is_some() {
+            m.max_unavailable.max(1)
+        } else {
+            m.max_unavailable
+        };
+        let floor = m.replicas.saturating_sub(budget);
+        let was = self.ready(&m.key, &before) - forced;
+        let now = self.ready(&m.key, after);
+        prop_assert!(
+            now >= was.min(floor),
+            "round {r}, {}: ready {now} < min({was}, {floor}); before {before:?}, after {placed:?}",
+            m.key
+        );
+        for (n, _) in &placed.leaving {
+            prop_assert!(after.contains(n), "a held leaving replica keeps its entry");
+        }
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn voluntary_moves_keep_enough_replicas_ready_and_finish(s in scenario()) {
+        let mut sim = Sim::start(&s);
+        let tainted = sim.disrupt(&s);
+        let deadline = 1 + s.toleration as usize;
         let rounds = deadline + 12;
         for r in 1..=rounds {
             sim.observe(r);
             let out = place_at(&sim.nodes, &sim.models, &sim.current, at(r as i64));
             for m in &sim.models {
-                let placed = &out[&m.key];
-                let before = sim.current.get(&m.key).cloned().unwrap_or_default();
-                let after = &placed.nodes;
-                // Forced: past the deadline nothing stays on the tainted node.
-                if r >= deadline {
-                    prop_assert!(!after.contains(&sim.nodes[tainted].name), "round {r}: {placed:?}");
-                }
-                // Nothing new goes to a node it must leave.
-                for n in after.iter().filter(|n| !before.contains(n)) {
-                    let v = sim.nodes.iter().find(|x| &x.name == n).unwrap();
-                    prop_assert!(!v.draining, "new replica on draining {n}");
-                }
-                // Voluntary: ready replicas never drop below the floor
-                // (what was lost to the forced deadline aside).
-                let forced: u32 = if r == deadline {
-                    sim.ready(&m.key, &before.iter().filter(|n| **n == sim.nodes[tainted].name).cloned().collect::<Vec<_>>())
-                } else {
-                    0
-                };
-                let budget = if placed.unplaced.is_some() { m.max_unavailable.max(1) } else { m.max_unavailable };
-                let floor = m.replicas.saturating_sub(budget);
-                let was = sim.ready(&m.key, &before) - forced;
-                prop_assert!(
-                    sim.ready(&m.key, after) >= was.min(floor),
-                    "round {r}, {}: ready {} < min({was}, {floor}); before {before:?}, after {placed:?}",
-                    m.key, sim.ready(&m.key, after)
-                );
-                // Leaving replicas are still held only while needed.
-                for (n, _) in &placed.leaving {
-                    prop_assert!(after.contains(n));
-                }
+                sim.check(m, &out[&m.key], r, &tainted, deadline)?;
             }
-            sim.apply(&out, r, &delays);
+            sim.apply(&out, r, &s.delays);
         }
-        // Eventually: every leaving replica has gone, unless no replacement
+        // Eventually every leaving replica has gone, unless no replacement
         // could be placed (then the model is short and says so).
         sim.observe(rounds + 1);
         let last = place_at(&sim.nodes, &sim.models, &sim.current, at(rounds as i64 + 1));
