@@ -1,7 +1,8 @@
 //! The operator's writes, all by server-side apply: each Model's entries in
 //! NodeAgent specs (what each node serves) under that Model's own field
-//! manager, and Model, policy and NodeAgent statuses under the operator's;
-//! plus events that explain decisions. Unchanged objects are not written.
+//! manager, Model, policy and NodeAgent statuses under the operator's, and
+//! the NodeAgent `Drained` condition under [`DRAIN_MANAGER`]; plus events
+//! that explain decisions. Unchanged objects are not written.
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};

@@ -12,7 +12,7 @@
 //! loaded nodes. Deterministic: ties break by node name. Assumption: a GPU
 //! holds one replica (no GPU sharing between models).
 //!
-//! Moves come in two kinds ([`moves`]). *Forced*: the node or its agent is
+//! Moves come in two kinds (`placement/moves.rs`, [`verdict`]). *Forced*: the node or its agent is
 //! gone or not ready, the model failed there, or a `NoExecute` taint is not
 //! tolerated at all or past its `tolerationSeconds` — the replica goes at
 //! once. *Voluntary*: the node is draining, a `NoExecute` taint is
@@ -20,7 +20,7 @@
 //! matches — the replica is *leaving*: it keeps its GPUs, does not count
 //! toward the wanted replicas, a replacement is placed elsewhere, and it
 //! goes only once enough replicas report Ready (make before break, at most
-//! `maxUnavailable` down at a time; see [`moves::release`]).
+//! `maxUnavailable` down at a time; see [`release`]).
 //!
 //! A round runs three passes over the models in key order: keep (classify
 //! each current replica, reserve GPUs for the kept and the leaving), add

@@ -7,8 +7,12 @@
 //!   the nodes (placement is global and stable, so this Model's result is
 //!   what its own reconcile would have produced in any order), write this
 //!   Model's entry into the NodeAgents that should serve it and take it off
-//!   the others, then write its status. Requeued every interval, so load
-//!   and heartbeats are re-evaluated.
+//!   the others, then write its status. Voluntary moves (drains,
+//!   `NoExecute` taints with time left, selector changes) keep the old
+//!   entry until the replacement's NodeAgent reports the model Ready
+//!   ([`crate::placement`]); the status names the replicas still leaving.
+//!   Requeued every interval, so load, heartbeats and `NoExecute`
+//!   deadlines are re-evaluated.
 //! - **Cleanup** (the Model is being deleted): take its entries off every
 //!   NodeAgent, record `Unassigned`, and only then release the finalizer; a
 //!   failed write keeps the Model and retries with backoff.
