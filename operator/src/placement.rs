@@ -12,10 +12,10 @@
 //! loaded nodes. Deterministic: ties break by node name. Assumption: a GPU
 //! holds one replica (no GPU sharing between models).
 //!
-//! Moves come in two kinds (`placement/moves.rs`, [`verdict`]). *Forced*: the node or its agent is
-//! gone or not ready, the model failed there, or a `NoExecute` taint is not
-//! tolerated at all or past its `tolerationSeconds` — the replica goes at
-//! once. *Voluntary*: the node is draining, a `NoExecute` taint is
+//! Moves come in two kinds (`placement/moves.rs`, [`verdict`]). *Forced*:
+//! the node or its agent is gone or not ready, the model failed there, or
+//! a `NoExecute` taint is not tolerated at all or past its
+//! `tolerationSeconds` — the replica goes at once. *Voluntary*: the node is draining, a `NoExecute` taint is
 //! tolerated for a while only (time left), or the node selector no longer
 //! matches — the replica is *leaving*: it keeps its GPUs, does not count
 //! toward the wanted replicas, a replacement is placed elsewhere, and it
