@@ -151,6 +151,15 @@ pub struct ReplicaPolicy {
     #[serde(default = "default_scale_down_window")]
     #[schemars(range(min = 0, max = 86400))]
     pub scale_down_stabilization_seconds: u32,
+    /// Most replicas that may be unavailable at once while replicas move
+    /// voluntarily (a drain, a `NoExecute` taint tolerated for a while, a
+    /// node selector that no longer matches). With 0, the default, each
+    /// replacement is placed first and the old replica goes only once the
+    /// replacement reports Ready; when no replacement can be placed, one
+    /// replica at a time goes first, so that a drain still finishes.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_unavailable: u32,
 }
 
 impl Default for ReplicaPolicy {
@@ -163,6 +172,7 @@ impl Default for ReplicaPolicy {
             target_kv_cache_usage: default_target_kv_cache_usage(),
             scale_up_stabilization_seconds: default_scale_up_window(),
             scale_down_stabilization_seconds: default_scale_down_window(),
+            max_unavailable: 0,
         }
     }
 }

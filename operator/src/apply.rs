@@ -1,7 +1,8 @@
 //! The operator's writes, all by server-side apply: each Model's entries in
 //! NodeAgent specs (what each node serves) under that Model's own field
-//! manager, and Model, policy and NodeAgent statuses under the operator's;
-//! plus events that explain decisions. Unchanged objects are not written.
+//! manager, Model, policy and NodeAgent statuses under the operator's, and
+//! the NodeAgent `Drained` condition under [`DRAIN_MANAGER`]; plus events
+//! that explain decisions. Unchanged objects are not written.
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
@@ -83,21 +84,38 @@ pub async fn model_status(
     Ok(true)
 }
 
-/// Sets one condition of a NodeAgent's status (the operator owns only that
-/// entry of the condition list; the agent keeps its own).
+/// Field manager of the operator's `Drained` condition on NodeAgents. It
+/// is not [`FIELD_MANAGER`], which owns the `Heartbeat` condition: each
+/// apply of a manager's conditions releases the ones it leaves out, so
+/// each operator-owned condition has a manager of its own.
+pub const DRAIN_MANAGER: &str = "weir-operator/drain";
+
+/// Sets (`Some`) or removes (`None`) the NodeAgent status conditions that
+/// `manager` owns (the condition list is a map keyed by `type`: the agent
+/// keeps its own entries, and other managers theirs).
 pub async fn agent_condition(
     client: &kube::Client,
     agent: &NodeAgent,
-    condition: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+    manager: &str,
+    condition: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 ) -> Result<(), kube::Error> {
     let api: Api<NodeAgent> = Api::all(client.clone());
+    // Applying no conditions releases (and so removes) the ones it owned.
+    let status = match condition {
+        Some(c) => json!({"conditions": [c]}),
+        None => json!({}),
+    };
     let patch = json!({
         "apiVersion": "weir.dev/v1alpha1",
         "kind": "NodeAgent",
-        "status": {"conditions": [condition]},
+        "status": status,
     });
-    api.patch_status(&agent.name_any(), &params(), &Patch::Apply(patch))
-        .await?;
+    api.patch_status(
+        &agent.name_any(),
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@ pub mod api_check;
 pub mod apply;
 pub mod autoscale;
 pub mod controller;
+pub mod drain;
 pub mod http;
 pub mod leader;
 pub mod metrics;

@@ -1,19 +1,33 @@
 //! Placement: which nodes serve which model replicas.
 //!
 //! Guarantees: a new replica is only placed on a ready node whose labels
-//! match the model's node selector, that is not cordoned, whose taints
-//! allow it (Kubernetes semantics, see [`crate::taints`]) and that has
-//! enough free GPUs of enough memory; nodes with untolerated
+//! match the model's node selector, that is not cordoned or draining, whose
+//! taints allow it (Kubernetes semantics, see [`crate::taints`]) and that
+//! has enough free GPUs of enough memory; nodes with untolerated
 //! `PreferNoSchedule` taints come last; one replica per node per model;
 //! placement is stable — a replica on a node that is still valid stays
 //! there, so a round with nothing changed moves nothing; `NoSchedule`
-//! taints and cordons never move a replica; replicas on lost, unready or
-//! no-longer-matching nodes, nodes where the model failed, or nodes with a
-//! `NoExecute` taint not tolerated (or past its `tolerationSeconds`) are
-//! moved; scale-down drops the replicas on the most loaded nodes first,
-//! scale-up picks the least loaded nodes.
-//! Deterministic: ties break by node name. Assumption: a GPU holds one
-//! replica (no GPU sharing between models).
+//! taints and cordons never move a replica; scale-down keeps the replicas
+//! that report Ready first, then by node name; scale-up picks the least
+//! loaded nodes. Deterministic: ties break by node name. Assumption: a GPU
+//! holds one replica (no GPU sharing between models).
+//!
+//! Moves come in two kinds (`placement/moves.rs`, [`verdict`]). *Forced*:
+//! the node or its agent is gone or not ready, the model failed there, or
+//! a `NoExecute` taint is not tolerated at all or past its
+//! `tolerationSeconds` — the replica goes at once. *Voluntary*: the node is draining, a `NoExecute` taint is
+//! tolerated for a while only (time left), or the node selector no longer
+//! matches — the replica is *leaving*: it keeps its GPUs, does not count
+//! toward the wanted replicas, a replacement is placed elsewhere, and it
+//! goes only once enough replicas report Ready (make before break, at most
+//! `maxUnavailable` down at a time; see [`release`]).
+//!
+//! A round runs three passes over the models in key order: keep (classify
+//! each current replica, reserve GPUs for the kept and the leaving), add
+//! (replacements and scale-up on the least loaded fitting nodes), release
+//! (which leaving replicas may go now).
+
+mod moves;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,6 +35,8 @@ use k8s_openapi::api::core::v1::{Taint, Toleration};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::taints;
+
+pub use moves::{Verdict, release, verdict};
 
 /// A node as placement sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,12 +49,24 @@ pub struct NodeView {
     pub taints: Vec<Taint>,
     /// Cordoned (`spec.unschedulable`).
     pub unschedulable: bool,
+    /// A drain was asked for (`weir.dev/drain`): no new replicas go there
+    /// and its replicas leave voluntarily.
+    pub draining: bool,
     /// Memory of each GPU in bytes (empty: a CPU node).
     pub gpu_memory: Vec<u64>,
     /// Whether its agent heartbeats and is Ready.
     pub ready: bool,
     /// Served names that failed to load there.
     pub failed: BTreeSet<String>,
+    /// Served names its agent reports Ready (serving traffic).
+    pub serving: BTreeSet<String>,
+}
+
+impl NodeView {
+    /// Whether this node's replica of `served` reports Ready.
+    pub fn serves(&self, served: &str) -> bool {
+        self.ready && self.serving.contains(served)
+    }
 }
 
 /// A model as placement sees it.
@@ -50,6 +78,9 @@ pub struct ModelDemand {
     pub served_name: String,
     /// Replicas wanted.
     pub replicas: u32,
+    /// Most replicas that may be unavailable at once during voluntary
+    /// moves (`replicas.maxUnavailable`).
+    pub max_unavailable: u32,
     /// GPUs per replica (0: CPU).
     pub gpus: u32,
     /// GPU memory one replica needs on each of its GPUs, in bytes.
@@ -63,10 +94,17 @@ pub struct ModelDemand {
 /// The outcome for one model.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Placed {
-    /// Nodes serving a replica.
+    /// Every node that holds the model's entry after this round: kept
+    /// replicas, new ones and leaving ones still needed.
     pub nodes: Vec<String>,
     /// Why fewer replicas than wanted were placed.
     pub unplaced: Option<String>,
+    /// Leaving replicas kept this round until enough others report Ready:
+    /// (node, why it leaves).
+    pub leaving: Vec<(String, String)>,
+    /// Set when a Ready leaving replica went this round with no Ready
+    /// replacement because none could be placed (break before make).
+    pub unreplaced: Option<String>,
 }
 
 /// Kubernetes toleration semantics for one taint.
@@ -74,14 +112,19 @@ pub fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
     taints::tolerates(tolerations, taint)
 }
 
-/// Why `node` cannot host `model` for reasons other than its taints.
-fn unfit_base(model: &ModelDemand, node: &NodeView) -> Option<String> {
+/// Why a replica of `model` cannot be on `node` at all: the agent is not
+/// ready or the model failed there (a forced move).
+pub fn gone(model: &ModelDemand, node: &NodeView) -> Option<String> {
     if !node.ready {
         return Some(format!("node {} is not ready", node.name));
     }
-    if node.failed.contains(&model.served_name) {
-        return Some(format!("the model failed to load on {}", node.name));
-    }
+    node.failed
+        .contains(&model.served_name)
+        .then(|| format!("the model failed to load on {}", node.name))
+}
+
+/// Why `node`'s labels do not match `model`'s node selector, if they do not.
+pub fn selector_mismatch(model: &ModelDemand, node: &NodeView) -> Option<String> {
     model
         .node_selector
         .iter()
@@ -92,28 +135,18 @@ fn unfit_base(model: &ModelDemand, node: &NodeView) -> Option<String> {
 /// Why `node` cannot take a new replica of `model`, or `None` if it can
 /// (capacity aside).
 pub fn unfit(model: &ModelDemand, node: &NodeView) -> Option<String> {
-    unfit_base(model, node).or_else(|| {
-        let tolerations = taints::with_defaults(&model.tolerations);
-        let taints = taints::effective_taints(&node.taints, node.unschedulable);
-        taints::blocks_new(&tolerations, &taints).map(|why| format!("node {} has {why}", node.name))
-    })
-}
-
-/// Why a replica of `model` already on `node` must move at `now`, or `None`
-/// if it stays (capacity aside). Cordons and `NoSchedule` taints never
-/// move it.
-pub fn must_move(model: &ModelDemand, node: &NodeView, now: Timestamp) -> Option<String> {
-    unfit_base(model, node).or_else(|| {
-        let tolerations = taints::with_defaults(&model.tolerations);
-        taints::eviction_time(&tolerations, &node.taints, now)
-            .filter(|at| *at <= now)
-            .map(|_| {
-                format!(
-                    "node {} has a NoExecute taint the model no longer tolerates",
-                    node.name
-                )
-            })
-    })
+    gone(model, node)
+        .or_else(|| selector_mismatch(model, node))
+        .or_else(|| {
+            node.draining
+                .then(|| format!("node {} is draining", node.name))
+        })
+        .or_else(|| {
+            let tolerations = taints::with_defaults(&model.tolerations);
+            let taints = taints::effective_taints(&node.taints, node.unschedulable);
+            taints::blocks_new(&tolerations, &taints)
+                .map(|why| format!("node {} has {why}", node.name))
+        })
 }
 
 /// Places every model now. `current` is the previous assignment
@@ -134,87 +167,130 @@ pub fn place_at(
     current: &BTreeMap<String, Vec<String>>,
     now: Timestamp,
 ) -> BTreeMap<String, Placed> {
-    // Free GPUs per node, as memory sizes; replicas kept first, then new ones.
-    let mut free: BTreeMap<&str, Vec<u64>> = nodes
-        .iter()
-        .map(|n| (n.name.as_str(), n.gpu_memory.clone()))
-        .collect();
-    let by_name: BTreeMap<&str, &NodeView> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let mut load: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut out: BTreeMap<String, Placed> = BTreeMap::new();
+    let mut round = Round::new(nodes);
     let mut ordered: Vec<&ModelDemand> = models.iter().collect();
     ordered.sort_by(|a, b| a.key.cmp(&b.key));
-    // Pass 1: keep valid replicas (up to the wanted count, least loaded nodes kept).
+    let mut out: BTreeMap<String, Placed> = BTreeMap::new();
     for model in &ordered {
-        let mut kept = Vec::new();
-        let mut previous: Vec<&String> = current
-            .get(&model.key)
-            .map(|v| v.iter().collect())
-            .unwrap_or_default();
-        previous.sort();
-        for name in previous {
-            if kept.len() as u32 >= model.replicas {
-                break;
-            }
-            let Some(node) = by_name.get(name.as_str()) else {
-                continue;
-            };
-            if must_move(model, node, now).is_none()
-                && take_gpus(free.get_mut(name.as_str()), model)
-            {
-                *load.entry(node.name.as_str()).or_default() += 1;
-                kept.push(name.clone());
-            }
-        }
-        out.insert(
-            model.key.clone(),
-            Placed {
-                nodes: kept,
-                unplaced: None,
-            },
-        );
+        let previous = current.get(&model.key).map_or(&[][..], Vec::as_slice);
+        out.insert(model.key.clone(), round.keep(model, previous, now));
     }
-    // Pass 2: add replicas on the least loaded fitting nodes.
     for model in &ordered {
         let placed = out
             .get_mut(&model.key)
-            .expect("every model has an entry from pass 1");
+            .expect("every model has an entry from the keep pass");
+        round.add(model, placed);
+    }
+    for model in &ordered {
+        let placed = out
+            .get_mut(&model.key)
+            .expect("every model has an entry from the keep pass");
+        release(model, &round.by_name, placed);
+    }
+    out
+}
+
+/// The state of one placement round: free GPUs and replicas per node.
+struct Round<'a> {
+    nodes: &'a [NodeView],
+    by_name: BTreeMap<&'a str, &'a NodeView>,
+    /// Free GPUs per node, as memory sizes.
+    free: BTreeMap<&'a str, Vec<u64>>,
+    /// Replicas (of any model) per node.
+    load: BTreeMap<&'a str, usize>,
+}
+
+impl<'a> Round<'a> {
+    fn new(nodes: &'a [NodeView]) -> Self {
+        Self {
+            nodes,
+            by_name: nodes.iter().map(|n| (n.name.as_str(), n)).collect(),
+            free: nodes
+                .iter()
+                .map(|n| (n.name.as_str(), n.gpu_memory.clone()))
+                .collect(),
+            load: BTreeMap::new(),
+        }
+    }
+
+    /// Reserves GPUs on `node` for a replica of `model`; false if they are
+    /// not free.
+    fn reserve(&mut self, model: &ModelDemand, node: &'a NodeView) -> bool {
+        let taken = take_gpus(self.free.get_mut(node.name.as_str()), model);
+        if taken {
+            *self.load.entry(node.name.as_str()).or_default() += 1;
+        }
+        taken
+    }
+
+    /// Pass 1: the model's current replicas that stay (up to the wanted
+    /// count, Ready ones first) and those that leave, each with its GPUs
+    /// reserved. Forced moves, and replicas whose GPUs are no longer free,
+    /// are dropped.
+    fn keep(&mut self, model: &ModelDemand, previous: &[String], now: Timestamp) -> Placed {
+        let mut previous: Vec<&String> = previous.iter().collect();
+        let serves = |n: &String| {
+            self.by_name
+                .get(n.as_str())
+                .is_some_and(|v| v.serves(&model.served_name))
+        };
+        previous.sort_by_key(|n| (!serves(n), n.as_str()));
+        previous.dedup();
+        let mut placed = Placed::default();
+        for name in previous {
+            let node = self.by_name.get(name.as_str()).copied();
+            match (verdict(model, node, name, now), node) {
+                (Verdict::Stays, Some(node))
+                    if (placed.nodes.len() as u32) < model.replicas
+                        && self.reserve(model, node) =>
+                {
+                    placed.nodes.push(name.clone());
+                }
+                (Verdict::Leaves(why), Some(node)) if self.reserve(model, node) => {
+                    placed.leaving.push((name.clone(), why));
+                }
+                _ => {}
+            }
+        }
+        placed
+    }
+
+    /// Pass 2: adds replicas on the least loaded fitting nodes until the
+    /// model has the wanted count besides its leaving replicas.
+    fn add(&mut self, model: &ModelDemand, placed: &mut Placed) {
         let mut reasons = Vec::new();
+        let tolerations = taints::with_defaults(&model.tolerations);
         while (placed.nodes.len() as u32) < model.replicas {
-            let mut candidates: Vec<&NodeView> = nodes
+            let leaving = |n: &NodeView| placed.leaving.iter().find(|(l, _)| *l == n.name);
+            let nodes: &'a [NodeView] = self.nodes;
+            let mut candidates: Vec<&'a NodeView> = nodes
                 .iter()
                 .filter(|n| !placed.nodes.contains(&n.name))
-                .filter(|n| match unfit(model, n) {
-                    Some(why) => {
-                        reasons.push(why);
-                        false
-                    }
-                    None if fits(free.get(n.name.as_str()), model) => true,
-                    None => {
-                        reasons.push(capacity_reason(model, n, free.get(n.name.as_str())));
-                        false
-                    }
+                .filter(|n| {
+                    let free = self.free.get(n.name.as_str());
+                    let why = leaving(n)
+                        .map(|(_, why)| why.clone())
+                        .or_else(|| unfit(model, n))
+                        .or_else(|| (!fits(free, model)).then(|| capacity_reason(model, n, free)));
+                    why.map(|why| reasons.push(why)).is_none()
                 })
                 .collect();
-            let tolerations = taints::with_defaults(&model.tolerations);
             candidates.sort_by_key(|n| {
                 (
                     taints::soft_penalty(&tolerations, &n.taints),
-                    load.get(n.name.as_str()).copied().unwrap_or(0),
+                    self.load.get(n.name.as_str()).copied().unwrap_or(0),
                     n.name.clone(),
                 )
             });
-            let Some(node) = candidates.first() else {
+            let Some(node) = candidates.first().copied() else {
                 placed.unplaced = Some(unplaced_reason(model, placed.nodes.len(), &reasons));
                 break;
             };
-            take_gpus(free.get_mut(node.name.as_str()), model);
-            *load.entry(node.name.as_str()).or_default() += 1;
+            self.reserve(model, node);
             placed.nodes.push(node.name.clone());
         }
         placed.nodes.sort();
     }
-    out
 }
 
 fn fits(free: Option<&Vec<u64>>, model: &ModelDemand) -> bool {
@@ -295,9 +371,11 @@ mod tests {
             labels: BTreeMap::from([("gpu".into(), "h100".into())]),
             taints: vec![],
             unschedulable: false,
+            draining: false,
             gpu_memory: gpus.iter().map(|g| g * GIB).collect(),
             ready: true,
             failed: BTreeSet::new(),
+            serving: BTreeSet::new(),
         }
     }
 
@@ -306,6 +384,7 @@ mod tests {
             key: key.into(),
             served_name: key.into(),
             replicas,
+            max_unavailable: 0,
             gpus,
             memory_per_gpu: gib_per_gpu * GIB,
             node_selector: BTreeMap::new(),
@@ -444,9 +523,11 @@ mod props {
                     )]),
                     taints: vec![],
                     unschedulable: false,
+                    draining: false,
                     gpu_memory: gpus.iter().map(|g| g * GIB).collect(),
                     ready,
                     failed: BTreeSet::new(),
+                    serving: BTreeSet::new(),
                 })
                 .collect()
         })
@@ -470,6 +551,7 @@ mod props {
                     key: format!("m{i}"),
                     served_name: format!("m{i}"),
                     replicas,
+                    max_unavailable: 0,
                     gpus,
                     memory_per_gpu: mem * GIB,
                     node_selector: if picky {

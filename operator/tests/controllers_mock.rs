@@ -8,7 +8,8 @@
 //! naming a missing BatchPolicy gets a condition and an event naming it; a
 //! deleted Model is unassigned before its finalizer goes; a stale agent is
 //! marked and gets no work; an ensemble is weighted at once, then each
-//! interval or when a member's availability changes.
+//! interval or when a member's availability changes. Drains are in
+//! `drain_mock.rs`.
 
 mod mock_api;
 

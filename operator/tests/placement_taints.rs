@@ -22,9 +22,11 @@ fn node(name: &str) -> NodeView {
         labels: BTreeMap::new(),
         taints: vec![],
         unschedulable: false,
+        draining: false,
         gpu_memory: vec![80 << 30],
         ready: true,
         failed: BTreeSet::new(),
+        serving: BTreeSet::new(),
     }
 }
 
@@ -33,6 +35,7 @@ fn model(replicas: u32) -> ModelDemand {
         key: "ns/m".into(),
         served_name: "m".into(),
         replicas,
+        max_unavailable: 0,
         gpus: 1,
         memory_per_gpu: 20 << 30,
         node_selector: BTreeMap::new(),
@@ -109,15 +112,16 @@ fn the_lifecycle_controllers_no_schedule_taints_move_nothing() {
 fn unreachable_no_execute_moves_after_the_default_300_s() {
     let mut nodes = vec![node("a"), node("b")];
     nodes[0].taints = vec![taint(UNREACHABLE, "NoExecute", Some(0))];
+    nodes[0].serving.insert("m".into());
     assert_eq!(
         placed(&nodes, &model(1), &on(&["a"]), 299),
-        vec!["a"],
-        "within 300 s it stays"
+        vec!["a", "b"],
+        "within 300 s it stays while its replacement loads"
     );
     assert_eq!(
-        placed(&nodes, &model(1), &on(&["a"]), 300),
+        placed(&nodes, &model(1), &on(&["a", "b"]), 300),
         vec!["b"],
-        "then it moves"
+        "then it goes, replacement Ready or not"
     );
     nodes[0].taints = vec![taint(NOT_READY, "NoExecute", Some(0))];
     assert_eq!(placed(&nodes, &model(1), &on(&["a"]), 301), vec!["b"]);
@@ -140,8 +144,25 @@ fn no_execute_honours_the_models_toleration_seconds() {
         toleration_seconds: Some(60),
         value: None,
     }];
-    assert_eq!(placed(&nodes, &m, &on(&["a"]), 59), vec!["a"]);
-    assert_eq!(placed(&nodes, &m, &on(&["a"]), 60), vec!["b"]);
+    // Time left: the replacement is placed now, the old replica (which
+    // serves) kept until the replacement reports Ready ...
+    nodes[0].serving.insert("m".into());
+    let out = place_at(&nodes, std::slice::from_ref(&m), &on(&["a"]), at(10));
+    assert_eq!(out["ns/m"].nodes, vec!["a", "b"]);
+    assert!(
+        out["ns/m"].leaving[0].1.contains("tolerates until"),
+        "{out:?}"
+    );
+    assert_eq!(placed(&nodes, &m, &on(&["a", "b"]), 59), vec!["a", "b"]);
+    nodes[1].serving.insert("m".into());
+    assert_eq!(
+        placed(&nodes, &m, &on(&["a", "b"]), 20),
+        vec!["b"],
+        "... and then it goes"
+    );
+    // ... or at the deadline, whether the replacement is Ready or not.
+    nodes[1].serving.clear();
+    assert_eq!(placed(&nodes, &m, &on(&["a", "b"]), 60), vec!["b"]);
     m.tolerations[0].toleration_seconds = None;
     assert_eq!(
         placed(&nodes, &m, &on(&["a"]), 100_000),

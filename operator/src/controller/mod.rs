@@ -9,7 +9,8 @@
 //!   spec and its status, and explains decisions with events. Cleanup takes
 //!   its entries off every NodeAgent before the finalizer is released.
 //! - **NodeAgent** ([`node_agent`]): marks agents whose heartbeat went
-//!   stale, and clears the mark when they report again.
+//!   stale, and clears the mark when they report again; reports drains
+//!   asked for with `weir.dev/drain` in a `Drained` condition.
 //! - **ModelEnsemble** ([`ensemble`]): reweights members from
 //!   collected figures each reweighting interval.
 //! - **CachePolicy / BatchPolicy** ([`policy`]): count the Models using

@@ -7,8 +7,12 @@
 //!   the nodes (placement is global and stable, so this Model's result is
 //!   what its own reconcile would have produced in any order), write this
 //!   Model's entry into the NodeAgents that should serve it and take it off
-//!   the others, then write its status. Requeued every interval, so load
-//!   and heartbeats are re-evaluated.
+//!   the others, then write its status. Voluntary moves (drains,
+//!   `NoExecute` taints with time left, selector changes) keep the old
+//!   entry until the replacement's NodeAgent reports the model Ready
+//!   ([`crate::placement`]); the status names the replicas still leaving.
+//!   Requeued every interval, so load, heartbeats and `NoExecute`
+//!   deadlines are re-evaluated.
 //! - **Cleanup** (the Model is being deleted): take its entries off every
 //!   NodeAgent, record `Unassigned`, and only then release the finalizer; a
 //!   failed write keeps the Model and retries with backoff.
@@ -32,7 +36,7 @@ use super::{Context, Error, observe};
 use crate::autoscale;
 use crate::placement::{self, ModelDemand, NodeView};
 use crate::scrape::ModelFigures;
-use crate::{apply, world};
+use crate::{apply, drain, world};
 
 /// Finalizer that holds a deleted Model until its replicas are unassigned.
 pub const MODEL_FINALIZER: &str = "weir.dev/unassign";
@@ -87,6 +91,7 @@ fn node_view(
         unschedulable: node
             .and_then(|n| n.spec.as_ref()?.unschedulable)
             .unwrap_or(false),
+        draining: drain::requested(agent, node.map(|n| n.as_ref())),
         gpu_memory: status
             .map(|s| s.gpus.iter().map(|g| g.memory_total_bytes).collect())
             .unwrap_or_default(),
@@ -101,6 +106,15 @@ fn node_view(
                     .collect()
             })
             .unwrap_or_default(),
+        serving: status
+            .map(|s| {
+                s.models
+                    .iter()
+                    .filter(|m| m.phase == weir_crds::node_agent::ModelPhase::Ready)
+                    .map(|m| m.served_name.clone())
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -110,6 +124,7 @@ fn demand(model: &Model, replicas: u32, weights: u64) -> ModelDemand {
         key: key(model),
         served_name: world::served_name(model),
         replicas,
+        max_unavailable: model.spec.replicas.max_unavailable,
         gpus,
         memory_per_gpu: if weights == 0 {
             0
@@ -262,13 +277,40 @@ async fn decide(
     let mut placed = placement::place_at(&views, &demands, current, now);
     decision.placed = placed.remove(&me).unwrap_or_default();
     if decision.problem.is_none() {
-        decision.problem = decision
-            .placed
-            .unplaced
-            .clone()
-            .map(|why| ("Unplaced".to_owned(), why));
+        decision.problem = placement_problem(&decision.placed);
     }
     decision
+}
+
+/// The Model's problem from its placement: a replica that went before its
+/// replacement was Ready (`MovedBeforeReplacement`), or too few replicas
+/// placed (`Unplaced`).
+fn placement_problem(placed: &placement::Placed) -> Option<(String, String)> {
+    match (&placed.unreplaced, &placed.unplaced) {
+        (Some(early), Some(why)) => {
+            Some(("MovedBeforeReplacement".into(), format!("{early}; {why}")))
+        }
+        (Some(early), None) => Some(("MovedBeforeReplacement".into(), early.clone())),
+        (None, Some(why)) => Some(("Unplaced".into(), why.clone())),
+        (None, None) => None,
+    }
+}
+
+/// What the Model's condition and `Placed` event say about replicas that
+/// are leaving (kept until their replacements report Ready).
+fn moving_note(placed: &placement::Placed) -> Option<String> {
+    if placed.leaving.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = placed
+        .leaving
+        .iter()
+        .map(|(node, why)| format!("{node} ({why})"))
+        .collect();
+    Some(format!(
+        "moving off {}: kept until replacements report Ready",
+        list.join(", ")
+    ))
 }
 
 async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
@@ -360,13 +402,20 @@ async fn write_status(
         ctx.stale_after,
         d.problem.as_ref().map(|(r, m)| (r.as_str(), m.clone())),
     );
+    let mut status = status;
+    if let (Some(note), Some(c)) = (moving_note(&d.placed), status.common.conditions.first_mut()) {
+        c.message = format!("{}; {note}", c.message);
+    }
     let result = apply::model_status(&ctx.client, model, &status).await;
     ctx.metrics.record("Model", &result);
     if result? {
         if let Some((reason, message)) = &d.problem {
             apply::event(&ctx.client, model, true, reason, message.clone()).await;
         } else if model.status.as_ref().map(|s| &s.nodes) != Some(&d.placed.nodes) {
-            let note = format!("replicas on {:?}", d.placed.nodes);
+            let mut note = format!("replicas on {:?}", d.placed.nodes);
+            if let Some(moving) = moving_note(&d.placed) {
+                note = format!("{note}; {moving}");
+            }
             apply::event(&ctx.client, model, false, "Placed", note).await;
         }
     }

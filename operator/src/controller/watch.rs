@@ -1,7 +1,7 @@
 //! The operator's shared view of the cluster: one reflector per watched
 //! kind, and two change signals derived from them. `world` fires when
-//! something placement depends on changes (a Node's labels or taints, a
-//! NodeAgent's assignments, GPUs, endpoint, loaded models or readiness, a
+//! something placement depends on changes (a Node's labels, taints or drain
+//! annotation, a NodeAgent's drain annotation, assignments, GPUs, endpoint, loaded models or readiness, a
 //! policy); heartbeat-only NodeAgent updates do not fire it, so agents
 //! reporting every few seconds do not re-run every Model's reconcile.
 //! `models` fires on any Model change (policy counts and ensembles follow
@@ -73,8 +73,9 @@ fn hash_of(value: &impl Hash) -> u64 {
     h.finish()
 }
 
-/// A Node as placement sees it: labels, taints and cordon.
+/// A Node as placement sees it: labels, taints, cordon and drain.
 fn node_fingerprint(node: &Node) -> Option<u64> {
+    let drain = node.annotations().get(crate::drain::DRAIN_ANNOTATION);
     let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable);
     let taints = node
         .spec
@@ -85,12 +86,13 @@ fn node_fingerprint(node: &Node) -> Option<u64> {
                 .map(|t| (t.key.clone(), t.value.clone(), t.effect.clone()))
                 .collect::<Vec<_>>()
         });
-    Some(hash_of(&(node.labels(), taints, cordoned)))
+    Some(hash_of(&(node.labels(), taints, cordoned, drain)))
 }
 
 /// A NodeAgent as placement and routing see it: everything but the
-/// heartbeat time and load figures.
+/// heartbeat time and load figures, plus the drain annotation.
 fn agent_fingerprint(agent: &NodeAgent) -> Option<u64> {
+    let drain = agent.annotations().get(crate::drain::DRAIN_ANNOTATION);
     let spec = serde_json::to_string(&agent.spec).unwrap_or_default();
     let status = agent.status.as_ref().map(|s| {
         let models: Vec<String> = s
@@ -107,7 +109,7 @@ fn agent_fingerprint(agent: &NodeAgent) -> Option<u64> {
             .collect();
         (models, gpus, conditions, s.endpoint.clone())
     });
-    Some(hash_of(&(spec, status)))
+    Some(hash_of(&(spec, status, drain)))
 }
 
 /// Reflects `api` into a store; the stream yields `()` for each change

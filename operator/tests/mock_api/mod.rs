@@ -1,7 +1,8 @@
 //! A mocked Kubernetes API server (`tower-test`) for the controller tests:
 //! it records every call and keeps the objects it was sent, merging each
-//! field manager's NodeAgent `spec.models` entries as server-side apply
-//! merges a map list; plus caches the tests control and object builders.
+//! field manager's NodeAgent `spec.models` entries and `status.conditions`
+//! entries as server-side apply merges a map list; plus caches the tests
+//! control and object builders.
 
 #![allow(dead_code)]
 use std::collections::HashMap;
@@ -65,6 +66,41 @@ pub fn apply_entries(object: &mut Value, owned: &mut Vec<String>, patch: &Value)
         }
     }
     *owned = names;
+}
+
+/// Server-side apply of one manager's NodeAgent `status.conditions` (a map
+/// list keyed by `type`): conditions it applied before and omits now go;
+/// other managers' conditions stay.
+pub fn apply_conditions(object: &mut Value, owned: &mut Vec<String>, patch: &Value) {
+    let sent: Vec<Value> = patch["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let types: Vec<String> = sent
+        .iter()
+        .map(|c| c["type"].as_str().unwrap().to_owned())
+        .collect();
+    if !object["status"].is_object() {
+        object["status"] = json!({});
+    }
+    if !object["status"]["conditions"].is_array() {
+        object["status"]["conditions"] = json!([]);
+    }
+    let conditions = object["status"]["conditions"].as_array_mut().unwrap();
+    conditions.retain(|c| {
+        let t = c["type"].as_str().unwrap().to_owned();
+        !owned.contains(&t) || types.contains(&t)
+    });
+    for condition in sent {
+        match conditions
+            .iter_mut()
+            .find(|c| c["type"] == condition["type"])
+        {
+            Some(c) => *c = condition,
+            None => conditions.push(condition),
+        }
+    }
+    *owned = types;
 }
 
 /// A mock API server; writes to paths containing `failing` answer 500.
@@ -133,6 +169,14 @@ pub fn server(
                     apply_entries(
                         object,
                         owned.entry((object_path.clone(), manager)).or_default(),
+                        &body,
+                    );
+                    object.clone()
+                }
+                (Method::PATCH, Some(object)) if path.contains("/nodeagents/") => {
+                    apply_conditions(
+                        object,
+                        owned.entry((path.clone(), manager)).or_default(),
                         &body,
                     );
                     object.clone()
