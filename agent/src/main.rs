@@ -86,6 +86,29 @@ struct ServeArgs {
     /// with an error event.
     #[arg(long, env = "WEIR_DRAIN_TIMEOUT", default_value_t = 30)]
     drain_timeout: u64,
+    /// Connections open at once (default: three quarters of the
+    /// descriptor limit, at most 16384); more are refused with a 503.
+    #[arg(long, env = "WEIR_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Connections open at once from one client address.
+    #[arg(long, env = "WEIR_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 1024)]
+    max_connections_per_client: usize,
+    /// Seconds a client has to send request headers; also the longest idle
+    /// keep-alive.
+    #[arg(long, env = "WEIR_HEADER_TIMEOUT", default_value_t = 30)]
+    header_timeout: u64,
+}
+
+impl ServeArgs {
+    fn limits(&self) -> weir_agent::http::listen::Limits {
+        let defaults = weir_agent::http::listen::Limits::default();
+        weir_agent::http::listen::Limits {
+            total: self.max_connections.unwrap_or(defaults.total),
+            per_client: self.max_connections_per_client,
+            header_read: std::time::Duration::from_secs(self.header_timeout.max(1)),
+            body_read: defaults.body_read,
+        }
+    }
 }
 
 fn default_cache() -> PathBuf {
@@ -225,7 +248,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             shutdown::drain_all(&state, None, timeout).await;
         }
     };
-    weir_agent::http::serve(listener, state, stop)
+    weir_agent::http::serve(listener, state, args.limits(), stop)
         .await
         .context("HTTP server")
 }
@@ -271,7 +294,7 @@ async fn serve_cluster(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     tokio::spawn(weir_agent::cluster::run(client, config, state.clone()));
-    weir_agent::http::serve(listener, state, stop)
+    weir_agent::http::serve(listener, state, args.limits(), stop)
         .await
         .context("HTTP server")
 }

@@ -33,6 +33,12 @@ pub enum ApiError {
     /// The body is larger than the limit (413).
     #[error("the request body is larger than {0} bytes")]
     BodyTooLarge(usize),
+    /// The request did not arrive in time (408).
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// The request's headers are too many or too large (431).
+    #[error("{0}")]
+    HeadersTooLarge(String),
     /// Overloaded: retry after the given delay (429).
     #[error("{message}")]
     Overloaded {
@@ -71,6 +77,8 @@ impl ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -80,9 +88,11 @@ impl ApiError {
     /// OpenAI's `error.type`, also the metric label.
     pub fn error_type(&self) -> &'static str {
         match self {
-            Self::InvalidRequest { .. } | Self::Unprocessable(_) | Self::BodyTooLarge(_) => {
-                "invalid_request_error"
-            }
+            Self::InvalidRequest { .. }
+            | Self::Unprocessable(_)
+            | Self::BodyTooLarge(_)
+            | Self::RequestTimeout(_)
+            | Self::HeadersTooLarge(_) => "invalid_request_error",
             Self::Unauthorized(_) => "authentication_error",
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => "not_found_error",
             Self::Overloaded { .. } => "rate_limit_error",
@@ -95,6 +105,8 @@ impl ApiError {
         match self {
             Self::ModelNotFound(_) => Some("model_not_found"),
             Self::BodyTooLarge(_) => Some("request_too_large"),
+            Self::RequestTimeout(_) => Some("request_timeout"),
+            Self::HeadersTooLarge(_) => Some("request_header_fields_too_large"),
             Self::Overloaded { .. } => Some("rate_limit_exceeded"),
             _ => None,
         }

@@ -1,13 +1,19 @@
 //! Body extractors whose rejections take OpenAI's error shape: a body over
 //! the limit is 413, malformed JSON (or invalid UTF-8) is 400, a body with
-//! wrong types or missing fields is 422 naming the field.
+//! wrong types or missing fields is 422 naming the field, a body that does
+//! not arrive within [`BODY_READ_TIMEOUT`] is 408.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use serde::de::DeserializeOwned;
 
+use super::listen::BodyDeadline;
 use crate::api::ApiError;
 use crate::api::extract::{MAX_BODY_BYTES, parse};
+
+/// Time a client has to send a whole request body, unless the server set
+/// a [`BodyDeadline`].
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `axum::Json` with OpenAI-shaped rejections.
 #[derive(Debug)]
@@ -45,7 +51,17 @@ async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Api
     if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
         return Err(ApiError::BodyTooLarge(MAX_BODY_BYTES));
     }
-    Bytes::from_request(req, state).await.map_err(|rejection| {
+    let deadline = req
+        .extensions()
+        .get::<BodyDeadline>()
+        .map_or_else(|| tokio::time::Instant::now() + BODY_READ_TIMEOUT, |d| d.0);
+    let read = tokio::time::timeout_at(deadline, Bytes::from_request(req, state));
+    let Ok(read) = read.await else {
+        return Err(ApiError::RequestTimeout(
+            "the request body did not arrive in time".into(),
+        ));
+    };
+    read.map_err(|rejection| {
         if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::BodyTooLarge(MAX_BODY_BYTES)
         } else {

@@ -10,6 +10,7 @@ pub mod chat;
 pub mod embeddings;
 pub mod error;
 pub mod extract;
+pub mod listen;
 pub mod models;
 pub mod probes;
 pub mod render;
@@ -76,7 +77,7 @@ impl AppState {
             peers: Arc::default(),
             ensembles: Arc::default(),
             http: reqwest::Client::builder()
-                .pool_idle_timeout(std::time::Duration::from_secs(90))
+                .pool_idle_timeout(std::time::Duration::from_secs(20))
                 .connect_timeout(std::time::Duration::from_secs(2))
                 .build()
                 .unwrap_or_default(),
@@ -156,19 +157,44 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(probes::metrics))
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })
         .layer(DefaultBodyLimit::max(crate::api::extract::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(limit_headers))
         .with_state(state)
 }
 
-/// Serves `router(state)` on `listener` until `stop` resolves, then stops
-/// accepting connections and waits for those open to finish.
+/// Serves `router(state)` on `listener` within `limits` until `stop`
+/// resolves, then stops accepting connections and waits for those open to
+/// finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
+    limits: listen::Limits,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop)
-        .await
+    listen::serve(listener, router(state), limits, stop).await
+}
+
+/// Most headers a request may carry.
+pub const MAX_HEADERS: usize = 100;
+/// Most bytes of headers (names and values) a request may carry.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Refuses requests with too many or too large headers (431, OpenAI's
+/// shape).
+async fn limit_headers(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = request.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return ApiError::HeadersTooLarge(format!(
+            "the request has {} headers of {bytes} bytes; the limits are {MAX_HEADERS} headers \
+             and {MAX_HEADER_BYTES} bytes",
+            headers.len()
+        ))
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// Checks `Authorization: Bearer <key>` when the agent has an API key.
