@@ -291,6 +291,11 @@ async fn a_cordon_moves_nothing_fails_nothing_and_keeps_new_replicas_off() {
         Duration::from_secs(120),
         async || {
             let s = models.get(&name).await.ok()?.status?;
+            assert!(
+                !s.nodes.contains(empty),
+                "a new replica landed on the cordoned {empty}: {:?}",
+                s.nodes
+            );
             (s.desired_replicas == 3 && s.nodes == two && s.ready_replicas == 2).then_some(s)
         },
     )
