@@ -1,8 +1,9 @@
 //! Cluster suite (runs when `KUBECONFIG` names a cluster, e.g. a bare
 //! kube-apiserver with no kubelet; skips otherwise). The operator and
 //! agents run as local processes, each agent standing for a Node the test
-//! creates. Nothing here needs a kubelet, a scheduler or a controller
-//! manager: only the API server.
+//! creates, whose kubelet stand-in keeps it Ready (so that a
+//! controller-manager, if one runs, leaves it alone). Nothing here needs a
+//! kubelet, a scheduler or a controller manager: only the API server.
 //!
 //! - Placement: a Model with two replicas lands on two NodeAgents and
 //!   reports two ready replicas; the third agent serves it by forwarding;
