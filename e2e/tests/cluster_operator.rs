@@ -1,8 +1,9 @@
 //! Cluster suite (runs when `KUBECONFIG` names a cluster, e.g. a bare
 //! kube-apiserver with no kubelet; skips otherwise). The operator and
 //! agents run as local processes, each agent standing for a Node the test
-//! creates. Nothing here needs a kubelet, a scheduler or a controller
-//! manager: only the API server.
+//! creates, whose kubelet stand-in keeps it Ready (so that a
+//! controller-manager, if one runs, leaves it alone). Nothing here needs a
+//! kubelet, a scheduler or a controller manager: only the API server.
 //!
 //! - Placement: a Model with two replicas lands on two NodeAgents and
 //!   reports two ready replicas; the third agent serves it by forwarding;
@@ -18,6 +19,7 @@
 //!   takes over. Two Models on one NodeAgent each own their entry (a field
 //!   manager per Model); deleting one takes off its entry only.
 
+#[allow(dead_code)] // each suite binary uses its own part of the harness
 mod cluster_support;
 
 use std::collections::BTreeMap;
@@ -29,20 +31,14 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use weir_crds::{ModelEnsemble, NodeAgent};
-use weir_engine::testmodel::{TinyModelSpec, write_tiny_model};
-
-fn tiny(cluster: &Cluster, name: &str, spec: &TinyModelSpec) -> String {
-    let dir = cluster.dir.path().join(name);
-    write_tiny_model(&dir, spec).unwrap();
-    format!("file://{}", dir.display())
-}
+use weir_engine::testmodel::TinyModelSpec;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_places_routes_and_moves_replicas() {
     let Some(mut cluster) = Cluster::start("place", 3).await else {
         return;
     };
-    let uri = tiny(&cluster, "tiny", &TinyModelSpec::llama());
+    let uri = cluster.tiny("tiny", &TinyModelSpec::llama());
     let _operator = cluster.operator("only");
     cluster.start_agents();
     let name = format!("e2e-{}", cluster.tag);
@@ -216,9 +212,9 @@ async fn ensembles_split_by_weight_and_reweighting_avoids_the_slow_member() {
     let Some(mut cluster) = Cluster::start("ensemble", 3).await else {
         return;
     };
-    let fast_uri = tiny(&cluster, "fast", &TinyModelSpec::llama());
+    let fast_uri = cluster.tiny("fast", &TinyModelSpec::llama());
     // Sixteen times the parameters per layer, twice the layers: slower.
-    let slow_uri = tiny(&cluster, "slow", &TinyModelSpec::small());
+    let slow_uri = cluster.tiny("slow", &TinyModelSpec::small());
     let _operator = cluster.operator("only");
     cluster.start_agents();
     let (fast, slow) = (
@@ -351,7 +347,7 @@ async fn a_sustained_queue_scales_up_to_max_and_back_down_to_min() {
     let Some(mut cluster) = Cluster::start("scale", 3).await else {
         return;
     };
-    let uri = tiny(&cluster, "tiny", &TinyModelSpec::small());
+    let uri = cluster.tiny("tiny", &TinyModelSpec::small());
     let _operator = cluster.operator("only");
     cluster.start_agents();
     let batches: Api<weir_crds::BatchPolicy> = Api::namespaced(cluster.client.clone(), "default");
@@ -469,7 +465,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     let Some(mut cluster) = Cluster::start("leader", 2).await else {
         return;
     };
-    let uri = tiny(&cluster, "tiny", &TinyModelSpec::llama());
+    let uri = cluster.tiny("tiny", &TinyModelSpec::llama());
     let mut operators = [
         Some(cluster.operator("first")),
         Some(cluster.operator("second")),

@@ -1,8 +1,14 @@
-//! Harness of the cluster suite: Nodes made for the test, agents and
-//! operators as local processes, polling helpers, and clean-up. Tests hold
-//! an exclusive file lock for their whole run, because every operator acts
-//! on every Model in the cluster: two tests' operators must never run at
-//! once (the suite may run in parallel processes under nextest).
+//! Harness of the cluster suite: Nodes made for the test (each with a
+//! kubelet stand-in, [`kubelet`]), agents and operators as local
+//! processes, polling helpers, a chat load ([`traffic`]), what a node
+//! lifecycle controller writes ([`lifecycle`]), and clean-up. Tests hold an
+//! exclusive file lock for their whole run, because every operator acts on
+//! every Model in the cluster: two tests' operators must never run at once
+//! (the suite may run in parallel processes under nextest).
+
+pub mod kubelet;
+pub mod lifecycle;
+pub mod traffic;
 
 use std::fs::File;
 use std::process::{Child, Command, Stdio};
@@ -11,11 +17,14 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use weir_crds::{Model, NodeAgent};
 use weir_e2e::cluster_client;
 use weir_e2e::process::{binary, free_port};
+use weir_engine::testmodel::{TinyModelSpec, write_tiny_model};
+
+use kubelet::Kubelet;
 
 /// A child process, killed when dropped.
 pub struct Proc(Child);
@@ -42,15 +51,37 @@ impl Drop for Proc {
     }
 }
 
-/// Polls `probe` every half second until it gives a value; fails the test
-/// after `limit`.
-pub async fn until<T>(what: &str, limit: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+/// Polls `probe` every half second until it gives a value; `None` after
+/// `limit`.
+pub async fn within<T>(limit: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = probe().await {
-            return v;
+            return Some(v);
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Polls `probe` every half second until it gives a value; fails the test
+/// after `limit`.
+pub async fn until<T>(what: &str, limit: Duration, probe: impl AsyncFnMut() -> Option<T>) -> T {
+    within(limit, probe)
+        .await
+        .unwrap_or_else(|| panic!("timed out waiting for {what} ({limit:?})"))
+}
+
+/// Checks `probe` every half second for `span`; fails the test with its
+/// message the first time it does not hold.
+pub async fn holds(what: &str, span: Duration, mut probe: impl AsyncFnMut() -> Result<(), String>) {
+    let end = Instant::now() + span;
+    while Instant::now() < end {
+        if let Err(why) = probe().await {
+            panic!("{what} stopped holding: {why}");
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -90,6 +121,8 @@ pub struct Cluster {
     pub tag: String,
     /// The Nodes this test made (one per agent).
     pub nodes: Vec<String>,
+    /// Their kubelet stand-ins, by node.
+    pub kubelets: Vec<Kubelet>,
     /// Agent processes (`None` once stopped), by node.
     pub agents: Vec<Option<Proc>>,
     /// Agent base URLs, by node.
@@ -131,21 +164,61 @@ impl Cluster {
         let tag = format!("{name}-{}", std::process::id());
         let nodes: Vec<String> = (1..=count).map(|i| format!("weir-e2e-{tag}-{i}")).collect();
         let api: Api<Node> = Api::all(client.clone());
+        let mut kubelets = Vec::new();
         for n in &nodes {
             let node: Node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": n, "labels": {"weir.dev/e2e": tag}}}))
             .unwrap();
-            api.create(&PostParams::default(), &node).await.unwrap();
+            let created = api.create(&PostParams::default(), &node).await.unwrap();
+            kubelets.push(Kubelet::start(client.clone(), &created));
         }
+        settled(&api, &tag, count).await;
         Some(Self {
             client,
             tag,
             nodes,
+            kubelets,
             agents: Vec::new(),
             urls: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
             _serial: serial,
         })
+    }
+
+    /// Writes a tiny test model named `name` into the scratch space; its
+    /// `file://` URI.
+    pub fn tiny(&self, name: &str, spec: &TinyModelSpec) -> String {
+        let dir = self.dir.path().join(name);
+        write_tiny_model(&dir, spec).unwrap();
+        format!("file://{}", dir.display())
+    }
+
+    /// Index of Node `node` among this test's.
+    fn index(&self, node: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n == node)
+            .unwrap_or_else(|| panic!("{node} is not one of this test's Nodes"))
+    }
+
+    /// Stops `node`'s kubelet heartbeats (its Ready condition and Lease;
+    /// the agent there goes on reporting). None is in flight on return.
+    pub async fn stop_heartbeats(&self, node: &str) {
+        self.kubelets[self.index(node)].stop().await;
+    }
+
+    /// Resumes `node`'s kubelet heartbeats, the first at once.
+    pub fn resume_heartbeats(&self, node: &str) {
+        self.kubelets[self.index(node)].resume();
+    }
+
+    /// Cordons (`spec.unschedulable: true`) or uncordons `node`.
+    pub async fn cordon(&self, node: &str, cordoned: bool) {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let patch = json!({"spec": {"unschedulable": cordoned}});
+        api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("cordoning {node} ({cordoned}): {e}"));
     }
 
     /// Starts one agent per Node, in cluster mode.
@@ -235,8 +308,12 @@ impl Cluster {
             },
         )
         .await;
-        // Stop the agents first, or they register their NodeAgents again.
+        // Stop the agents first, or they register their NodeAgents again;
+        // and the kubelets, or they write to Nodes being deleted.
         drop(std::mem::take(&mut self.agents));
+        drop(std::mem::take(&mut self.kubelets));
+        let node_leases: Api<Lease> =
+            Api::namespaced(self.client.clone(), kubelet::LEASE_NAMESPACE);
         let nodes: Api<Node> = Api::all(self.client.clone());
         let agents: Api<NodeAgent> = Api::all(self.client.clone());
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), "default");
@@ -246,8 +323,33 @@ impl Cluster {
         for n in &self.nodes {
             let _ = nodes.delete(n, &DeleteParams::default()).await;
             let _ = agents.delete(n, &DeleteParams::default()).await;
+            let _ = node_leases.delete(n, &DeleteParams::default()).await;
         }
     }
+}
+
+/// Waits until the `count` Nodes labelled `tag` are Ready and carry no
+/// `node.kubernetes.io/` taint: on a real cluster, admission taints a new
+/// Node `not-ready` until the node lifecycle controller sees it Ready.
+async fn settled(api: &Api<Node>, tag: &str, count: usize) {
+    let selector = ListParams::default().labels(&format!("weir.dev/e2e={tag}"));
+    until(
+        "the new Nodes to be Ready and untainted",
+        Duration::from_secs(90),
+        async || {
+            let list = api.list(&selector).await.ok()?;
+            let fine = |n: &Node| {
+                let tainted = n
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|ts| ts.iter().any(|t| t.key.starts_with("node.kubernetes.io/")));
+                kubelet::ready_since(n).is_some() && !tainted
+            };
+            (list.items.len() == count && list.items.iter().all(fine)).then_some(())
+        },
+    )
+    .await;
 }
 
 /// One chat completion to `url` for `model`; the status and the ensemble
