@@ -435,6 +435,66 @@ impl prometheus_client::collector::Collector for EngineCollector {
         for (label, _, model) in &snaps {
             ConstGauge::new(model.breaker.state() as i64).encode(breaker.encode_family(label)?)?;
         }
+        drop(breaker);
+        let caches: Vec<_> = snaps
+            .iter()
+            .filter_map(|(label, _, m)| Some((label, m.cache.as_ref()?)))
+            .collect();
+        encode_caches(&mut encoder, &caches)?;
         self.encode_gpus(&mut encoder)
     }
+}
+
+/// The response caches' Redis (L2) figures, for models whose cache has an
+/// L2: errors, timeouts, writes, write-behind drops and its breaker.
+fn encode_caches(
+    encoder: &mut DescriptorEncoder,
+    caches: &[(&ModelLabel, &Arc<crate::cache::ResponseCache>)],
+) -> Result<(), std::fmt::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let with_l2: Vec<_> = caches
+        .iter()
+        .filter_map(|(label, cache)| Some((*label, cache.stats(), cache.l2_breaker()?)))
+        .collect();
+    let counters: [Figure<crate::cache::CacheStats, u64>; 4] = [
+        (
+            "weir_cache_l2_errors",
+            "Redis calls that failed (connection, command)",
+            |s| s.l2_errors.load(Relaxed),
+        ),
+        (
+            "weir_cache_l2_timeouts",
+            "Redis calls that ran past the policy's timeout",
+            |s| s.l2_timeouts.load(Relaxed),
+        ),
+        ("weir_cache_l2_writes", "Answers written to Redis", |s| {
+            s.l2_writes.load(Relaxed)
+        }),
+        (
+            "weir_cache_l2_write_behind_dropped",
+            "Redis writes dropped because the write-behind queue was full",
+            |s| s.write_behind_dropped.load(Relaxed),
+        ),
+    ];
+    for (name, help, get) in counters {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (label, stats, _) in &with_l2 {
+            ConstCounter::new(get(stats)).encode(family.encode_family(*label)?)?;
+        }
+    }
+    let mut breaker = encoder.encode_descriptor(
+        "weir_cache_l2_breaker_state",
+        "Redis (L2) circuit breaker: 0 closed, 1 open, 2 half-open",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (label, _, state) in &with_l2 {
+        ConstGauge::new(i64::from(*state)).encode(breaker.encode_family(*label)?)?;
+    }
+    Ok(())
 }

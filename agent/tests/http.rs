@@ -556,3 +556,56 @@ async fn identical_requests_in_flight_share_one_generation() {
         + metric_or_zero(&base, "weir_cache_hits_total").await;
     assert!(reused >= 3.0, "shared {shared}, reused {reused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_trouble_shows_in_the_metrics() {
+    let mut cache = weir_crds::cache_policy::CachePolicySpec::default();
+    cache.response_cache.l2 = Some(weir_crds::cache_policy::RedisCacheSpec {
+        url_secret_ref: weir_crds::common::SecretKeyRef {
+            name: "unused".into(),
+            key: "url".into(),
+        },
+        key_prefix: "weir-test:".into(),
+        ttl_seconds: 60,
+        compress_above_bytes: 1024,
+        write_mode: weir_crds::cache_policy::WriteMode::WriteThrough,
+        write_behind_queue: 4,
+        timeout_ms: 200,
+    });
+    // Nothing listens there: every Redis call fails.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let spec = ModelSpec {
+        name: "tiny".into(),
+        dir: builtin_dir(),
+        engine: Default::default(),
+        cache,
+        batch: BatchPolicySpec::default(),
+        redis_url: Some(url),
+    };
+    let mut registry = ModelRegistry::default();
+    registry.insert(ServedModel::load(&spec).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let state = AppState::new(registry);
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    for i in 0..3 {
+        let (status, _) = post(&base, "/v1/chat/completions", &chat(&format!("q{i}"), 2)).await;
+        assert_eq!(status, 200, "a dead Redis never fails a request");
+    }
+    let failed = metric(&base, "weir_cache_l2_errors_total").await
+        + metric(&base, "weir_cache_l2_timeouts_total").await;
+    assert!(failed >= 1.0, "{failed} failed Redis calls counted");
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("weir_cache_l2_breaker_state{model_name=\"tiny\"}"),
+        "{text}"
+    );
+    assert!(text.contains("weir_cache_l2_write_behind_dropped_total{model_name=\"tiny\"} 0"));
+}

@@ -133,9 +133,18 @@ impl ResponseCache {
     pub fn new(spec: &ResponseCacheSpec, redis_url: Option<String>) -> Result<Self, CacheError> {
         let max_bytes =
             parse_bytes(&spec.l1.max_bytes.0).map_err(|e| e.at("responseCache.l1.maxBytes"))?;
+        // Both bounds in one weight: an entry weighs its bytes, but at least
+        // `max_bytes / max_entries`, so the bytes stay under `max_bytes` and
+        // the entries under `max_entries`.
+        let floor = u32::try_from(max_bytes.div_ceil(spec.l1.max_entries.max(1)))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let capacity = max_bytes.min(u64::from(floor) * spec.l1.max_entries.max(1));
         let l1 = moka::future::Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_: &CacheKey, v: &Arc<[u8]>| u32::try_from(v.len() + 32).unwrap_or(u32::MAX))
+            .max_capacity(capacity)
+            .weigher(move |_: &CacheKey, v: &Arc<[u8]>| {
+                u32::try_from(v.len() + 32).unwrap_or(u32::MAX).max(floor)
+            })
             .time_to_live(Duration::from_secs(u64::from(spec.l1.ttl_seconds)))
             .build();
         let stats = Arc::new(CacheStats::default());
@@ -261,5 +270,22 @@ mod tests {
         assert!(n <= 10, "{n} entries of 1 kB in a 10 KiB cache");
         let last = CacheKey::from_canonical(&99u32.to_le_bytes());
         assert!(matches!(cache.get(&last).await, Some((Tier::L1, _))) || n < 10);
+    }
+
+    #[tokio::test]
+    async fn l1_is_bounded_by_entries_too() {
+        let mut spec = ResponseCacheSpec::default();
+        spec.l1.max_entries = 5;
+        let cache = ResponseCache::new(&spec, None).unwrap();
+        for i in 0..50u32 {
+            cache
+                .put(
+                    CacheKey::from_canonical(&i.to_le_bytes()),
+                    vec![1u8; 10].into(),
+                )
+                .await;
+        }
+        let n = cache.l1_len().await;
+        assert!((1..=5).contains(&n), "{n} entries with maxEntries 5");
     }
 }
