@@ -435,7 +435,6 @@ impl prometheus_client::collector::Collector for EngineCollector {
         for (label, _, model) in &snaps {
             ConstGauge::new(model.breaker.state() as i64).encode(breaker.encode_family(label)?)?;
         }
-        drop(breaker);
         let caches: Vec<_> = snaps
             .iter()
             .filter_map(|(label, _, m)| Some((label, m.cache.as_ref()?)))
