@@ -19,7 +19,7 @@ use crate::api::types::{SamplingFields, Usage};
 
 /// Default `max_tokens` when the request names none: the rest of the context,
 /// capped so that a forgotten limit does not hold a slot for minutes.
-const DEFAULT_MAX_TOKENS: usize = 1024;
+pub const DEFAULT_MAX_TOKENS: usize = 1024;
 /// Most choices per request.
 const MAX_N: usize = 16;
 

@@ -79,6 +79,8 @@ pub struct Metrics {
     pub coalesced: Family<ModelLabel, Counter>,
     /// Requests refused by admission control (429).
     pub rejected: Family<ModelLabel, Counter>,
+    /// Prompt tokens saved by the prompt optimization.
+    pub prompt_tokens_saved: Family<ModelLabel, Counter>,
     /// Tokens read by `/v1/embeddings`.
     pub embedding_tokens: Family<ModelLabel, Counter>,
     /// Semantic cache lookups skipped because the encoder was missing or
@@ -132,6 +134,7 @@ impl Metrics {
             cache_misses: Family::default(),
             coalesced: Family::default(),
             rejected: Family::default(),
+            prompt_tokens_saved: Family::default(),
             embedding_tokens: Family::default(),
             semantic_unavailable: Family::default(),
             ensemble_requests: Family::default(),
@@ -182,6 +185,11 @@ impl Metrics {
             "weir_rejected_requests",
             "Requests refused by admission control",
             m.rejected.clone(),
+        );
+        registry.register(
+            "weir_prompt_tokens_saved",
+            "Prompt tokens removed by the prompt optimization",
+            m.prompt_tokens_saved.clone(),
         );
         registry.register(
             "weir_embedding_tokens",

@@ -38,6 +38,21 @@ pub struct CachePolicySpec {
     /// Identical requests in flight share one generation.
     #[serde(default)]
     pub coalescing: CoalescingSpec,
+    /// Rewriting prompts to fewer tokens before tokenization and before the
+    /// cache key (a request's `x-weir-prompt-optimization` header overrides).
+    #[serde(default)]
+    pub prompt_optimization: PromptOptimization,
+}
+
+/// How prompts are rewritten to save tokens.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum PromptOptimization {
+    /// Prompts are used as sent.
+    #[default]
+    Off,
+    /// Whitespace normalized, repeated lines and blank runs removed, list
+    /// markers made uniform; words are never changed.
+    Conservative,
 }
 
 /// Which responses may be cached.

@@ -110,6 +110,22 @@ pub struct EngineConfig {
     #[serde(default = "default_max_num_batched_tokens")]
     #[schemars(range(min = 16, max = 1048576))]
     pub max_num_batched_tokens: u32,
+    /// What happens to a chat whose prompt does not fit the context.
+    #[serde(default)]
+    pub context_overflow: ContextOverflow,
+}
+
+/// What happens to a chat whose prompt (plus the room for its answer) does
+/// not fit the model's context.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ContextOverflow {
+    /// Refuse it with a 400 naming the lengths.
+    #[default]
+    Error,
+    /// Drop the oldest turns (a user message with the replies after it)
+    /// until it fits, keeping the leading system messages and the last user
+    /// turn; the answer's `x-weir-context-dropped-turns` says how many.
+    TruncateOldest,
 }
 
 impl Default for EngineConfig {
@@ -121,6 +137,7 @@ impl Default for EngineConfig {
             gpu_memory_utilization: default_gpu_memory_utilization(),
             max_num_seqs: default_max_num_seqs(),
             max_num_batched_tokens: default_max_num_batched_tokens(),
+            context_overflow: ContextOverflow::Error,
         }
     }
 }

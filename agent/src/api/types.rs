@@ -169,6 +169,10 @@ pub struct Usage {
     /// Prompt details (cached tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tokens_details: Option<PromptTokensDetails>,
+    /// Prompt tokens the prompt optimization removed (Weir's own field,
+    /// present when it ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_saved: Option<usize>,
 }
 
 /// `usage.prompt_tokens_details`.

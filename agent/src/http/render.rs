@@ -74,7 +74,7 @@ pub fn chat_body(meta: &ResponseMeta, g: &Generation) -> ChatCompletion {
                 finish_reason: c.finish_reason.clone(),
             })
             .collect(),
-        usage: g.usage,
+        usage: usage_of(meta, g.usage),
     }
 }
 
@@ -96,7 +96,7 @@ pub fn completion_body(meta: &ResponseMeta, g: &Generation) -> Completion {
                 finish_reason: Some(c.finish_reason.clone()),
             })
             .collect(),
-        usage: Some(g.usage),
+        usage: Some(usage_of(meta, g.usage)),
     }
 }
 
@@ -207,6 +207,15 @@ fn delta_chunk(
     }
 }
 
+/// The usage to report: the engine's counts and what the prompt
+/// optimization saved for this request.
+fn usage_of(meta: &ResponseMeta, usage: Usage) -> Usage {
+    Usage {
+        prompt_tokens_saved: meta.prompt_tokens_saved,
+        ..usage
+    }
+}
+
 fn usage_chunk(meta: &ResponseMeta, shape: Shape, usage: Usage) -> SseEvent {
     match shape {
         Shape::Chat => json_event(&ChatCompletionChunk {
@@ -215,7 +224,7 @@ fn usage_chunk(meta: &ResponseMeta, shape: Shape, usage: Usage) -> SseEvent {
             created: meta.created,
             model: meta.model.clone(),
             choices: Vec::new(),
-            usage: Some(usage),
+            usage: Some(usage_of(meta, usage)),
         }),
         Shape::Completion => json_event(&Completion {
             id: meta.id.clone(),
@@ -223,7 +232,7 @@ fn usage_chunk(meta: &ResponseMeta, shape: Shape, usage: Usage) -> SseEvent {
             created: meta.created,
             model: meta.model.clone(),
             choices: Vec::new(),
-            usage: Some(usage),
+            usage: Some(usage_of(meta, usage)),
         }),
     }
 }

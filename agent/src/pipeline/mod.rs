@@ -6,7 +6,8 @@
 //!    ([`target`]); an ensemble tries its members ([`ensemble`]), each
 //!    through the rest of this pipeline; a peer gets the request as it came
 //!    ([`crate::route::forward`]);
-//! 2. validate into an engine job ([`validate`]);
+//! 2. validate into an engine job ([`validate`]), the prompt shaped first
+//!    when asked: optimized, fitted into the context ([`prompt`]);
 //! 3. the response cache, L1 then L2 ([`response_cache`]);
 //! 4. coalescing with an identical request in flight;
 //! 5. the semantic cache ([`semantic_cache`]);
@@ -19,6 +20,7 @@
 
 pub mod ensemble;
 pub mod measure;
+pub mod prompt;
 pub mod response_cache;
 pub mod semantic_cache;
 pub mod target;
@@ -48,6 +50,9 @@ use validate::ResponseMeta;
 pub const CACHE_HEADER: &str = "x-weir-cache";
 /// Header marking an answer shared with an identical request in flight.
 pub const COALESCED_HEADER: &str = "x-weir-coalesced";
+/// Header saying how many of a chat's oldest turns were dropped to fit
+/// the context.
+pub const DROPPED_TURNS_HEADER: &str = "x-weir-context-dropped-turns";
 
 /// What the pipeline uses of the agent: its models, metrics, peers,
 /// ensembles and the client it forwards with.
@@ -156,22 +161,38 @@ pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, 
         Target::Local(model, request) => (model, request),
     };
     let priority = validate::priority_header(&incoming.headers);
+    let shaping = validate::Shaping::from_headers(&incoming.headers)?;
     let (model, job, meta, stream) = match &request {
-        GenerationRequest::Chat(r) => validate::chat_job(model, priority, r)?,
-        GenerationRequest::Completion(r) => validate::completion_job(model, priority, r)?,
+        GenerationRequest::Chat(r) => validate::chat_job(model, priority, r, shaping)?,
+        GenerationRequest::Completion(r) => validate::completion_job(model, priority, r, shaping)?,
     };
+    let label = ModelLabel {
+        model_name: model.name.clone(),
+    };
+    if let Some(saved) = meta.prompt_tokens_saved {
+        let saved = saved as u64;
+        ctx.metrics
+            .prompt_tokens_saved
+            .get_or_create(&label)
+            .inc_by(saved);
+    }
+    let dropped = meta.dropped_turns;
     let answer = run(ctx, model, job).await?;
+    let mut headers: Vec<(&'static str, String)> = answer
+        .header
+        .map(|(name, value)| (name, value.to_owned()))
+        .into_iter()
+        .collect();
+    if dropped > 0 {
+        headers.push((DROPPED_TURNS_HEADER, dropped.to_string()));
+    }
     Ok(Outcome {
         reply: Reply::Answered {
             events: answer.events,
             meta,
             stream,
         },
-        headers: answer
-            .header
-            .map(|(name, value)| (name, value.to_owned()))
-            .into_iter()
-            .collect(),
+        headers,
     })
 }
 

@@ -42,6 +42,45 @@ pub struct ResponseMeta {
     pub logprobs: bool,
     /// Whether to send a usage chunk at the end of a stream.
     pub include_usage: bool,
+    /// Prompt tokens the optimization saved, when it ran.
+    pub prompt_tokens_saved: Option<usize>,
+    /// Oldest turns dropped to fit the context.
+    pub dropped_turns: usize,
+}
+
+/// How the prompt is shaped before tokenization.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shaping {
+    /// Whether to run the conservative optimization ([`super::prompt`]);
+    /// `None` follows the model's CachePolicy.
+    pub optimize: Option<bool>,
+}
+
+impl Shaping {
+    /// From the `x-weir-prompt-optimization` header (`conservative`, `off`).
+    pub fn from_headers(headers: &http::HeaderMap) -> Result<Self, ApiError> {
+        let optimize = match headers.get("x-weir-prompt-optimization") {
+            None => None,
+            Some(v) => match v.to_str().map(str::to_ascii_lowercase).as_deref() {
+                Ok("conservative") => Some(true),
+                Ok("off") => Some(false),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "x-weir-prompt-optimization",
+                        "must be `conservative` or `off`",
+                    ));
+                }
+            },
+        };
+        Ok(Self { optimize })
+    }
+
+    fn optimize_for(self, model: &ServedModel) -> bool {
+        self.optimize.unwrap_or(
+            model.cache_policy.prompt_optimization
+                == weir_crds::cache_policy::PromptOptimization::Conservative,
+        )
+    }
 }
 
 fn unix_now() -> u64 {
@@ -107,21 +146,74 @@ fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, Ap
 /// whether to stream.
 pub type Prepared = (Arc<ServedModel>, Job, ResponseMeta, bool);
 
+/// The prompt of `messages` through `model`'s chat template, as token ids.
+fn render_chat(
+    model: &ServedModel,
+    messages: &[ChatMessage],
+    request: &ChatCompletionRequest,
+) -> Result<Vec<u32>, ApiError> {
+    let text = model
+        .tokenizer
+        .apply_chat_template(messages, true, request.tools.as_ref())
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    model
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))
+}
+
+/// A chat's messages as shaped, their prompt, the tokens the optimization
+/// saved (when it ran) and the turns dropped to fit the context.
+type ShapedChat = (Vec<ChatMessage>, Vec<u32>, Option<usize>, usize);
+
+/// The chat's messages shaped (optimized, fitted into the context).
+fn shaped_chat(
+    model: &ServedModel,
+    request: &ChatCompletionRequest,
+    shaping: Shaping,
+) -> Result<ShapedChat, ApiError> {
+    let mut messages = chat_messages(request)?;
+    let render = |m: &[ChatMessage]| render_chat(model, m, request);
+    // Saved: the whole chat as sent against the whole chat optimized.
+    let mut saved = None;
+    if shaping.optimize_for(model) {
+        let before = render(&messages)?.len();
+        for m in &mut messages {
+            m.content = super::prompt::optimize(&m.content);
+        }
+        saved = Some(before.saturating_sub(render(&messages)?.len()));
+    }
+    let (messages, prompt, dropped) = match model.spec.engine.context_overflow {
+        weir_crds::common::ContextOverflow::Error => {
+            let prompt = render(&messages)?;
+            (messages, prompt, 0)
+        }
+        weir_crds::common::ContextOverflow::TruncateOldest => {
+            // Room kept for the answer: what the client asked for, else a
+            // quarter of the context (at most the default answer length).
+            let asked = request
+                .sampling
+                .max_completion_tokens
+                .or(request.sampling.max_tokens);
+            let reserve = asked.map_or(
+                (model.max_model_len / 4).min(crate::generate::DEFAULT_MAX_TOKENS),
+                |m| m.max(1) as usize,
+            );
+            let fitted = super::prompt::fit_turns(messages, model.max_model_len, reserve, render)?;
+            (fitted.messages, fitted.prompt, fitted.dropped)
+        }
+    };
+    Ok((messages, prompt, saved, dropped))
+}
+
 /// Validates a chat request for `model` into a job.
 pub fn chat_job(
     model: Arc<ServedModel>,
     priority_header: PriorityHeader<'_>,
     request: &ChatCompletionRequest,
+    shaping: Shaping,
 ) -> Result<Prepared, ApiError> {
-    let messages = chat_messages(request)?;
-    let prompt_text = model
-        .tokenizer
-        .apply_chat_template(&messages, true, request.tools.as_ref())
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let prompt = model
-        .tokenizer
-        .encode(&prompt_text, false)
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let (messages, prompt, saved, dropped) = shaped_chat(&model, request, shaping)?;
     let logprobs = match (request.logprobs, request.top_logprobs) {
         (Some(true), top) => LogprobsWanted::Yes(top_logprobs(top, 20)?),
         (_, Some(t)) if t > 0 => {
@@ -145,6 +237,8 @@ pub fn chat_job(
         route: "chat",
         messages,
     });
+    prepared.2.prompt_tokens_saved = saved;
+    prepared.2.dropped_turns = dropped;
     Ok(prepared)
 }
 
@@ -187,6 +281,8 @@ fn prepare(
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
+        prompt_tokens_saved: None,
+        dropped_turns: 0,
     };
     Ok((
         model,
@@ -207,12 +303,23 @@ pub fn completion_job(
     model: Arc<ServedModel>,
     priority_header: PriorityHeader<'_>,
     request: &CompletionRequest,
+    shaping: Shaping,
 ) -> Result<Prepared, ApiError> {
+    let optimize = shaping.optimize_for(&model);
+    let saved = std::cell::Cell::new(0usize);
     let encode = |text: &str| {
-        model
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| ApiError::invalid("prompt", e.to_string()))
+        let ids = |t: &str| {
+            model
+                .tokenizer
+                .encode(t, true)
+                .map_err(|e| ApiError::invalid("prompt", e.to_string()))
+        };
+        if !optimize {
+            return ids(text);
+        }
+        let (before, after) = (ids(text)?, ids(&super::prompt::optimize(text))?);
+        saved.set(saved.get() + before.len().saturating_sub(after.len()));
+        Ok(after)
     };
     let prompts = match &request.prompt {
         Prompt::Text(t) => vec![encode(t)?],
@@ -252,13 +359,19 @@ pub fn completion_job(
         "cmpl",
     )?;
     if let Prompt::Text(text) = &request.prompt {
+        let content = if optimize {
+            super::prompt::optimize(text)
+        } else {
+            text.clone()
+        };
         prepared.1.semantic = Some(SemanticInput {
             route: "completion",
             messages: vec![ChatMessage {
                 role: "user".into(),
-                content: text.clone(),
+                content,
             }],
         });
     }
+    prepared.2.prompt_tokens_saved = optimize.then(|| saved.get());
     Ok(prepared)
 }
