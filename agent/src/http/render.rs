@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 
 use axum::response::sse::Event as SseEvent;
+use futures::FutureExt;
 use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
 
@@ -111,14 +112,82 @@ fn json_event<T: Serialize>(value: &T) -> SseEvent {
 /// Which response shape a stream renders: that of its route.
 pub use crate::api::Kind as Shape;
 
-/// Renders events as SSE chunks, ending with `[DONE]`.
+/// Most text one merged delta carries.
+pub const MERGE_MAX_BYTES: usize = 16 * 1024;
+
+/// Merges the deltas already waiting when the stream is polled: a client
+/// that reads slowly (its socket not draining, so the body is polled
+/// rarely) gets the backlog of one choice in one chunk of at most
+/// [`MERGE_MAX_BYTES`], while a client that keeps up gets every delta as
+/// it comes. Nothing waits to be merged, nothing is reordered, and the
+/// text is unchanged.
+pub fn merge_backlog(events: GenStream) -> GenStream {
+    let state = Backlog {
+        events,
+        pending: None,
+        ended: false,
+    };
+    Box::pin(futures::stream::unfold(state, |mut b| async move {
+        let first = match b.pending.take() {
+            Some(event) => event,
+            None if b.ended => return None,
+            None => b.events.next().await?,
+        };
+        let GenEvent::Delta {
+            index,
+            mut text,
+            mut logprobs,
+        } = first
+        else {
+            return Some((first, b));
+        };
+        while text.len() < MERGE_MAX_BYTES {
+            match b.events.next().now_or_never() {
+                Some(Some(GenEvent::Delta {
+                    index: i,
+                    text: more,
+                    logprobs: more_logprobs,
+                })) if i == index && text.len() + more.len() <= MERGE_MAX_BYTES => {
+                    text.push_str(&more);
+                    logprobs.extend(more_logprobs);
+                }
+                Some(Some(other)) => {
+                    b.pending = Some(other);
+                    break;
+                }
+                Some(None) => {
+                    b.ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        let merged = GenEvent::Delta {
+            index,
+            text,
+            logprobs,
+        };
+        Some((merged, b))
+    }))
+}
+
+/// The state of [`merge_backlog`]: the events, one read ahead that did
+/// not merge, and whether the events have ended.
+struct Backlog {
+    events: GenStream,
+    pending: Option<GenEvent>,
+    ended: bool,
+}
+
+/// Renders events as SSE chunks, ending with `[DONE]`; deltas waiting
+/// behind a slow client are merged ([`merge_backlog`]).
 pub fn sse(
     meta: ResponseMeta,
     shape: Shape,
     events: GenStream,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let mut started = std::collections::HashSet::new();
-    events.flat_map(move |event| {
+    merge_backlog(events).flat_map(move |event| {
         let out: Vec<SseEvent> = match event {
             GenEvent::Delta {
                 index,
