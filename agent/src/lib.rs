@@ -23,3 +23,4 @@ pub mod models;
 pub mod pipeline;
 pub mod route;
 pub mod shutdown;
+pub mod tuning;

@@ -443,6 +443,17 @@ impl prometheus_client::collector::Collector for EngineCollector {
         for (label, _, model) in &snaps {
             ConstGauge::new(model.breaker.state() as i64).encode(breaker.encode_family(label)?)?;
         }
+        let mut tuning = encoder.encode_descriptor(
+            "weir_tuning_mode",
+            "Load-based tuning mode: 0 quality, 1 balanced, 2 performance",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (label, _, model) in &snaps {
+            if let Some(mode) = model.tuner.current() {
+                ConstGauge::new(mode.level()).encode(tuning.encode_family(label)?)?;
+            }
+        }
         let caches: Vec<_> = snaps
             .iter()
             .filter_map(|(label, _, m)| Some((label, m.cache.as_ref()?)))

@@ -223,3 +223,68 @@ async fn redis_trouble_shows_in_the_metrics() {
     );
     assert!(text.contains("weir_cache_l2_write_behind_dropped_total{model_name=\"tiny\"} 0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_unset_fields_get_the_performance_defaults() {
+    let tuning = weir_crds::tuning::TuningSpec {
+        mode: weir_crds::tuning::TuningMode::LoadBased,
+        // One running sequence of 256 is already "high" here.
+        high_load: 0.001,
+        low_load: 0.0,
+        interval_seconds: 1,
+        ..Default::default()
+    };
+    let spec = ModelSpec {
+        name: "tiny".into(),
+        dir: builtin_dir(),
+        engine: EngineConfig::default(),
+        cache: CachePolicySpec::default(),
+        batch: BatchPolicySpec {
+            tuning,
+            ..BatchPolicySpec::default()
+        },
+        redis_url: None,
+    };
+    let mut registry = ModelRegistry::default();
+    registry.insert(ServedModel::load(&spec).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let state = AppState::new(registry);
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+
+    let ask = |max_tokens: Option<u32>| {
+        let mut body = json!({"model": "tiny", "messages": [{"role": "user", "content": "go"}],
+                              "ignore_eos": true, "seed": 1});
+        if let Some(m) = max_tokens {
+            body["max_tokens"] = json!(m);
+        }
+        body
+    };
+    // Idle: quality, the usual defaults.
+    let (status, headers, _) = chat(&base, &ask(Some(2)), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-weir-tuning"], "quality");
+    // A long answer keeps the engine busy.
+    let holder = {
+        let base = base.clone();
+        let mut body = ask(Some(1800));
+        body["n"] = json!(2);
+        tokio::spawn(async move { chat(&base, &body, None).await.0 })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let (status, headers, tuned) = chat(&base, &ask(None), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-weir-tuning"], "performance");
+    assert_eq!(tuned["usage"]["completion_tokens"], 256, "{tuned}");
+    let (_, _, explicit) = chat(&base, &ask(Some(300)), None).await;
+    assert_eq!(
+        explicit["usage"]["completion_tokens"], 300,
+        "an explicit value is kept"
+    );
+    assert!(
+        metrics(&base)
+            .await
+            .contains("weir_tuning_mode{model_name=\"tiny\"} 2")
+    );
+    assert_eq!(holder.await.unwrap(), 200);
+}

@@ -59,6 +59,9 @@ pub struct BatchPolicySpec {
     /// Splitting of long prompts over several steps.
     #[serde(default)]
     pub chunked_prefill: ChunkedPrefillSpec,
+    /// Request defaults that follow load.
+    #[serde(default)]
+    pub tuning: crate::tuning::TuningSpec,
 }
 
 impl Default for BatchPolicySpec {
@@ -72,6 +75,7 @@ impl Default for BatchPolicySpec {
             adaptive: AdaptiveSpec::default(),
             circuit_breaker: CircuitBreakerSpec::default(),
             chunked_prefill: ChunkedPrefillSpec::default(),
+            tuning: crate::tuning::TuningSpec::default(),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod common;
 pub mod ensemble;
 pub mod model;
 pub mod node_agent;
+pub mod tuning;
 
 pub use batch_policy::{BatchPolicy, BatchPolicySpec};
 pub use cache_policy::{CachePolicy, CachePolicySpec};

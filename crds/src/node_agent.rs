@@ -176,4 +176,8 @@ pub struct LoadedModelStatus {
     /// GPU memory estimate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_bytes: Option<u64>,
+    /// The tuning mode in force (`performance`, `balanced`, `quality`),
+    /// when its BatchPolicy tunes by load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuning: Option<String>,
 }

@@ -298,6 +298,7 @@ mod tests {
                     running: 0,
                     waiting: 0,
                     weights_bytes: None,
+                    tuning: None,
                 })
                 .into_iter()
                 .collect(),

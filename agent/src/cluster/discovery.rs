@@ -172,6 +172,7 @@ mod tests {
                     running: 0,
                     waiting: 0,
                     weights_bytes: None,
+                    tuning: None,
                 })
                 .collect(),
             ..Default::default()

@@ -80,6 +80,7 @@ pub fn build(
                     running: 0,
                     waiting: 0,
                     weights_bytes: None,
+                    tuning: None,
                 },
             )
         })
@@ -103,6 +104,7 @@ pub fn build(
                 running: 0,
                 waiting: 0,
                 weights_bytes: None,
+                tuning: None,
             });
         if model.drain.is_draining() {
             entry.phase = ModelPhase::Unloading;
@@ -112,6 +114,7 @@ pub fn build(
                 model.drain.in_flight()
             ));
         }
+        entry.tuning = model.tuner.current().map(|m| m.label().to_owned());
         entry.kv_cache_usage = snap.kv_usage;
         entry.running = snap.running as u32;
         entry.waiting = snap.waiting as u32;

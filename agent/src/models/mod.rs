@@ -62,6 +62,8 @@ pub struct ServedModel {
     pub weights_bytes: u64,
     /// Whether it is being taken out of service, and its requests in flight.
     pub drain: Arc<drain::Drain>,
+    /// Request defaults that follow load (its BatchPolicy's `tuning`).
+    pub tuner: Arc<crate::tuning::Tuner>,
 }
 
 /// A model to load: where, under what name, with which settings.
@@ -192,6 +194,7 @@ impl ServedModel {
                 spec.cache.coalescing.max_subscribers as usize,
             )),
             drain: Arc::default(),
+            tuner: Arc::new(crate::tuning::Tuner::new(&spec.batch.tuning)),
         })
     }
 
@@ -237,6 +240,7 @@ impl ServedModel {
                 spec.cache.coalescing.max_subscribers as usize,
             )),
             drain: self.drain.clone(),
+            tuner: Arc::new(crate::tuning::Tuner::new(&spec.batch.tuning)),
         }
     }
 }

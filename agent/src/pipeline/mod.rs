@@ -53,6 +53,8 @@ pub const COALESCED_HEADER: &str = "x-weir-coalesced";
 /// Header saying how many of a chat's oldest turns were dropped to fit
 /// the context.
 pub const DROPPED_TURNS_HEADER: &str = "x-weir-context-dropped-turns";
+/// Header naming the tuning mode whose defaults a request got.
+pub const TUNING_HEADER: &str = "x-weir-tuning";
 
 /// What the pipeline uses of the agent: its models, metrics, peers,
 /// ensembles and the client it forwards with.
@@ -176,7 +178,7 @@ pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, 
             .get_or_create(&label)
             .inc_by(saved);
     }
-    let dropped = meta.dropped_turns;
+    let (dropped, tuning) = (meta.dropped_turns, meta.tuning);
     let answer = run(ctx, model, job).await?;
     let mut headers: Vec<(&'static str, String)> = answer
         .header
@@ -185,6 +187,9 @@ pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, 
         .collect();
     if dropped > 0 {
         headers.push((DROPPED_TURNS_HEADER, dropped.to_string()));
+    }
+    if let Some(mode) = tuning {
+        headers.push((TUNING_HEADER, mode.to_owned()));
     }
     Ok(Outcome {
         reply: Reply::Answered {

@@ -46,6 +46,8 @@ pub struct ResponseMeta {
     pub prompt_tokens_saved: Option<usize>,
     /// Oldest turns dropped to fit the context.
     pub dropped_turns: usize,
+    /// The tuning mode whose defaults the request got, when tuning is on.
+    pub tuning: Option<&'static str>,
 }
 
 /// How the prompt is shaped before tokenization.
@@ -268,6 +270,11 @@ fn prepare(
     let priority = model
         .admission
         .effective_priority(requested_priority(fields, priority_header)?);
+    let mode = model
+        .tuner
+        .observe(std::time::Instant::now(), || load_of(&model));
+    let tuned = mode.map(|mode| model.tuner.apply(mode, fields));
+    let fields = tuned.as_ref().unwrap_or(fields);
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let (template, n) = build_template(fields, priority, logprobs, longest, model.max_model_len)?;
     let stream = fields.stream.unwrap_or(false);
@@ -283,6 +290,7 @@ fn prepare(
                 .is_some_and(|o| o.include_usage),
         prompt_tokens_saved: None,
         dropped_turns: 0,
+        tuning: mode.map(crate::tuning::Mode::label),
     };
     Ok((
         model,
@@ -296,6 +304,12 @@ fn prepare(
         meta,
         stream,
     ))
+}
+
+/// Running plus waiting sequences over the sequence limit.
+fn load_of(model: &ServedModel) -> f64 {
+    let s = model.engine.stats().snapshot();
+    (s.running + s.waiting) as f64 / s.max_num_seqs.max(1) as f64
 }
 
 /// Validates a completion request for `model` into a job.
