@@ -343,7 +343,12 @@ async fn a_stream_shed_in_the_queue_is_a_429_not_a_200() {
     assert_eq!(status, 429, "shed before its first token: {text}");
     assert!(retry.is_some(), "429 without Retry-After");
     let error: Value = serde_json::from_str(&text).expect("an OpenAI error body, not SSE");
-    assert!(error["error"]["message"].as_str().unwrap().contains("queue timeout"));
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue timeout")
+    );
     assert_eq!(holder.await.unwrap().as_u16(), 200);
 }
 

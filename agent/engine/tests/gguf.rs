@@ -74,7 +74,11 @@ fn tokenizer_meta(dir: &Path) -> Vec<(&'static str, Meta)> {
         .iter()
         .map(|m| match m {
             serde_json::Value::String(s) => s.clone(),
-            pair => format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap()),
+            pair => format!(
+                "{} {}",
+                pair[0].as_str().unwrap(),
+                pair[1].as_str().unwrap()
+            ),
         })
         .collect();
     let template = serde_json::from_str::<serde_json::Value>(
@@ -121,13 +125,21 @@ fn to_gguf(dir: &Path) -> Vec<u8> {
             _ => None,
         };
         if let Some(heads) = heads {
-            let cols = if view.shape.len() == 2 { view.shape[1] } else { 1 };
+            let cols = if view.shape.len() == 2 {
+                view.shape[1]
+            } else {
+                1
+            };
             values = permute(&values, heads, cols);
         }
         let name = weir_engine::gguf::gguf_name(hf).unwrap();
         tensors.push(f32_tensor(&name, &view.shape, &values));
     };
-    for name in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] {
+    for name in [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ] {
         add(name);
     }
     for i in 0..c.num_layers {
@@ -164,11 +176,20 @@ fn to_gguf(dir: &Path) -> Vec<u8> {
     let mut kv = vec![
         ("general.architecture", Meta::Str(arch.into())),
         (key("block_count"), Meta::U32(c.num_layers as u32)),
-        (key("context_length"), Meta::U32(c.max_position_embeddings as u32)),
+        (
+            key("context_length"),
+            Meta::U32(c.max_position_embeddings as u32),
+        ),
         (key("embedding_length"), Meta::U32(c.hidden_size as u32)),
-        (key("feed_forward_length"), Meta::U32(c.intermediate_size as u32)),
+        (
+            key("feed_forward_length"),
+            Meta::U32(c.intermediate_size as u32),
+        ),
         (key("attention.head_count"), Meta::U32(c.num_heads as u32)),
-        (key("attention.head_count_kv"), Meta::U32(c.num_kv_heads as u32)),
+        (
+            key("attention.head_count_kv"),
+            Meta::U32(c.num_kv_heads as u32),
+        ),
         (key("rope.freq_base"), Meta::F32(c.rope_theta as f32)),
         (
             key("attention.layer_norm_rms_epsilon"),
@@ -218,13 +239,20 @@ fn tiny_models_as_gguf_match_their_hugging_face_directories() {
             "{name}"
         );
         let (a, b) = (inv_freq(&hf_config), inv_freq(&gguf_config));
-        assert!(a.iter().zip(&b).all(|(x, y)| ((x - y) / x).abs() < 1e-6), "{name}");
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| ((x - y) / x).abs() < 1e-6),
+            "{name}"
+        );
 
         let hf_tok = TextTokenizer::from_dir(&dir).unwrap();
         let gguf_tok = TextTokenizer::from_dir(&path).unwrap();
         for text in TEXTS {
             let ids = hf_tok.encode(text, true).unwrap();
-            assert_eq!(gguf_tok.encode(text, true).unwrap(), ids, "{name}: {text:?}");
+            assert_eq!(
+                gguf_tok.encode(text, true).unwrap(),
+                ids,
+                "{name}: {text:?}"
+            );
             assert_eq!(gguf_tok.decode(&ids, false).unwrap(), text, "{name}");
         }
         assert_eq!(gguf_tok.has_chat_template(), hf_tok.has_chat_template());
@@ -263,7 +291,10 @@ fn bad_files_fail_at_load_naming_the_problem() {
     let e = load_error(b"GGML\x03\0\0\0");
     assert!(e.contains("not a GGUF file"), "{e}");
     let e = load_error(&good[..good.len() / 2]);
-    assert!(e.contains("truncated") && e.contains("extends past the end"), "{e}");
+    assert!(
+        e.contains("truncated") && e.contains("extends past the end"),
+        "{e}"
+    );
     let e = load_error(&good[..100]);
     assert!(e.contains("truncated"), "{e}");
 
@@ -277,16 +308,25 @@ fn bad_files_fail_at_load_naming_the_problem() {
             data: vec![0; 256],
         };
         let e = load_error(&gguf_bytes(&arch, &[t]));
-        assert!(e.contains("blk.0.attn_q.weight") && e.contains(expect), "{e}");
+        assert!(
+            e.contains("blk.0.attn_q.weight") && e.contains(expect),
+            "{e}"
+        );
     }
 
     let phi = replace_str(&good, "qwen2", "phi-3");
     let e = load_error(&phi);
-    assert!(e.contains("general.architecture") && e.contains("phi-3"), "{e}");
+    assert!(
+        e.contains("general.architecture") && e.contains("phi-3"),
+        "{e}"
+    );
 
     let no_tokenizer = replace_str(&good, "tokenizer.ggml.tokens", "tokenizer.ggml.tokenz");
     let e = load_error(&no_tokenizer);
-    assert!(e.contains("tokenizer.ggml.tokens") && e.contains("no tokenizer"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.tokens") && e.contains("no tokenizer"),
+        "{e}"
+    );
 }
 
 /// `bytes` with the first occurrence of the GGUF string `from` (length

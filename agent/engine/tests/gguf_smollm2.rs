@@ -143,7 +143,10 @@ fn logits_greedy_tokens_and_chat_answer_match_transformers() {
     let started = Instant::now();
     let tokens = greedy(&model, &prompt, 16);
     let secs = started.elapsed().as_secs_f64();
-    println!("16 greedy tokens in {secs:.2}s ({:.1} tokens/s)", 16.0 / secs);
+    println!(
+        "16 greedy tokens in {secs:.2}s ({:.1} tokens/s)",
+        16.0 / secs
+    );
     assert_eq!(tokens, ids(&g["greedy"]));
 
     let tok = TextTokenizer::from_dir(&path).unwrap();

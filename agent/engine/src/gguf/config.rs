@@ -148,7 +148,10 @@ fn rope_scaling(file: &GgufFile, a: &str, head_dim: usize) -> Result<RopeScaling
         ));
     }
     let kind_key = format!("{a}.rope.scaling.type");
-    let kind = file.get(&kind_key).and_then(|v| v.as_str()).unwrap_or("none");
+    let kind = file
+        .get(&kind_key)
+        .and_then(|v| v.as_str())
+        .unwrap_or("none");
     let factor = file
         .get(&format!("{a}.rope.scaling.factor"))
         .and_then(|v| v.as_f64());

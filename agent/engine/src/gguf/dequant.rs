@@ -357,12 +357,20 @@ mod tests {
 
     #[test]
     fn ids_round_trip_and_unknown_types_are_named() {
-        for (id, ty) in [(0, GgmlType::F32), (12, GgmlType::Q4_K), (30, GgmlType::BF16)] {
+        for (id, ty) in [
+            (0, GgmlType::F32),
+            (12, GgmlType::Q4_K),
+            (30, GgmlType::BF16),
+        ] {
             assert_eq!(GgmlType::from_id(id), Ok(ty));
         }
         let e = GgmlType::from_id(16).unwrap_err();
         assert!(e.contains("IQ2_XXS") && e.contains("Q6_K"), "{e}");
-        assert!(GgmlType::from_id(99).unwrap_err().contains("unknown tensor type id 99"));
+        assert!(
+            GgmlType::from_id(99)
+                .unwrap_err()
+                .contains("unknown tensor type id 99")
+        );
     }
 
     #[test]

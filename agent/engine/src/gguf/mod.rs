@@ -113,7 +113,11 @@ impl GgufWeights {
 
     /// The tensor `hf_name` dequantized to f32 (Q/K rows in `transformers`
     /// order), checked against `shape` when given. Returns its shape too.
-    pub fn tensor_f32(&self, hf_name: &str, shape: Option<&[usize]>) -> Result<(Vec<usize>, Vec<f32>)> {
+    pub fn tensor_f32(
+        &self,
+        hf_name: &str,
+        shape: Option<&[usize]>,
+    ) -> Result<(Vec<usize>, Vec<f32>)> {
         let path = self.file.path().to_path_buf();
         let err = |tensor: String, message: String| EngineError::Weights {
             path: path.clone(),
@@ -164,7 +168,10 @@ mod tests {
     #[test]
     fn names_map_to_gguf() {
         let n = |s: &str| gguf_name(s);
-        assert_eq!(n("model.embed_tokens.weight").as_deref(), Some("token_embd.weight"));
+        assert_eq!(
+            n("model.embed_tokens.weight").as_deref(),
+            Some("token_embd.weight")
+        );
         assert_eq!(
             n("model.layers.7.self_attn.k_proj.bias").as_deref(),
             Some("blk.7.attn_k.bias")

@@ -328,7 +328,12 @@ fn tensor_info(
     let elems = dims
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .ok_or_else(|| format!("tensor `{name}` ({}): dimensions {dims:?} overflow", ty.name()))?;
+        .ok_or_else(|| {
+            format!(
+                "tensor `{name}` ({}): dimensions {dims:?} overflow",
+                ty.name()
+            )
+        })?;
     if dims.first().is_some_and(|&d| d % ty.block_elems() != 0) {
         return Err(format!(
             "tensor `{name}` ({}): rows of {} elements are not whole blocks of {}",
@@ -342,7 +347,10 @@ fn tensor_info(
         .ok_or_else(|| format!("tensor `{name}` ({}): size overflows", ty.name()))?;
     let start = data_start
         .checked_add(offset)
-        .filter(|s| s.checked_add(len as u64).is_some_and(|e| e <= file_len as u64))
+        .filter(|s| {
+            s.checked_add(len as u64)
+                .is_some_and(|e| e <= file_len as u64)
+        })
         .ok_or_else(|| {
             format!(
                 "truncated: tensor `{name}` ({}, {len} bytes at data offset {offset}) \

@@ -173,12 +173,8 @@ fn byte_level(file: &GgufFile, vocab: &Vocab<'_>) -> Result<Value> {
         .get(pre_key)
         .and_then(MetaValue::as_str)
         .unwrap_or("gpt2");
-    let byte_level = |regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex})
-    };
-    let split = |regex: &str| {
-        json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+    let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
     let (pre_tokenizer, ignore_merges) = match pre {
         "gpt2" | "default" => (byte_level(true), false),
         "smollm" | "starcoder" | "refact" | "codeshell" | "command-r" | "exaone" | "minerva" => (
@@ -219,7 +215,8 @@ fn byte_level(file: &GgufFile, vocab: &Vocab<'_>) -> Result<Value> {
 
 fn sentencepiece(file: &GgufFile, vocab: &Vocab<'_>) -> Value {
     let space_prefix = flag(file, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
-    let mut normalizers = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+    let mut normalizers =
+        vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
     let mut decoders = vec![
         json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
         json!({"type": "ByteFallback"}),
@@ -247,8 +244,12 @@ fn sentencepiece(file: &GgufFile, vocab: &Vocab<'_>) -> Value {
 /// then longer right piece, then vocabulary order), as `transformers`
 /// derives them for SentencePiece GGUFs.
 fn score_merges(vocab: &Vocab<'_>) -> Vec<Value> {
-    let ids: std::collections::HashMap<&str, usize> =
-        vocab.tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let ids: std::collections::HashMap<&str, usize> = vocab
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (*t, i))
+        .collect();
     let mut merges: Vec<(&str, &str, f64)> = Vec::new();
     for (i, piece) in vocab.tokens.iter().enumerate() {
         let score = vocab.scores.get(i).copied().unwrap_or(0.0);

