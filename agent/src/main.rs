@@ -184,10 +184,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if registry.iter().next().is_none() && registry.encoders().next().is_none() {
-        if let Some(e) = failed.into_iter().next() {
-            return Err(e.into());
-        }
+    if registry.iter().next().is_none()
+        && registry.encoders().next().is_none()
+        && let Some(e) = failed.into_iter().next()
+    {
+        return Err(e.into());
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -164,7 +164,8 @@ impl GgmlType {
     /// Bytes of `elems` elements (a whole number of blocks), or `None` when
     /// `elems` is not a multiple of the block.
     pub fn bytes_for(self, elems: usize) -> Option<usize> {
-        (elems % self.block_elems() == 0)
+        elems
+            .is_multiple_of(self.block_elems())
             .then(|| elems / self.block_elems())
             .and_then(|blocks| blocks.checked_mul(self.block_bytes()))
     }
