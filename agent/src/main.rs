@@ -35,7 +35,9 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "WEIR_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Serve this Hugging Face directory instead of the built-in model.
+    /// Serve this Hugging Face directory or GGUF file (`FILE.gguf`: weights,
+    /// tokenizer and chat template from the file) instead of the built-in
+    /// model.
     #[arg(long, conflicts_with = "config")]
     model: Option<PathBuf>,
     /// Name to serve `--model` under (default: the directory name).
@@ -132,11 +134,16 @@ fn model_specs(args: &ServeArgs) -> anyhow::Result<Vec<ModelSpec>> {
     Ok(specs)
 }
 
+/// The name a model is served under by default: its directory's name, or
+/// a GGUF file's name without `.gguf`.
 fn dir_name(dir: &std::path::Path) -> String {
-    dir.canonicalize()
-        .unwrap_or_else(|_| dir.to_path_buf())
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
+    let path = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let name = if path.is_file() {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into())
 }
 
@@ -187,9 +194,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // A model that fails to load (a bad file, an unknown architecture) is
+    // reported and left out; the agent serves the others.
+    let mut failed = Vec::new();
     for spec in &specs {
         tracing::info!(model = %spec.name, dir = %spec.dir.display(), "loading");
-        registry.insert_loaded(Loaded::load(spec)?);
+        match Loaded::load(spec) {
+            Ok(loaded) => registry.insert_loaded(loaded),
+            Err(e) => {
+                tracing::error!(model = %spec.name, error = %e, "model failed to load; not served");
+                failed.push(e);
+            }
+        }
+    }
+    if registry.iter().next().is_none()
+        && registry.encoders().next().is_none()
+        && let Some(e) = failed.into_iter().next()
+    {
+        return Err(e.into());
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

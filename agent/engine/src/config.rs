@@ -41,6 +41,10 @@ pub enum RopeScaling {
         /// Context length the model was trained with.
         original_max_position_embeddings: usize,
     },
+    /// Each rotary pair's inverse frequency divided by its own factor: how
+    /// GGUF files store Llama 3 scaling (the `rope_freqs.weight` tensor,
+    /// one factor per pair).
+    Factors(Vec<f64>),
 }
 
 /// The model's shape and numerics, as the engine uses them.
@@ -108,8 +112,12 @@ struct RawConfig {
 }
 
 impl ModelConfig {
-    /// Reads and checks `dir/config.json`.
+    /// Reads and checks `dir/config.json`; when `dir` is a file, reads the
+    /// metadata of that GGUF file instead.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            return Self::from_gguf(&crate::gguf::GgufFile::open(dir)?);
+        }
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
             path: path.clone(),

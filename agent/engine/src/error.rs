@@ -36,6 +36,14 @@ pub enum EngineError {
         /// What is wrong.
         message: String,
     },
+    /// A GGUF file is malformed (wrong magic, truncated, corrupt directory).
+    #[error("GGUF file {path}: {message}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// The tokenizer or chat template could not be loaded or applied.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -57,6 +65,7 @@ impl EngineError {
             Self::Io { .. } => "io",
             Self::Config { .. } => "config",
             Self::Weights { .. } => "weights",
+            Self::Gguf { .. } => "gguf",
             Self::Tokenizer(_) => "tokenizer",
             Self::ChatTemplate(_) => "chat_template",
             Self::InvalidRequest(_) => "invalid_request",

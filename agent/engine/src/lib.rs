@@ -9,6 +9,7 @@ pub mod config;
 pub mod encoder;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod kv_pool;
 pub mod model;
 pub mod sampler;

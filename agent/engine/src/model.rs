@@ -256,6 +256,7 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f64> {
     match config.rope_scaling {
         RopeScaling::None => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+        RopeScaling::Factors(ref factors) => base.iter().zip(factors).map(|(f, d)| f / d).collect(),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,

@@ -64,9 +64,28 @@ fn template_string(value: Option<&Value>) -> Option<String> {
 }
 
 impl TextTokenizer {
+    /// A tokenizer built elsewhere (e.g. from a GGUF file's metadata).
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        chat_template: Option<String>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Self {
+        Self {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+        }
+    }
+
     /// Loads `tokenizer.json`, `tokenizer_config.json` (if present) and a
-    /// `chat_template.jinja` file (if present, it takes precedence).
+    /// `chat_template.jinja` file (if present, it takes precedence); when
+    /// `dir` is a file, the tokenizer and chat template of that GGUF file.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            return crate::gguf::tokenizer::text_tokenizer(&crate::gguf::GgufFile::open(dir)?);
+        }
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;

@@ -1,7 +1,10 @@
-//! Safetensors weights of a Hugging Face directory: one `model.safetensors`
-//! or shards listed in `model.safetensors.index.json`, memory-mapped, read
-//! as bf16, f16 or f32 and checked against the shape the model expects.
+//! Weights of a model: the safetensors of a Hugging Face directory (one
+//! `model.safetensors` or shards listed in `model.safetensors.index.json`,
+//! memory-mapped, read as bf16, f16 or f32) or a GGUF file (dequantized to
+//! f32 tensor by tensor, see [`crate::gguf`]), checked against the shape
+//! the model expects.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -28,8 +31,8 @@ pub struct TensorView<'a> {
     pub dtype: WeightDtype,
     /// Shape, outermost first.
     pub shape: Vec<usize>,
-    /// Raw little-endian data.
-    pub data: &'a [u8],
+    /// Raw little-endian data (owned when dequantized from GGUF).
+    pub data: Cow<'a, [u8]>,
 }
 
 impl TensorView<'_> {
@@ -55,18 +58,31 @@ impl TensorView<'_> {
     }
 }
 
-/// Every weight file of a model directory, memory-mapped.
+/// Every weight file of a model, memory-mapped.
 pub struct Weights {
     dir: PathBuf,
     files: Vec<(PathBuf, Mmap)>,
     /// Tensor name → index into `files`.
     index: HashMap<String, usize>,
+    /// Set when the weights are a GGUF file (then `files` is empty).
+    gguf: Option<crate::gguf::GgufWeights>,
 }
 
 impl Weights {
     /// Opens `dir/model.safetensors`, or the shards that
-    /// `dir/model.safetensors.index.json` lists.
+    /// `dir/model.safetensors.index.json` lists; when `dir` is a file, it
+    /// is opened as GGUF.
     pub fn open(dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            let file = crate::gguf::GgufFile::open(dir)?;
+            let config = crate::config::ModelConfig::from_gguf(&file)?;
+            return Ok(Self::from_gguf(crate::gguf::GgufWeights::new(
+                file,
+                config.architecture,
+                config.num_heads,
+                config.num_kv_heads,
+            )));
+        }
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let names: Vec<String> = if index_path.exists() {
@@ -113,7 +129,18 @@ impl Weights {
             dir: dir.to_path_buf(),
             files,
             index,
+            gguf: None,
         })
+    }
+
+    /// Weights served from a GGUF file.
+    pub fn from_gguf(gguf: crate::gguf::GgufWeights) -> Self {
+        Self {
+            dir: gguf.file().path().to_path_buf(),
+            files: Vec::new(),
+            index: HashMap::new(),
+            gguf: Some(gguf),
+        }
     }
 
     /// Opens one safetensors file (not a model directory).
@@ -133,6 +160,9 @@ impl Weights {
 
     /// Whether a tensor exists.
     pub fn contains(&self, name: &str) -> bool {
+        if let Some(gguf) = &self.gguf {
+            return gguf.contains(name);
+        }
         self.index.contains_key(name)
     }
 
@@ -142,6 +172,14 @@ impl Weights {
     }
 
     fn view(&self, name: &str, shape: Option<&[usize]>) -> Result<TensorView<'_>> {
+        if let Some(gguf) = &self.gguf {
+            let (shape, values) = gguf.tensor_f32(name, shape)?;
+            return Ok(TensorView {
+                dtype: WeightDtype::F32,
+                shape,
+                data: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            });
+        }
         let err = |message: String| EngineError::Weights {
             path: self.dir.clone(),
             tensor: name.to_owned(),
@@ -173,7 +211,7 @@ impl Weights {
         Ok(TensorView {
             dtype,
             shape: view.shape().to_vec(),
-            data: view.data(),
+            data: Cow::Borrowed(view.data()),
         })
     }
 }

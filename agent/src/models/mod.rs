@@ -1,5 +1,5 @@
-//! The models an agent serves: loading a Hugging Face directory onto the
-//! engine, the built-in standalone model, and the registry the server looks
+//! The models an agent serves: loading a Hugging Face directory or a GGUF
+//! file onto the engine, the built-in standalone model, and the registry the server looks
 //! names up in.
 
 pub mod drain;
@@ -71,7 +71,7 @@ pub struct ServedModel {
 pub struct ModelSpec {
     /// Name clients use.
     pub name: String,
-    /// Hugging Face directory.
+    /// Hugging Face directory, or a `.gguf` file.
     pub dir: PathBuf,
     /// Engine settings.
     pub engine: EngineConfig,
@@ -245,8 +245,12 @@ impl ServedModel {
     }
 }
 
-/// Bytes of the safetensors files in `dir` (0 when unreadable).
+/// Bytes of the safetensors files in `dir`, or of the GGUF file `dir` is
+/// (0 when unreadable).
 pub fn weights_bytes(dir: &Path) -> u64 {
+    if dir.is_file() {
+        return std::fs::metadata(dir).map_or(0, |m| m.len());
+    }
     std::fs::read_dir(dir)
         .map(|entries| {
             entries

