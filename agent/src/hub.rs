@@ -178,6 +178,34 @@ impl Hub {
         dest: &Path,
         progress: &Progress,
     ) -> Result<PathBuf, HubError> {
+        self.download_files(repo, revision, None, token, dest, progress)
+            .await
+    }
+
+    /// Downloads the one file `file` of `repo` (a GGUF model) at `revision`
+    /// into the directory `dest`, as [`Self::download`] does a whole model.
+    pub async fn download_file(
+        &self,
+        repo: &str,
+        revision: &str,
+        file: &str,
+        token: Option<&str>,
+        dest: &Path,
+        progress: &Progress,
+    ) -> Result<PathBuf, HubError> {
+        self.download_files(repo, revision, Some(file), token, dest, progress)
+            .await
+    }
+
+    async fn download_files(
+        &self,
+        repo: &str,
+        revision: &str,
+        only: Option<&str>,
+        token: Option<&str>,
+        dest: &Path,
+        progress: &Progress,
+    ) -> Result<PathBuf, HubError> {
         let what = format!("hf://{repo}@{revision}");
         let url = format!("{}/api/models/{repo}/revision/{revision}", self.endpoint);
         let info: RevisionInfo = self
@@ -187,14 +215,20 @@ impl Hub {
             .await
             .map_err(|e| HubError::Transfer(format!("{what}: revision info: {e}")))?;
         let sha = info.sha.unwrap_or_else(|| revision.to_owned());
-        let files: Vec<String> = info
-            .siblings
-            .into_iter()
-            .map(|s| s.rfilename)
-            .filter(|f| wanted(f))
-            .collect();
-        if !files.iter().any(|f| f == "config.json")
-            || !files.iter().any(|f| f.ends_with(".safetensors"))
+        let names = info.siblings.into_iter().map(|s| s.rfilename);
+        let files: Vec<String> = match only {
+            Some(file) => {
+                let safe = !file.split('/').any(|p| p == ".." || p.is_empty());
+                if !safe || !names.into_iter().any(|f| f == file) {
+                    return Err(HubError::NotFound(format!("{what}/{file}")));
+                }
+                vec![file.to_owned()]
+            }
+            None => names.filter(|f| wanted(f)).collect(),
+        };
+        if only.is_none()
+            && (!files.iter().any(|f| f == "config.json")
+                || !files.iter().any(|f| f.ends_with(".safetensors")))
         {
             return Err(HubError::Unusable(format!(
                 "{what} has no config.json or no safetensors weights"
@@ -286,6 +320,16 @@ impl Hub {
         }
         Ok(())
     }
+}
+
+/// Where one file of `hf://repo` (a GGUF model) at `revision` lives: in a
+/// directory of its own beside the repository's, `<repo dir>~<file>`, so
+/// two files of one repository never share a download.
+pub fn file_dir(model_cache: &Path, repo: &str, revision: Option<&str>, file: &str) -> PathBuf {
+    let dir = cache_dir(model_cache, repo, revision);
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("~{}", file.replace('/', "_")));
+    dir.with_file_name(name)
 }
 
 /// Where `hf://repo` at `revision` lives in the model cache: the default

@@ -185,6 +185,7 @@ async fn a_failed_transfer_leaves_no_model_and_is_reported_then_retried_later() 
         revision: "main".into(),
         token: None,
         dir: dest.clone(),
+        file: None,
     };
     assert_eq!(downloads.ensure(fetch()).phase, ModelPhase::Loading);
     tokio::time::timeout(std::time::Duration::from_secs(20), downloads.finished())
@@ -212,6 +213,7 @@ async fn downloads_in_cluster_mode_end_with_a_loadable_directory() {
         revision: "main".into(),
         token: None,
         dir: dest.clone(),
+        file: None,
     };
     assert_eq!(downloads.ensure(fetch).phase, ModelPhase::Loading);
     tokio::time::timeout(std::time::Duration::from_secs(20), downloads.finished())
@@ -260,4 +262,56 @@ async fn models_over_the_file_or_byte_limits_are_refused_and_leave_nothing() {
         .await
         .unwrap();
     assert!(dest.join("model.safetensors").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gguf_file_of_a_repository_downloads_into_its_own_directory() {
+    let (url, repo, tmp) = hub(None, None).await;
+    std::fs::write(repo.dir.join("tiny.Q4_1.gguf"), b"GGUF stand-in bytes").unwrap();
+    std::fs::write(repo.dir.join("tiny.Q8_0.gguf"), b"another one").unwrap();
+    let cache = tmp.path().join("cache");
+    let path = weir_agent::cluster::plan::resolve_source(
+        "hf://acme/tiny/tiny.Q4_1.gguf",
+        None,
+        &weir_agent::cluster::plan::SourceRoots {
+            model_cache: cache.clone(),
+            pvc_root: tmp.path().join("pvc"),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        path,
+        cache.join("hf/acme/tiny~tiny.Q4_1.gguf/tiny.Q4_1.gguf")
+    );
+    let downloads = Downloads::new(Hub::new(&url));
+    let fetch = Fetch {
+        repo: "acme/tiny".into(),
+        revision: "main".into(),
+        token: None,
+        dir: path.parent().unwrap().to_path_buf(),
+        file: Some("tiny.Q4_1.gguf".into()),
+    };
+    assert_eq!(downloads.ensure(fetch).phase, ModelPhase::Loading);
+    tokio::time::timeout(std::time::Duration::from_secs(20), downloads.finished())
+        .await
+        .expect("the download ends");
+    assert_eq!(std::fs::read(&path).unwrap(), b"GGUF stand-in bytes");
+    assert_eq!(
+        *repo.fetched.lock().unwrap(),
+        ["tiny.Q4_1.gguf"],
+        "only that file"
+    );
+    // A file the repository does not have is not found.
+    let missing = Hub::new(&url)
+        .download_file(
+            "acme/tiny",
+            "main",
+            "nope.gguf",
+            None,
+            &tmp.path().join("x"),
+            &Progress::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, HubError::NotFound(_)), "{missing}");
 }

@@ -70,10 +70,11 @@ pub struct ModelSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSource {
-    /// `hf://org/name` (Hugging Face Hub), `file:///path` (a directory on
+    /// `hf://org/name` (Hugging Face Hub; `hf://org/name/FILE.gguf` for one
+    /// GGUF file of it), `file:///path` (a directory or GGUF file on
     /// the node) or `pvc://claim/path` (a directory in a PersistentVolumeClaim).
     #[schemars(regex(
-        pattern = r"^(hf://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|file:///.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*)$"
+        pattern = r"^(hf://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+\.gguf)?|file:///.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*)$"
     ))]
     pub uri: String,
     /// Branch, tag or commit for `hf://` sources.

@@ -46,6 +46,8 @@ pub struct Fetch {
     pub token: Option<String>,
     /// Where the model goes.
     pub dir: PathBuf,
+    /// The one file to fetch (a GGUF model), or the whole model.
+    pub file: Option<String>,
 }
 
 impl Downloads {
@@ -80,15 +82,24 @@ impl Downloads {
         );
         tokio::spawn(async move {
             tracing::info!(repo = %fetch.repo, revision = %fetch.revision, "downloading");
-            let result = hub
-                .download(
-                    &fetch.repo,
-                    &fetch.revision,
-                    fetch.token.as_deref(),
-                    &fetch.dir,
-                    &progress,
-                )
-                .await;
+            let token = fetch.token.as_deref();
+            let result = match &fetch.file {
+                Some(file) => {
+                    hub.download_file(
+                        &fetch.repo,
+                        &fetch.revision,
+                        file,
+                        token,
+                        &fetch.dir,
+                        &progress,
+                    )
+                    .await
+                }
+                None => {
+                    hub.download(&fetch.repo, &fetch.revision, token, &fetch.dir, &progress)
+                        .await
+                }
+            };
             let mut entries = all.lock().unwrap_or_else(|p| p.into_inner());
             match result {
                 Ok(_) => {

@@ -245,8 +245,17 @@ async fn pending_download(
     assigned: &weir_crds::node_agent::AssignedModel,
     dir: &std::path::Path,
 ) -> Option<fetch::Fetch> {
-    let repo = assigned.source.uri.strip_prefix("hf://")?;
-    if dir.join("config.json").exists() {
+    let source = assigned.source.uri.strip_prefix("hf://")?;
+    // `org/name`, or `org/name/FILE.gguf`: one file into its own directory.
+    let (repo, file) = match source.rsplit_once('/') {
+        Some((repo, file)) if file.ends_with(".gguf") => (repo, Some(file.to_owned())),
+        _ => (source, None),
+    };
+    let (present, target) = match &file {
+        Some(_) => (dir.exists(), dir.parent()?.to_path_buf()),
+        None => (dir.join("config.json").exists(), dir.to_path_buf()),
+    };
+    if present {
         return None;
     }
     let token = match &assigned.source.token_secret_ref {
@@ -261,7 +270,8 @@ async fn pending_download(
             .clone()
             .unwrap_or_else(|| "main".into()),
         token,
-        dir: dir.to_path_buf(),
+        dir: target,
+        file,
     })
 }
 

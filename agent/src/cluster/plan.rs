@@ -48,19 +48,25 @@ pub fn resolve_source(
         }
         return Ok(roots.pvc_root.join(claim).join(path));
     }
-    if let Some(repo) = uri.strip_prefix("hf://") {
-        let parts: Vec<&str> = repo.split('/').collect();
-        if parts.len() != 2
+    if let Some(rest) = uri.strip_prefix("hf://") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        let gguf = parts.len() == 3 && parts[2].ends_with(".gguf");
+        if !(parts.len() == 2 || gguf)
             || parts
                 .iter()
                 .any(|p| p.is_empty() || *p == ".." || *p == ".")
         {
             return Err(format!(
-                "`{uri}` is not a valid hf:// source (hf://org/name)"
+                "`{uri}` is not a valid hf:// source (hf://org/name or hf://org/name/FILE.gguf)"
             ));
         }
+        let repo = format!("{}/{}", parts[0], parts[1]);
         // Downloaded there when missing (see `cluster::fetch`).
-        return Ok(crate::hub::cache_dir(&roots.model_cache, repo, revision));
+        if gguf {
+            let dir = crate::hub::file_dir(&roots.model_cache, &repo, revision, parts[2]);
+            return Ok(dir.join(parts[2]));
+        }
+        return Ok(crate::hub::cache_dir(&roots.model_cache, &repo, revision));
     }
     Err(format!("unsupported source scheme in `{uri}`"))
 }
@@ -151,7 +157,17 @@ mod tests {
             resolve_source("hf://org/m", Some("v2"), &roots()),
             Ok("/var/lib/weir/models/hf/org/m@v2".into())
         );
-        for bad in ["hf://org", "hf://org/../x", "hf://a/b/c", "s3://bucket/x"] {
+        assert_eq!(
+            resolve_source("hf://org/m/m.Q4_1.gguf", None, &roots()),
+            Ok("/var/lib/weir/models/hf/org/m~m.Q4_1.gguf/m.Q4_1.gguf".into())
+        );
+        for bad in [
+            "hf://org",
+            "hf://org/../x",
+            "hf://a/b/c",
+            "hf://a/b/../c.gguf",
+            "s3://bucket/x",
+        ] {
             assert!(r(bad).is_err(), "{bad}");
         }
         assert!(is_inside(&r("pvc://c/p").unwrap(), &roots().pvc_root));
