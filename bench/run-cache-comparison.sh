@@ -6,12 +6,20 @@
 # workload against each with weir-loadgen, and prints one table with ratios
 # against the first.
 #   bench/run-cache-comparison.sh [extra weir-loadgen flags]
+# WEIR_BENCH_PROFILE=debug uses debug builds (hit rates compare; speed does
+# not); CARGO_TARGET_DIR is honoured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet -p weir-agent -p weir-bench
+profile=${WEIR_BENCH_PROFILE:-release}
+bin=${CARGO_TARGET_DIR:-target}/$profile
+if [ "$profile" = release ]; then
+  cargo build --release --quiet -p weir-agent -p weir-bench
+else
+  cargo build --quiet -p weir-agent -p weir-bench
+fi
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-agent=target/release/weir-agent
+agent=$bin/weir-agent
 # Write the built-in model once.
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 p=$(port); "$agent" serve --listen 127.0.0.1:$p --model-cache "$work/cache" >/dev/null 2>&1 & pid=$!
@@ -55,4 +63,4 @@ for s in "off:false:false:false" "coalesce:false:true:false" "cache+coalesce:tru
   done
   scenarios+=(--scenario "$name=http://127.0.0.1:$p")
 done
-target/release/weir-loadgen "${scenarios[@]}" "$@"
+"$bin/weir-loadgen" "${scenarios[@]}" "$@"

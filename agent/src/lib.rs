@@ -21,6 +21,7 @@ pub mod hub;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;
+pub mod report;
 pub mod route;
 pub mod shutdown;
 pub mod tuning;

@@ -288,3 +288,37 @@ async fn under_load_unset_fields_get_the_performance_defaults() {
     );
     assert_eq!(holder.await.unwrap(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_grades_what_was_served() {
+    let base = start(EngineConfig::default(), CachePolicySpec::default(), None).await;
+    let idle: Value = reqwest::get(format!("{base}/v1/weir/report"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(idle["models"][0]["model"], "tiny");
+    assert_eq!(idle["models"][0]["figures"]["requests"], 0);
+    assert!(
+        idle["models"][0]["report"].is_null(),
+        "no grade without requests"
+    );
+    for i in 0..5 {
+        let body = json!({"model": "tiny", "messages": [{"role": "user", "content": format!("r{i}")}],
+                          "max_tokens": 3, "temperature": 0});
+        assert_eq!(chat(&base, &body, None).await.0, 200);
+    }
+    let report: Value = reqwest::get(format!("{base}/v1/weir/report"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let model = &report["models"][0];
+    assert_eq!(model["figures"]["requests"], 5, "{report}");
+    assert_eq!(model["figures"]["successRate"], 1.0);
+    let grade = model["report"]["grade"].as_str().unwrap();
+    assert!(["A+", "A", "B", "C"].contains(&grade), "{grade}");
+    assert!(model["figures"]["p50TtftMs"].as_f64().unwrap() > 0.0);
+}

@@ -10,6 +10,7 @@ pub mod common;
 pub mod ensemble;
 pub mod model;
 pub mod node_agent;
+pub mod performance;
 pub mod tuning;
 
 pub use batch_policy::{BatchPolicy, BatchPolicySpec};

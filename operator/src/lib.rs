@@ -7,6 +7,7 @@ pub mod apply;
 pub mod autoscale;
 pub mod controller;
 pub mod drain;
+pub mod grades;
 pub mod http;
 pub mod leader;
 pub mod metrics;

@@ -101,6 +101,29 @@ pub struct ModelFigures {
     pub ttft: Histogram,
 }
 
+impl ModelFigures {
+    /// What happened since `earlier` (gauges as now; counters and
+    /// histograms as differences, from zero where one was reset).
+    pub fn since(&self, earlier: &ModelFigures) -> ModelFigures {
+        let reset = self.successes < earlier.successes || self.failures < earlier.failures;
+        let (successes, failures) = if reset {
+            (self.successes, self.failures)
+        } else {
+            (
+                self.successes - earlier.successes,
+                self.failures - earlier.failures,
+            )
+        };
+        ModelFigures {
+            successes,
+            failures,
+            e2e: self.e2e.since(&earlier.e2e),
+            ttft: self.ttft.since(&earlier.ttft),
+            ..self.clone()
+        }
+    }
+}
+
 /// Splits `name{a="b",c="d"} value` into its parts.
 fn parse_line(line: &str) -> Option<(&str, BTreeMap<&str, &str>, f64)> {
     let (series, value) = line.rsplit_once(' ')?;

@@ -246,6 +246,7 @@ pub fn model_status(
         desired_replicas: desired,
         ready_replicas: ready,
         nodes: nodes.to_vec(),
+        performance: None,
     }
 }
 

@@ -14,6 +14,7 @@ pub mod listen;
 pub mod models;
 pub mod probes;
 pub mod render;
+pub mod report;
 pub mod respond;
 
 use std::sync::atomic::AtomicBool;
@@ -146,6 +147,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(chat::completions))
         .route("/v1/models", get(models::list_models))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/weir/report", get(report::report))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_key,

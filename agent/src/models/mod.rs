@@ -64,6 +64,8 @@ pub struct ServedModel {
     pub drain: Arc<drain::Drain>,
     /// Request defaults that follow load (its BatchPolicy's `tuning`).
     pub tuner: Arc<crate::tuning::Tuner>,
+    /// Its finished requests of the last minutes, for the report.
+    pub recent: Arc<crate::report::RecentRequests>,
 }
 
 /// A model to load: where, under what name, with which settings.
@@ -195,6 +197,7 @@ impl ServedModel {
             )),
             drain: Arc::default(),
             tuner: Arc::new(crate::tuning::Tuner::new(&spec.batch.tuning)),
+            recent: Arc::default(),
         })
     }
 
@@ -241,6 +244,7 @@ impl ServedModel {
             )),
             drain: self.drain.clone(),
             tuner: Arc::new(crate::tuning::Tuner::new(&spec.batch.tuning)),
+            recent: self.recent.clone(),
         }
     }
 }

@@ -27,6 +27,7 @@ struct Watch {
     _permits: Vec<Permit>,
     start: Instant,
     last_token: Option<Instant>,
+    ttft: Option<std::time::Duration>,
     deadline: Option<Instant>,
     done: bool,
 }
@@ -48,7 +49,11 @@ impl Watch {
                 outcome: outcome.to_owned(),
             })
             .inc();
-        self.model.breaker.record(engine_ok, Instant::now());
+        let now = Instant::now();
+        self.model.breaker.record(engine_ok, now);
+        self.model
+            .recent
+            .record(now, outcome == "success", now - self.start, self.ttft);
     }
 
     fn observe(&mut self, event: &GenEvent) {
@@ -61,6 +66,7 @@ impl Watch {
                 match self.last_token {
                     None => {
                         let ttft = now - self.start;
+                        self.ttft = Some(ttft);
                         self.metrics
                             .ttft
                             .get_or_create(&label)
@@ -113,6 +119,7 @@ pub fn instrument(
         _permits: permits,
         start,
         last_token: None,
+        ttft: None,
         deadline: Some(start + timeout),
         done: false,
     };

@@ -98,6 +98,8 @@ pub struct Context {
     pub caches: Caches,
     /// The latest figures collected from the agents, per served model.
     pub figures: RwLock<BTreeMap<String, ModelFigures>>,
+    /// The collections of the last grading window.
+    pub history: RwLock<crate::grades::History>,
     /// How many collections have completed (ensembles reweight only on
     /// figures newer than their last reweighting).
     pub collections: AtomicU64,
@@ -129,6 +131,7 @@ impl Context {
             stale_after: Duration::from_secs(45),
             interval: Duration::from_secs(10),
             figures: RwLock::default(),
+            history: RwLock::default(),
             collections: AtomicU64::new(0),
             placing: Mutex::default(),
             scale: Mutex::default(),
@@ -333,7 +336,9 @@ async fn collect_forever(ctx: Arc<Context>) {
     loop {
         tick.tick().await;
         let agents = ctx.caches.agents.state();
-        let figures = collect(&ctx, &agents, Timestamp::now()).await;
+        let now = Timestamp::now();
+        let figures = collect(&ctx, &agents, now).await;
+        ctx.history.write().await.push(now, figures.clone());
         *ctx.figures.write().await = figures;
         ctx.collections.fetch_add(1, Ordering::AcqRel);
         ctx.prune().await;

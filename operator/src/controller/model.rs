@@ -393,7 +393,7 @@ async fn write_status(
 ) -> Result<(), Error> {
     let by_name: BTreeMap<String, &NodeAgent> =
         agents.iter().map(|a| (a.name_any(), a.as_ref())).collect();
-    let status = world::model_status(
+    let mut status = world::model_status(
         model,
         d.replicas,
         &d.placed.nodes,
@@ -402,13 +402,22 @@ async fn write_status(
         ctx.stale_after,
         d.problem.as_ref().map(|(r, m)| (r.as_str(), m.clone())),
     );
-    let mut status = status;
+    status.performance = ctx.history.read().await.report(&world::served_name(model));
+    let was_alert = model
+        .status
+        .as_ref()
+        .and_then(|s| s.performance.as_ref())
+        .is_some_and(|p| p.alert);
     if let (Some(note), Some(c)) = (moving_note(&d.placed), status.common.conditions.first_mut()) {
         c.message = format!("{}; {note}", c.message);
     }
     let result = apply::model_status(&ctx.client, model, &status).await;
     ctx.metrics.record("Model", &result);
     if result? {
+        if let Some(alarm) = performance_event(was_alert, status.performance.as_ref()) {
+            let (warning, reason, message) = alarm;
+            apply::event(&ctx.client, model, warning, reason, message).await;
+        }
         if let Some((reason, message)) = &d.problem {
             apply::event(&ctx.client, model, true, reason, message.clone()).await;
         } else if model.status.as_ref().map(|s| &s.nodes) != Some(&d.placed.nodes) {
@@ -420,6 +429,28 @@ async fn write_status(
         }
     }
     Ok(())
+}
+
+/// The event for a Model whose performance entered or left alert.
+fn performance_event(
+    was_alert: bool,
+    now: Option<&weir_crds::performance::PerformanceReport>,
+) -> Option<(bool, &'static str, String)> {
+    let report = now?;
+    let f = &report.figures;
+    let figures = format!(
+        "grade {}: {:.1} % success, TTFT p50 {:.0} ms, latency p50 {:.0} ms over {} requests",
+        report.grade,
+        f.success_rate * 100.0,
+        f.p50_ttft_ms,
+        f.p50_latency_ms,
+        f.requests
+    );
+    match (was_alert, report.alert) {
+        (false, true) => Some((true, "PerformanceAlert", figures)),
+        (true, false) => Some((false, "PerformanceRecovered", figures)),
+        _ => None,
+    }
 }
 
 async fn cleanup(model: &Model, ctx: &Context) -> Result<Action, Error> {
