@@ -470,6 +470,27 @@ fn encode_caches(
     caches: &[(&ModelLabel, &Arc<crate::cache::ResponseCache>)],
 ) -> Result<(), std::fmt::Error> {
     use std::sync::atomic::Ordering::Relaxed;
+    let warming: [Figure<crate::cache::CacheStats, u64>; 2] = [
+        (
+            "weir_cache_warmed_entries",
+            "Entries put into L1 from Redis at start (warming)",
+            |s| s.warmed.load(Relaxed),
+        ),
+        ("weir_cache_warmed_hits", "L1 hits on warmed entries", |s| {
+            s.warmed_hits.load(Relaxed)
+        }),
+    ];
+    for (name, help, get) in warming {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (label, cache) in caches {
+            ConstCounter::new(get(cache.stats())).encode(family.encode_family(*label)?)?;
+        }
+    }
     let with_l2: Vec<_> = caches
         .iter()
         .filter_map(|(label, cache)| Some((*label, cache.stats(), cache.l2_breaker()?)))

@@ -153,3 +153,61 @@ async fn write_behind_drops_when_its_queue_is_full() {
     assert!(dropped > 0, "the bounded queue never dropped");
     assert!(matches!(cache.get(&key(99)).await, Some((Tier::L1, _))));
 }
+
+#[tokio::test]
+async fn a_new_cache_warms_its_l1_with_the_most_asked_answers() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let _redis = Redis::start(port);
+    let mut warm_spec = spec(WriteMode::WriteThrough);
+    warm_spec.warm_on_start = true;
+    warm_spec.popular_keys = 2;
+
+    // One agent's traffic: key 1 asked often, key 2 a few times, key 3 once.
+    let first = ResponseCache::new(&warm_spec, Some(url.clone())).unwrap();
+    for i in 1..=3 {
+        first
+            .put(key(i), format!("answer {i}").into_bytes().into())
+            .await;
+    }
+    for (k, times) in [(1, 5), (2, 3), (3, 1)] {
+        for _ in 0..times {
+            assert!(first.get(&key(k)).await.is_some());
+        }
+    }
+    first.store_popular().await;
+
+    // A restarted agent: empty L1, warmed with the two most asked.
+    let second = ResponseCache::new(&warm_spec, Some(url.clone())).unwrap();
+    assert_eq!(second.l1_len().await, 0);
+    assert_eq!(second.warm(2).await, 2);
+    assert!(matches!(second.get(&key(1)).await, Some((Tier::L1, _))));
+    assert!(matches!(second.get(&key(2)).await, Some((Tier::L1, _))));
+    assert!(
+        matches!(second.get(&key(3)).await, Some((Tier::L2, _))),
+        "the least asked stays in L2 only"
+    );
+    let stats = second.stats();
+    assert_eq!(stats.warmed.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(
+        stats.warmed_hits.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+
+    // Started as the agent does: warms by itself in the background.
+    let third = std::sync::Arc::new(ResponseCache::new(&warm_spec, Some(url)).unwrap());
+    third.start(&warm_spec);
+    eventually("background warming", async || {
+        third
+            .stats()
+            .warmed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 2
+    })
+    .await;
+    assert!(matches!(third.get(&key(1)).await, Some((Tier::L1, _))));
+}

@@ -82,6 +82,14 @@ pub struct ResponseCacheSpec {
     /// Shared Redis cache. Unset disables L2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l2: Option<RedisCacheSpec>,
+    /// With L2: at start, fill L1 from L2 with the most asked answers (the
+    /// keys every agent keeps in Redis).
+    #[serde(default)]
+    pub warm_on_start: bool,
+    /// How many of the most asked keys are kept for warming.
+    #[serde(default = "default_popular_keys")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub popular_keys: u32,
 }
 
 impl Default for ResponseCacheSpec {
@@ -91,6 +99,8 @@ impl Default for ResponseCacheSpec {
             cacheable: Cacheability::default(),
             l1: L1CacheSpec::default(),
             l2: None,
+            warm_on_start: false,
+            popular_keys: default_popular_keys(),
         }
     }
 }
@@ -257,6 +267,10 @@ impl Default for CoalescingSpec {
             max_subscribers: default_subscribers(),
         }
     }
+}
+
+fn default_popular_keys() -> u32 {
+    1000
 }
 
 fn default_true() -> bool {

@@ -9,6 +9,7 @@
 //! counted) when it is full. Assumption: keys are digests of everything
 //! that changes the output (see [`CacheKey`]); values are opaque bytes.
 
+pub mod popular;
 pub mod redis_tier;
 pub mod semantic;
 
@@ -35,6 +36,18 @@ impl CacheKey {
     /// Lowercase hex.
     pub fn hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The key whose [`Self::hex`] is `hex`.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(out))
     }
 }
 
@@ -68,6 +81,10 @@ pub struct CacheStats {
     pub write_behind_dropped: AtomicU64,
     /// Values written to Redis.
     pub l2_writes: AtomicU64,
+    /// Entries put into L1 by warming at start.
+    pub warmed: AtomicU64,
+    /// L1 hits on warmed entries.
+    pub warmed_hits: AtomicU64,
 }
 
 /// Errors configuring the cache.
@@ -121,11 +138,17 @@ pub fn parse_bytes(quantity: &str) -> Result<u64, CacheError> {
     Ok((value * factor) as u64)
 }
 
-/// L1 plus optional L2.
+/// How often an agent stores its most asked keys in Redis.
+pub const POPULAR_STORE_EVERY: Duration = Duration::from_secs(30);
+
+/// L1 plus optional L2, with the most asked keys counted (and kept in L2
+/// for agents that warm their L1 at start).
 pub struct ResponseCache {
     l1: moka::future::Cache<CacheKey, Arc<[u8]>>,
-    l2: Option<RedisTier>,
+    l2: Option<Arc<RedisTier>>,
     stats: Arc<CacheStats>,
+    popular: popular::Popular,
+    warmed: std::sync::Mutex<std::collections::HashSet<CacheKey>>,
 }
 
 impl ResponseCache {
@@ -149,10 +172,70 @@ impl ResponseCache {
             .build();
         let stats = Arc::new(CacheStats::default());
         let l2 = match (&spec.l2, redis_url) {
-            (Some(l2), Some(url)) => Some(RedisTier::new(l2.clone(), url, stats.clone())),
+            (Some(l2), Some(url)) => Some(Arc::new(RedisTier::new(l2.clone(), url, stats.clone()))),
             _ => None,
         };
-        Ok(Self { l1, l2, stats })
+        Ok(Self {
+            l1,
+            l2,
+            stats,
+            popular: popular::Popular::new(spec.popular_keys as usize, std::time::Instant::now()),
+            warmed: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Stores the most asked keys in L2 (no-op without L2).
+    pub async fn store_popular(&self) {
+        if let Some(l2) = &self.l2 {
+            l2.store_popular(&self.popular.top()).await;
+        }
+    }
+
+    /// Fills L1 from L2 with the answers of the most asked keys any agent
+    /// stored (at most `limit`); how many were put in.
+    pub async fn warm(&self, limit: usize) -> usize {
+        let Some(l2) = &self.l2 else { return 0 };
+        let mut warmed = 0;
+        for key in l2.load_popular(limit).await {
+            if let Some(value) = l2.get(&key).await {
+                self.l1.insert(key, value.into()).await;
+                self.warmed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key);
+                warmed += 1;
+            }
+        }
+        self.stats
+            .warmed
+            .fetch_add(warmed as u64, Ordering::Relaxed);
+        warmed
+    }
+
+    /// Starts the background work of a cache: warming L1 once when
+    /// `warm_on_start`, and storing the most asked keys in L2 every
+    /// [`POPULAR_STORE_EVERY`]; both end with the cache.
+    pub fn start(self: &Arc<Self>, spec: &ResponseCacheSpec) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.l2.is_none() {
+            return;
+        }
+        let (weak, warm, limit) = (Arc::downgrade(self), spec.warm_on_start, spec.popular_keys);
+        runtime.spawn(async move {
+            if warm && let Some(cache) = weak.upgrade() {
+                let n = cache.warm(limit as usize).await;
+                tracing::info!(entries = n, "response cache warmed from Redis");
+            }
+            let mut tick = tokio::time::interval(POPULAR_STORE_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(cache) = weak.upgrade() else { return };
+                cache.store_popular().await;
+            }
+        });
     }
 
     /// Counters.
@@ -165,9 +248,18 @@ impl ResponseCache {
         self.l2.as_ref().map(|l2| l2.breaker_state() as u8)
     }
 
-    /// L1, then L2 (an L2 hit is copied into L1).
+    /// L1, then L2 (an L2 hit is copied into L1); counts the key as asked.
     pub async fn get(&self, key: &CacheKey) -> Option<(Tier, Arc<[u8]>)> {
+        self.popular.touch(*key, std::time::Instant::now());
         if let Some(v) = self.l1.get(key).await {
+            let warm = self
+                .warmed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(key);
+            if warm {
+                self.stats.warmed_hits.fetch_add(1, Ordering::Relaxed);
+            }
             return Some((Tier::L1, v));
         }
         let l2 = self.l2.as_ref()?;

@@ -124,7 +124,69 @@ impl Inner {
     }
 }
 
+impl Inner {
+    fn popular_key(&self) -> String {
+        format!("{}popular", self.spec.key_prefix)
+    }
+
+    /// Replaces the stored popular keys with `top` (hex keys and counts).
+    async fn store_popular(&self, top: &[(CacheKey, f64)]) {
+        let Some(mut conn) = self.connection().await else {
+            return;
+        };
+        let set = self.popular_key();
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&set).ignore();
+        for (key, count) in top {
+            pipe.zadd(&set, key.hex(), *count).ignore();
+        }
+        pipe.expire(&set, i64::from(self.spec.ttl_seconds)).ignore();
+        match tokio::time::timeout(self.timeout(), pipe.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => self.breaker.record(true, Instant::now()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "Redis popular keys");
+                self.failed(false);
+            }
+            Err(_) => self.failed(true),
+        }
+    }
+
+    /// The stored popular keys, most asked first (at most `limit`).
+    async fn load_popular(&self, limit: usize) -> Vec<CacheKey> {
+        let Some(mut conn) = self.connection().await else {
+            return Vec::new();
+        };
+        let stop = limit.max(1) as isize - 1;
+        let call = conn.zrevrange::<_, Vec<String>>(self.popular_key(), 0, stop);
+        match tokio::time::timeout(self.timeout(), call).await {
+            Ok(Ok(keys)) => {
+                self.breaker.record(true, Instant::now());
+                keys.iter().filter_map(|k| CacheKey::from_hex(k)).collect()
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "Redis popular keys");
+                self.failed(false);
+                Vec::new()
+            }
+            Err(_) => {
+                self.failed(true);
+                Vec::new()
+            }
+        }
+    }
+}
+
 impl RedisTier {
+    /// Stores the most asked keys (for agents that warm on start).
+    pub async fn store_popular(&self, top: &[(CacheKey, f64)]) {
+        self.inner.store_popular(top).await;
+    }
+
+    /// The most asked keys stored by any agent, most asked first.
+    pub async fn load_popular(&self, limit: usize) -> Vec<CacheKey> {
+        self.inner.load_popular(limit).await
+    }
+
     /// A tier for `spec` at `url`; connects lazily (a down Redis at start is
     /// retried once the breaker lets a probe through).
     pub fn new(spec: RedisCacheSpec, url: String, stats: Arc<CacheStats>) -> Self {

@@ -271,12 +271,14 @@ fn response_cache(spec: &ModelSpec) -> Result<Option<Arc<ResponseCache>>, LoadEr
     if !spec.cache.response_cache.enabled {
         return Ok(None);
     }
-    ResponseCache::new(&spec.cache.response_cache, spec.redis_url.clone())
-        .map(|c| Some(Arc::new(c)))
+    let cache = ResponseCache::new(&spec.cache.response_cache, spec.redis_url.clone())
+        .map(Arc::new)
         .map_err(|e| LoadError::Cache {
             name: spec.name.clone(),
             source: e,
-        })
+        })?;
+    cache.start(&spec.cache.response_cache);
+    Ok(Some(cache))
 }
 
 /// A loaded model of either kind.
