@@ -1,8 +1,10 @@
 //! Weights of a model: the safetensors of a Hugging Face directory (one
 //! `model.safetensors` or shards listed in `model.safetensors.index.json`,
-//! memory-mapped, read as bf16, f16 or f32) or a GGUF file (dequantized to
-//! f32 tensor by tensor, see [`crate::gguf`]), checked against the shape
-//! the model expects.
+//! memory-mapped, read as bf16, f16 or f32) or a GGUF file (see
+//! [`crate::gguf`]: Q4_0, Q4_1 and Q8_0 tensors served as their stored
+//! blocks unless [`QuantizedWeights::Dequantize`] is asked for, other
+//! quantized types dequantized to f32), checked against the shape the model
+//! expects.
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -22,7 +24,40 @@ pub enum WeightDtype {
     F16,
     /// IEEE single.
     F32,
+    /// Blocks of a quantized GGML type as a GGUF file stores them
+    /// (Q4_0, Q4_1 or Q8_0; rows are whole blocks).
+    Ggml(crate::gguf::GgmlType),
 }
+
+/// How a GGUF file's Q4_0, Q4_1 and Q8_0 tensors reach the backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QuantizedWeights {
+    /// As stored blocks ([`WeightDtype::Ggml`]): the CPU backend multiplies
+    /// them directly, activations rounded to 8 bits per block.
+    #[default]
+    Keep,
+    /// Dequantized to f32 at load: exact arithmetic on the stored values,
+    /// four to seven times the memory.
+    Dequantize,
+}
+
+impl QuantizedWeights {
+    /// [`Dequantize`](Self::Dequantize) when the environment variable
+    /// `WEIR_GGUF_DEQUANTIZE` is `1` or `true`, else [`Keep`](Self::Keep).
+    pub fn from_env() -> Self {
+        match std::env::var("WEIR_GGUF_DEQUANTIZE").as_deref() {
+            Ok("1" | "true") => Self::Dequantize,
+            _ => Self::Keep,
+        }
+    }
+}
+
+/// The quantized types served as blocks under [`QuantizedWeights::Keep`].
+pub const BLOCK_TYPES: [crate::gguf::GgmlType; 3] = [
+    crate::gguf::GgmlType::Q4_0,
+    crate::gguf::GgmlType::Q4_1,
+    crate::gguf::GgmlType::Q8_0,
+];
 
 /// A tensor as stored: type, shape and little-endian bytes.
 #[derive(Debug)]
@@ -54,6 +89,11 @@ impl TensorView<'_> {
                 .chunks_exact(2)
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
+            WeightDtype::Ggml(ty) => {
+                let mut out = vec![0f32; self.shape.iter().product()];
+                crate::gguf::dequant::dequantize(ty, &self.data, &mut out);
+                out
+            }
         }
     }
 }
@@ -66,6 +106,7 @@ pub struct Weights {
     index: HashMap<String, usize>,
     /// Set when the weights are a GGUF file (then `files` is empty).
     gguf: Option<crate::gguf::GgufWeights>,
+    quantized: QuantizedWeights,
 }
 
 impl Weights {
@@ -130,6 +171,7 @@ impl Weights {
             files,
             index,
             gguf: None,
+            quantized: QuantizedWeights::from_env(),
         })
     }
 
@@ -140,7 +182,15 @@ impl Weights {
             files: Vec::new(),
             index: HashMap::new(),
             gguf: Some(gguf),
+            quantized: QuantizedWeights::from_env(),
         }
+    }
+
+    /// Chooses how GGUF quantized tensors are served (by default from
+    /// [`QuantizedWeights::from_env`]); safetensors are unaffected.
+    pub fn with_quantized(mut self, quantized: QuantizedWeights) -> Self {
+        self.quantized = quantized;
+        self
     }
 
     /// Opens one safetensors file (not a model directory).
@@ -173,12 +223,7 @@ impl Weights {
 
     fn view(&self, name: &str, shape: Option<&[usize]>) -> Result<TensorView<'_>> {
         if let Some(gguf) = &self.gguf {
-            let (shape, values) = gguf.tensor_f32(name, shape)?;
-            return Ok(TensorView {
-                dtype: WeightDtype::F32,
-                shape,
-                data: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            });
+            return self.gguf_view(gguf, name, shape);
         }
         let err = |message: String| EngineError::Weights {
             path: self.dir.clone(),
@@ -213,6 +258,37 @@ impl Weights {
             shape: view.shape().to_vec(),
             data: Cow::Borrowed(view.data()),
         })
+    }
+}
+
+impl Weights {
+    fn gguf_view<'a>(
+        &self,
+        gguf: &'a crate::gguf::GgufWeights,
+        name: &str,
+        shape: Option<&[usize]>,
+    ) -> Result<TensorView<'a>> {
+        use crate::gguf::GgmlType;
+        let (ty, shape, data) = gguf.tensor_raw(name, shape)?;
+        let dtype = match ty {
+            GgmlType::F32 => WeightDtype::F32,
+            GgmlType::F16 => WeightDtype::F16,
+            GgmlType::BF16 => WeightDtype::BF16,
+            ty if BLOCK_TYPES.contains(&ty) && self.quantized == QuantizedWeights::Keep => {
+                WeightDtype::Ggml(ty)
+            }
+            ty => {
+                let mut values = vec![0f32; shape.iter().product()];
+                crate::gguf::dequant::dequantize(ty, &data, &mut values);
+                let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                return Ok(TensorView {
+                    dtype: WeightDtype::F32,
+                    shape,
+                    data: Cow::Owned(data),
+                });
+            }
+        };
+        Ok(TensorView { dtype, shape, data })
     }
 }
 

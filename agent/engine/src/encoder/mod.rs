@@ -16,7 +16,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use crate::backend::Backend;
-use crate::backend::cpu::{CpuBackend, CpuTensor};
+use crate::backend::cpu::{CpuBackend, CpuTensor, CpuWeight};
 use crate::error::{EngineError, Result};
 use crate::weights::Weights;
 
@@ -26,13 +26,13 @@ struct Norm {
 }
 
 struct Layer {
-    q: (CpuTensor, CpuTensor),
-    k: (CpuTensor, CpuTensor),
-    v: (CpuTensor, CpuTensor),
-    attn_out: (CpuTensor, CpuTensor),
+    q: (CpuWeight, CpuWeight),
+    k: (CpuWeight, CpuWeight),
+    v: (CpuWeight, CpuWeight),
+    attn_out: (CpuWeight, CpuWeight),
     attn_norm: Norm,
-    up: (CpuTensor, CpuTensor),
-    down: (CpuTensor, CpuTensor),
+    up: (CpuWeight, CpuWeight),
+    down: (CpuWeight, CpuWeight),
     out_norm: Norm,
 }
 
@@ -68,12 +68,12 @@ impl BertEncoder {
         let c = &config;
         let (h, ff) = (c.hidden_size, c.intermediate_size);
         let load = |name: &str, shape: &[usize]| {
-            backend.load_weight(&weights.get(&format!("{prefix}{name}"), shape)?)
+            backend.load_dense(&weights.get(&format!("{prefix}{name}"), shape)?)
         };
-        let dense = |name: &str, out: usize, inp: usize| -> Result<(CpuTensor, CpuTensor)> {
+        let dense = |name: &str, out: usize, inp: usize| -> Result<(CpuWeight, CpuWeight)> {
             Ok((
-                load(&format!("{name}.weight"), &[out, inp])?,
-                load(&format!("{name}.bias"), &[out])?,
+                load(&format!("{name}.weight"), &[out, inp])?.into(),
+                load(&format!("{name}.bias"), &[out])?.into(),
             ))
         };
         let norm = |name: &str| -> Result<Norm> {
@@ -180,7 +180,7 @@ impl BertEncoder {
     fn layer(&self, layer: &Layer, x: CpuTensor, spans: &[(usize, usize)]) -> Result<CpuTensor> {
         let b = &self.backend;
         let eps = self.config.layer_norm_eps;
-        let linear = |x: &CpuTensor, (w, bias): &(CpuTensor, CpuTensor)| b.linear(x, w, Some(bias));
+        let linear = |x: &CpuTensor, (w, bias): &(CpuWeight, CpuWeight)| b.linear(x, w, Some(bias));
         let q = linear(&x, &layer.q)?;
         let k = linear(&x, &layer.k)?;
         let v = linear(&x, &layer.v)?;

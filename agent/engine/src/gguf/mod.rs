@@ -10,10 +10,11 @@
 //! later. The format itself is small.
 //!
 //! [`GgufWeights`] serves tensors under their Hugging Face names to
-//! [`crate::model::LlamaModel`], dequantized to f32 at load, with the Q/K
-//! rows that llama.cpp's converter permutes for Llama and Mistral put back
-//! in the order `transformers` uses. Quantized kernels can take the stored
-//! blocks instead ([`GgufFile::tensor_data`], [`unpermute_rows`]).
+//! [`crate::model::LlamaModel`], as stored ([`GgufWeights::tensor_raw`]:
+//! the CPU backend keeps Q4_0, Q4_1 and Q8_0 blocks and multiplies them
+//! directly) or dequantized to f32 ([`GgufWeights::tensor_f32`]), with the
+//! Q/K rows that llama.cpp's converter permutes for Llama and Mistral put
+//! back in the order `transformers` uses ([`unpermute_rows`]).
 
 pub mod config;
 pub mod dequant;
@@ -118,6 +119,20 @@ impl GgufWeights {
         hf_name: &str,
         shape: Option<&[usize]>,
     ) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (ty, stored, data) = self.tensor_raw(hf_name, shape)?;
+        let mut out = vec![0f32; stored.iter().product()];
+        dequant::dequantize(ty, &data, &mut out);
+        Ok((stored, out))
+    }
+
+    /// The tensor `hf_name` as stored: its type, shape and blocks (borrowed
+    /// from the memory map, or copied when Q/K rows are unpermuted into
+    /// `transformers` order), checked against `shape` when given.
+    pub fn tensor_raw(
+        &self,
+        hf_name: &str,
+        shape: Option<&[usize]>,
+    ) -> Result<(GgmlType, Vec<usize>, std::borrow::Cow<'_, [u8]>)> {
         let path = self.file.path().to_path_buf();
         let err = |tensor: String, message: String| EngineError::Weights {
             path: path.clone(),
@@ -155,9 +170,7 @@ impl GgufWeights {
             }
             data = unpermute_rows(&data, heads, data.len() / rows).into();
         }
-        let mut out = vec![0f32; stored.iter().product()];
-        dequant::dequantize(info.ty, &data, &mut out);
-        Ok((stored, out))
+        Ok((info.ty, stored, data))
     }
 }
 

@@ -1,17 +1,25 @@
-//! The CPU backend: f32 math, multithreaded with rayon. It is the reference
-//! the CUDA backend is checked against, and it runs everywhere, CI included.
+//! The CPU backend: f32 activations, multithreaded with rayon. It is the
+//! reference the CUDA backend is checked against, and it runs everywhere,
+//! CI included.
 //!
-//! Matrix products are written here rather than taken from a BLAS crate so
-//! that the backend stays free of `unsafe`: decode (few rows) is bound by
-//! reading the weights, and a row-parallel dot-product kernel reads each
-//! weight row once per step, which is what that case needs.
+//! Weights are f32 ([`CpuWeight::Dense`]), or, for a GGUF file's Q4_0,
+//! Q4_1 and Q8_0 tensors, the stored blocks ([`CpuWeight::Quant`],
+//! multiplied by the kernels of [`quant`] on the instruction set [`simd`]
+//! detects). The f32 product is written here rather than taken from a BLAS
+//! crate: decode (few rows) is bound by reading the weights, and a
+//! row-parallel dot-product kernel reads each weight row once per step.
+
+pub mod quant;
+pub mod simd;
 
 use rayon::prelude::*;
 
 use super::{AttentionShape, Backend, BatchLayout, KvCacheShape, RopeTable, SampleResults};
 use crate::error::{EngineError, Result};
 use crate::sampler::{BatchRow, Sampler};
-use crate::weights::TensorView;
+use crate::weights::{TensorView, WeightDtype};
+use quant::QuantMatrix;
+use simd::Isa;
 
 /// A row-major f32 matrix (`rows × cols`); vectors have one row.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,7 +33,7 @@ pub struct CpuTensor {
 }
 
 impl CpuTensor {
-    fn zeros(rows: usize, cols: usize) -> Self {
+    pub(crate) fn zeros(rows: usize, cols: usize) -> Self {
         Self {
             rows,
             cols,
@@ -33,8 +41,49 @@ impl CpuTensor {
         }
     }
 
-    fn row(&self, i: usize) -> &[f32] {
+    pub(crate) fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+}
+
+/// A weight on the CPU: f32 values, or a matrix of stored quantized blocks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CpuWeight {
+    /// f32 values (vectors, and matrices stored unquantized or dequantized).
+    Dense(CpuTensor),
+    /// Q4_0, Q4_1 or Q8_0 blocks as the file stores them.
+    Quant(QuantMatrix),
+}
+
+impl CpuWeight {
+    /// The f32 values, when the weight is dense.
+    pub fn dense(&self) -> Option<&CpuTensor> {
+        match self {
+            Self::Dense(t) => Some(t),
+            Self::Quant(_) => None,
+        }
+    }
+
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Self::Dense(t) => (t.rows, t.cols),
+            Self::Quant(q) => (q.rows(), q.cols()),
+        }
+    }
+
+    /// Bytes of memory the weight holds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) => t.data.len() * 4,
+            Self::Quant(q) => q.bytes(),
+        }
+    }
+}
+
+impl From<CpuTensor> for CpuWeight {
+    fn from(t: CpuTensor) -> Self {
+        Self::Dense(t)
     }
 }
 
@@ -52,9 +101,26 @@ impl CpuKvCache {
     }
 }
 
-/// The f32 CPU backend.
+/// The CPU backend.
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend;
+
+impl CpuBackend {
+    /// A stored weight widened to f32 (dequantized when it is blocks).
+    pub fn load_dense(&self, view: &TensorView<'_>) -> Result<CpuTensor> {
+        let (rows, cols) = super::matrix_shape(&view.shape)?;
+        Ok(CpuTensor {
+            rows,
+            cols,
+            data: view.to_f32(),
+        })
+    }
+}
+
+fn dense<'a>(what: &str, w: &'a CpuWeight) -> Result<&'a CpuTensor> {
+    w.dense()
+        .ok_or_else(|| shape_err(what, "needs an f32 weight, not quantized blocks".into()))
+}
 
 fn shape_err(what: &str, detail: String) -> EngineError {
     EngineError::Backend(format!("{what}: {detail}"))
@@ -77,7 +143,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
-    type Weight = CpuTensor;
+    type Weight = CpuWeight;
     type KvCache = CpuKvCache;
     type Batch = BatchLayout;
     type Rope = RopeTable;
@@ -86,13 +152,13 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
-    fn load_weight(&self, view: &TensorView<'_>) -> Result<CpuTensor> {
-        let (rows, cols) = super::matrix_shape(&view.shape)?;
-        Ok(CpuTensor {
-            rows,
-            cols,
-            data: view.to_f32(),
-        })
+    fn load_weight(&self, view: &TensorView<'_>) -> Result<CpuWeight> {
+        if let (WeightDtype::Ggml(ty), [rows, cols]) = (view.dtype, view.shape.as_slice()) {
+            let q = QuantMatrix::new(ty, *rows, *cols, view.data.to_vec())
+                .map_err(|e| shape_err("load_weight", e))?;
+            return Ok(CpuWeight::Quant(q));
+        }
+        self.load_dense(view).map(CpuWeight::Dense)
     }
 
     fn load_rope(&self, table: &RopeTable) -> Result<RopeTable> {
@@ -116,21 +182,23 @@ impl Backend for CpuBackend {
         Ok(layout.clone())
     }
 
-    fn embed(&self, table: &CpuTensor, batch: &BatchLayout) -> Result<CpuTensor> {
-        let mut out = CpuTensor::zeros(batch.token_ids.len(), table.cols);
-        for (row, &id) in out.data.chunks_exact_mut(table.cols).zip(&batch.token_ids) {
-            if id as usize >= table.rows {
-                return Err(shape_err(
-                    "embed",
-                    format!("token {id} ≥ vocab {}", table.rows),
-                ));
+    fn embed(&self, table: &CpuWeight, batch: &BatchLayout) -> Result<CpuTensor> {
+        let (vocab, cols) = table.shape();
+        let mut out = CpuTensor::zeros(batch.token_ids.len(), cols);
+        for (row, &id) in out.data.chunks_exact_mut(cols).zip(&batch.token_ids) {
+            if id as usize >= vocab {
+                return Err(shape_err("embed", format!("token {id} ≥ vocab {vocab}")));
             }
-            row.copy_from_slice(table.row(id as usize));
+            match table {
+                CpuWeight::Dense(t) => row.copy_from_slice(t.row(id as usize)),
+                CpuWeight::Quant(q) => q.dequantize_row(id as usize, row),
+            }
         }
         Ok(out)
     }
 
-    fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        let weight = dense("rms_norm", weight)?;
         if weight.data.len() != x.cols {
             return Err(shape_err(
                 "rms_norm",
@@ -152,18 +220,32 @@ impl Backend for CpuBackend {
         &self,
         x: &mut CpuTensor,
         delta: &CpuTensor,
-        weight: &CpuTensor,
+        weight: &CpuWeight,
         eps: f32,
     ) -> Result<CpuTensor> {
         self.add_assign(x, delta)?;
         self.rms_norm(x, weight, eps)
     }
 
-    fn logits(&self, x: &CpuTensor, w: &CpuTensor) -> Result<CpuTensor> {
+    fn logits(&self, x: &CpuTensor, w: &CpuWeight) -> Result<CpuTensor> {
         self.linear(x, w, None)
     }
 
-    fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
+        let bias = bias.map(|b| dense("linear bias", b)).transpose()?;
+        let w = match w {
+            CpuWeight::Dense(w) => w,
+            CpuWeight::Quant(q) => {
+                if q.cols() != x.cols || bias.is_some_and(|b| b.data.len() != q.rows()) {
+                    return Err(shape_err(
+                        "linear",
+                        format!("x has {} cols, w is {}x{}", x.cols, q.rows(), q.cols()),
+                    ));
+                }
+                let bias = bias.map(|b| b.data.as_slice());
+                return Ok(quant::matmul(x, q, bias, Isa::detect()));
+            }
+        };
         if w.cols != x.cols {
             return Err(shape_err(
                 "linear",
