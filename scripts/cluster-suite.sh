@@ -14,4 +14,4 @@ if [ -z "${KUBECONFIG:-}" ]; then
   scripts/dev-apiserver/start.sh "$H"
   export KUBECONFIG=$(realpath "$H")/run/kubeconfig
 fi
-cargo test -p weir-e2e --test cluster_operator --test cluster_nodes --test cluster_moves -- --nocapture "$@"
+cargo test --no-fail-fast -p weir-e2e --test cluster_operator --test cluster_nodes --test cluster_moves -- --nocapture "$@"
