@@ -11,7 +11,7 @@ pub mod lifecycle;
 pub mod traffic;
 
 use std::fs::File;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -44,6 +44,22 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Asks the process to stop as the kubelet does (SIGTERM).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM {}: {status}", self.0.id());
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, if it did.
+    pub async fn exited(&mut self, limit: Duration) -> Option<ExitStatus> {
+        within(limit, async || self.0.try_wait().ok().flatten()).await
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -53,7 +69,17 @@ impl Drop for Proc {
 
 /// Polls `probe` every half second until it gives a value; `None` after
 /// `limit`.
-pub async fn within<T>(limit: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+pub async fn within<T>(limit: Duration, probe: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    within_every(Duration::from_millis(500), limit, probe).await
+}
+
+/// Polls `probe` every `period` until it gives a value; `None` after
+/// `limit`.
+pub async fn within_every<T>(
+    period: Duration,
+    limit: Duration,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = probe().await {
@@ -62,7 +88,7 @@ pub async fn within<T>(limit: Duration, mut probe: impl AsyncFnMut() -> Option<T
         if Instant::now() >= deadline {
             return None;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(period).await;
     }
 }
 
@@ -127,6 +153,8 @@ pub struct Cluster {
     pub agents: Vec<Option<Proc>>,
     /// Agent base URLs, by node.
     pub urls: Vec<String>,
+    /// Agent ports, by node (a restarted agent listens on its old one).
+    ports: Vec<u16>,
     /// Scratch space (model files).
     pub dir: tempfile::TempDir,
     _serial: File,
@@ -180,6 +208,7 @@ impl Cluster {
             kubelets,
             agents: Vec::new(),
             urls: Vec::new(),
+            ports: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
             _serial: serial,
         })
@@ -223,20 +252,52 @@ impl Cluster {
 
     /// Starts one agent per Node, in cluster mode.
     pub fn start_agents(&mut self) {
-        for name in &self.nodes {
+        for i in 0..self.nodes.len() {
             let port = free_port();
+            self.ports.push(port);
             self.urls.push(format!("http://127.0.0.1:{port}"));
-            self.agents.push(Some(Proc::spawn(
-                "weir-agent",
-                &[
-                    "serve".into(),
-                    "--cluster".into(),
-                    format!("--listen=127.0.0.1:{port}"),
-                    format!("--node-name={name}"),
-                    "--pod-ip=127.0.0.1".into(),
-                ],
-            )));
+            let agent = self.spawn_agent(i);
+            self.agents.push(Some(agent));
         }
+    }
+
+    /// The agent of Node `i`, on its port.
+    fn spawn_agent(&self, i: usize) -> Proc {
+        Proc::spawn(
+            "weir-agent",
+            &[
+                "serve".into(),
+                "--cluster".into(),
+                format!("--listen=127.0.0.1:{}", self.ports[i]),
+                format!("--node-name={}", self.nodes[i]),
+                "--pod-ip=127.0.0.1".into(),
+            ],
+        )
+    }
+
+    /// Stops Node `i`'s agent as a kubelet does (SIGTERM) and waits up to
+    /// `limit` for it to exit; how it exited.
+    pub async fn terminate_agent(&mut self, i: usize, limit: Duration) -> ExitStatus {
+        let node = &self.nodes[i];
+        let agent = self.agents[i]
+            .as_mut()
+            .unwrap_or_else(|| panic!("{node}'s agent is not running"));
+        agent.terminate();
+        let status = agent.exited(limit).await;
+        let status =
+            status.unwrap_or_else(|| panic!("{node}'s agent still runs {limit:?} after SIGTERM"));
+        self.agents[i] = None;
+        status
+    }
+
+    /// Starts Node `i`'s agent again, on the same port (so the same URL).
+    pub fn restart_agent(&mut self, i: usize) {
+        assert!(
+            self.agents[i].is_none(),
+            "{}'s agent still runs",
+            self.nodes[i]
+        );
+        self.agents[i] = Some(self.spawn_agent(i));
     }
 
     /// Starts an operator with leader election on this test's Lease.
