@@ -294,6 +294,7 @@ async fn serve_cluster(args: ServeArgs) -> anyhow::Result<()> {
     let gpu = GpuMonitor::start(std::time::Duration::from_secs(2));
     let mut state = AppState::with(ModelRegistry::default(), gpu, args.api_key.clone());
     state.cluster = true;
+    state.synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let config = weir_agent::cluster::ClusterConfig {
         node_name,
         endpoint: format!("http://{pod_ip}:{port}"),

@@ -197,3 +197,33 @@ async fn a_known_model_without_a_ready_replica_is_503_and_an_unknown_one_404() {
     let gone = forward(&seen, 0, Duration::from_secs(1)).await;
     assert!(matches!(gone, Err(ApiError::Unavailable { .. })));
 }
+
+async fn refuses_draining(mut socket: tokio::net::TcpStream) {
+    read_request(&mut socket).await;
+    let body = r#"{"error":{"message":"draining","type":"service_unavailable_error"}}"#;
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         x-weir-draining: 1\r\nretry-after: 1\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = socket.write_all(reply.as_bytes()).await;
+}
+
+#[tokio::test]
+async fn a_replica_that_refuses_is_passed_over_and_the_last_refusal_passed_on() {
+    let draining = peer(refuses_draining).await;
+    let good = peer(answers_ok).await;
+    let both = table(&[&draining, &good]);
+    let prefix = prefix_preferring(&both, &draining).await;
+    let relayed = forward(&both, prefix, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(relayed.status, 200, "the other replica answers");
+    let only = table(&[&draining]);
+    let relayed = forward(&only, 0, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        relayed.status, 503,
+        "with no other replica the refusal is passed on"
+    );
+    assert!(relayed.headers.iter().any(|(n, _)| n == "retry-after"));
+}

@@ -161,9 +161,12 @@ async fn tainted_unreachable(
     true
 }
 
-/// With `quiet` tainted unreachable:NoExecute since `added`: `brief`
-/// (tolerating it for 5 s) stays those 5 s, then moves to `spare` within a
-/// reconcile interval; `patient` (the default 300 s) stays.
+/// With `quiet` tainted unreachable:NoExecute since `added`: a toleration
+/// with time left is a voluntary move, made before it breaks — `brief`
+/// (tolerating it for 5 s) is served throughout, by `quiet` until a
+/// replacement on `spare` is Ready, and is off `quiet` by its deadline plus a
+/// reconcile interval; `patient` (the default 300 s) is served throughout
+/// too, wherever its replica is.
 async fn only_the_short_toleration_moves(
     cluster: &Cluster,
     [patient, brief]: [&str; 2],
@@ -179,8 +182,8 @@ async fn only_the_short_toleration_moves(
         &format!("{brief} on {quiet} within its 5 s toleration"),
         after(3),
         async || match placed(&models, brief).await?.0 {
-            on if on == [quiet] => Ok(()),
-            on => Err(format!("{brief} moved to {on:?} early")),
+            on if !on.is_empty() => Ok(()),
+            on => Err(format!("{brief} lost its replica before a replacement: {on:?}")),
         },
     )
     .await;
@@ -202,11 +205,9 @@ async fn only_the_short_toleration_moves(
     let api: Api<Node> = Api::all(cluster.client.clone());
     let taint = lifecycle::taint(&api, quiet, UNREACHABLE, "NoExecute").await;
     assert!(taint.is_some(), "{quiet} is still tainted NoExecute");
-    assert_eq!(
-        placed(&models, patient).await.unwrap(),
-        (vec![quiet.to_owned()], 1),
-        "{patient} stays on {quiet} under its default 300 s toleration"
-    );
+    let (on, _) = placed(&models, patient).await.unwrap();
+    assert!(!on.is_empty(), "{patient} keeps a replica");
+    cluster.ready(patient, 1, Duration::from_secs(60)).await;
 }
 
 /// `quiet`'s kubelet resumes: a new Ready=True (since after `stopped`) and,

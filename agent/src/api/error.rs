@@ -55,6 +55,10 @@ pub enum ApiError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// The model is being taken out of service on this agent (503, with
+    /// `x-weir-draining` so a forwarding peer tries another replica).
+    #[error("{0}")]
+    Draining(String),
     /// Something failed inside (500).
     #[error("{0}")]
     Internal(String),
@@ -80,7 +84,7 @@ impl ApiError {
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::Draining(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -96,7 +100,7 @@ impl ApiError {
             Self::Unauthorized(_) => "authentication_error",
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => "not_found_error",
             Self::Overloaded { .. } => "rate_limit_error",
-            Self::Unavailable { .. } => "service_unavailable_error",
+            Self::Unavailable { .. } | Self::Draining(_) => "service_unavailable_error",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -133,6 +137,7 @@ impl ApiError {
             Self::Overloaded { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
                 Some(*retry_after)
             }
+            Self::Draining(_) => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

@@ -54,7 +54,9 @@ pub fn peers_from(
         .collect()
 }
 
-fn store<K>(api: Api<K>) -> Store<K>
+/// A store of `api`'s objects kept by a watch; `changed` is notified at
+/// every event.
+fn store<K>(api: Api<K>, changed: Arc<tokio::sync::Notify>) -> Store<K>
 where
     K: kube::Resource
         + Clone
@@ -68,32 +70,61 @@ where
     let (reader, writer) = reflector::store();
     let stream =
         reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-    tokio::spawn(stream.for_each(|_| async {}));
+    tokio::spawn(stream.for_each(move |_| {
+        changed.notify_one();
+        async {}
+    }));
     reader
 }
 
-/// Keeps `state.peers` and `state.ensembles` current until the process ends.
+/// The peer table and the models that exist, from the stores now.
+fn refresh_peers(state: &AppState, me: &str, agents: &Store<NodeAgent>, models: &Store<Model>) {
+    state.peers.replace(peers_from(
+        &agents.state(),
+        me,
+        Timestamp::now(),
+        Duration::from_secs(45),
+    ));
+    state.peers.declare(
+        models
+            .state()
+            .iter()
+            .map(|m| m.spec.served_name.clone().unwrap_or_else(|| m.name_any()))
+            .collect(),
+    );
+}
+
+/// Keeps `state.peers` and `state.ensembles` current until the process
+/// ends: the peer table is rebuilt at every NodeAgent or Model change (and
+/// every 3 s, for heartbeats going stale), ensembles every 3 s (they read
+/// Secrets). The agent reports ready only after the first rebuild from
+/// synced stores, so a restarted agent never answers 404 for a model that
+/// exists elsewhere.
 pub async fn run(client: kube::Client, me: String, state: AppState) {
-    let agents = store(Api::<NodeAgent>::all(client.clone()));
-    let ensembles = store(Api::<ModelEnsemble>::all(client.clone()));
-    let models = store(Api::<Model>::all(client.clone()));
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let agents = store(Api::<NodeAgent>::all(client.clone()), changed.clone());
+    let ensembles = store(Api::<ModelEnsemble>::all(client.clone()), Arc::default());
+    let models = store(Api::<Model>::all(client.clone()), changed.clone());
     let secrets: Api<Secret> = Api::all(client);
+    let _ = agents.wait_until_ready().await;
+    let _ = models.wait_until_ready().await;
+    refresh_peers(&state, &me, &agents, &models);
+    state
+        .synced
+        .store(true, std::sync::atomic::Ordering::Release);
     let mut tick = tokio::time::interval(Duration::from_secs(3));
     loop {
-        tick.tick().await;
-        state.peers.replace(peers_from(
-            &agents.state(),
-            &me,
-            Timestamp::now(),
-            Duration::from_secs(45),
-        ));
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = changed.notified() => {
+                // Let a burst of events land before rebuilding.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                refresh_peers(&state, &me, &agents, &models);
+                continue;
+            }
+        }
+        refresh_peers(&state, &me, &agents, &models);
         let models = models.state();
-        state.peers.declare(
-            models
-                .iter()
-                .map(|m| m.spec.served_name.clone().unwrap_or_else(|| m.name_any()))
-                .collect(),
-        );
         let mut resolved = Vec::new();
         for e in ensembles.state() {
             let ns = e.namespace().unwrap_or_default();

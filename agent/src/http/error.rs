@@ -15,6 +15,12 @@ impl IntoResponse for ApiError {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }
         }
+        if matches!(self, ApiError::Draining(_)) {
+            response.headers_mut().insert(
+                crate::route::forward::DRAINING_HEADER,
+                HeaderValue::from_static("1"),
+            );
+        }
         response
     }
 }

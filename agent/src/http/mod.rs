@@ -51,6 +51,9 @@ pub struct AppState {
     pub api_key: Option<Arc<str>>,
     /// Cluster mode: ready once registered, even before models arrive.
     pub cluster: bool,
+    /// Whether routing knows the cluster (in cluster mode: after discovery's
+    /// first pass over synced stores); `/ready` waits for it.
+    pub synced: Arc<AtomicBool>,
     /// Peers that serve other models.
     pub peers: Arc<PeerTable>,
     /// Ensembles by public name.
@@ -75,6 +78,7 @@ impl AppState {
             gpu,
             api_key: api_key.map(Arc::from),
             cluster: false,
+            synced: Arc::new(AtomicBool::new(true)),
             peers: Arc::default(),
             ensembles: Arc::default(),
             http: reqwest::Client::builder()

@@ -9,15 +9,16 @@ use axum::response::{IntoResponse, Response};
 use super::AppState;
 use crate::api::ApiError;
 
-/// Ready once the agent takes traffic and serves a model (or runs in
-/// cluster mode).
+/// Ready once the agent takes traffic, knows where models are served, and
+/// serves a model (or runs in cluster mode).
 pub(super) async fn ready(State(state): State<AppState>) -> Response {
     let has_models = state
         .models
         .read()
         .map(|m| m.iter().next().is_some())
         .unwrap_or(false);
-    if state.ready.load(Ordering::Acquire) && (has_models || state.cluster) {
+    let routing = state.synced.load(Ordering::Acquire);
+    if state.ready.load(Ordering::Acquire) && routing && (has_models || state.cluster) {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()

@@ -108,13 +108,10 @@ pub fn resolve(ctx: &Context<'_>, incoming: &Incoming) -> Result<Target, ApiErro
         {
             return Ok(Target::Peer(request));
         }
-        return Err(ApiError::Unavailable {
-            message: format!(
-                "model `{}` is being taken out of service on this agent; retry",
-                model.name
-            ),
-            retry_after: std::time::Duration::from_secs(1),
-        });
+        return Err(ApiError::Draining(format!(
+            "model `{}` is being taken out of service on this agent; retry",
+            model.name
+        )));
     }
     Ok(Target::Local(model, request))
 }

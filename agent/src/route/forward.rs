@@ -33,6 +33,9 @@ const KEEP: [&str; 4] = [
     "x-weir-coalesced",
 ];
 
+/// Header on a 503 from an agent taking the model out of service.
+pub const DRAINING_HEADER: &str = "x-weir-draining";
+
 /// Longest gap between two chunks of a relayed answer.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -59,7 +62,8 @@ pub fn was_forwarded(headers: &HeaderMap) -> bool {
 
 /// Forwards `body` to a ready peer serving `model`, trying the next replica
 /// when one fails before answering (unreachable, dead pooled connection, no
-/// head within `head_timeout`). A model that exists without a ready replica
+/// head within `head_timeout`) or refuses with 429 or 503 (draining,
+/// overloaded) — the last refusal is passed on when every replica refuses. A model that exists without a ready replica
 /// is 503 with `Retry-After`; one nobody knows is 404, as is a request
 /// already forwarded once.
 #[allow(clippy::too_many_arguments)]
@@ -86,6 +90,7 @@ pub async fn to_peer(
         .map(|p| (p.url.clone(), table.counter(&p.url).load(Ordering::Acquire)))
         .collect();
     let mut last_error = String::new();
+    let mut refused = None;
     for i in super::order(prefix, &loads) {
         let url = &replicas[i].url;
         let mut request = client
@@ -100,6 +105,13 @@ pub async fn to_peer(
         let counter = table.counter(url);
         counter.fetch_add(1, Ordering::AcqRel);
         let failure = match tokio::time::timeout(head_timeout, request.send()).await {
+            // Refused before any work (draining, overloaded, failing):
+            // another replica may answer; if none does, the refusal is passed on.
+            Ok(Ok(answer)) if matches!(answer.status().as_u16(), 429 | 503) => {
+                let why = format!("answered {}", answer.status());
+                refused = Some(answer);
+                why
+            }
             Ok(Ok(answer)) => return Ok(relay(answer, Some(counter))),
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {head_timeout:?}"),
@@ -107,6 +119,9 @@ pub async fn to_peer(
         counter.fetch_sub(1, Ordering::AcqRel);
         tracing::warn!(peer = %url, error = %failure, "peer failed before answering; trying the next replica");
         last_error = format!("{url}: {failure}");
+    }
+    if let Some(answer) = refused {
+        return Ok(relay(answer, None));
     }
     Err(no_replica(
         model,
