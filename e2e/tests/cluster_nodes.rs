@@ -183,7 +183,9 @@ async fn only_the_short_toleration_moves(
         after(3),
         async || match placed(&models, brief).await?.0 {
             on if !on.is_empty() => Ok(()),
-            on => Err(format!("{brief} lost its replica before a replacement: {on:?}")),
+            on => Err(format!(
+                "{brief} lost its replica before a replacement: {on:?}"
+            )),
         },
     )
     .await;
