@@ -10,7 +10,9 @@
 //! that changes the output (see [`CacheKey`]); values are opaque bytes.
 
 pub mod redis_tier;
+pub mod calibrate;
 pub mod semantic;
+pub mod verify;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
