@@ -21,8 +21,9 @@
 //! the precision is `1 − (wrong + 1) / (passed + 1)` over the buckets at or
 //! above `t` — so at least `1 / (1 − target)` passes are needed before a
 //! threshold qualifies. The threshold is the lowest observed bucket that
-//! qualifies; with evidence but none qualifying it is `maxThreshold`;
-//! without evidence it stays at the policy's `threshold`.
+//! qualifies; with enough passes but none qualifying it is
+//! `maxThreshold`; with fewer passes than the target needs it stays at the
+//! policy's `threshold`.
 //!
 //! Caveats: refutations are under-reported (most clients never re-ask), so
 //! the verifier's vetoes carry most of the signal; counts are halved when
@@ -184,9 +185,12 @@ fn choose(buckets: &[Bucket; BUCKETS], spec: &CalibrationSpec) -> (f32, f32) {
             best = Some((k, precision));
         }
     }
-    match (best, passed + wrong > 0.0) {
-        (Some((k, p)), _) => ((k as f32 / 100.0).max(spec.min), p as f32),
-        (None, true) => (spec.max, top_precision.unwrap_or(0.0) as f32),
+    // Below this many passes no threshold can show the target precision.
+    let enough = 1.0 / (1.0 - spec.target).max(1e-6) - 1.0;
+    let precision = |p: f64| p.clamp(0.0, 1.0) as f32;
+    match (best, passed >= enough) {
+        (Some((k, p)), _) => ((k as f32 / 100.0).max(spec.min), precision(p)),
+        (None, true) => (spec.max, precision(top_precision.unwrap_or(0.0))),
         (None, false) => (spec.start, f32::NAN),
     }
 }
@@ -217,9 +221,14 @@ mod tests {
         assert!(c.estimated_precision().is_nan());
         assert_eq!(c.floor(), 0.80);
         for _ in 0..20 {
+            c.candidate(0.95, true);
+        }
+        assert_eq!(c.threshold(), 0.90, "vetoes, but too few passes to judge");
+        for _ in 0..200 {
             c.candidate(0.95, false);
         }
-        assert_eq!(c.threshold(), 0.98, "some evidence, not enough for 0.99");
+        assert_eq!(c.threshold(), 0.98, "enough passes, too many vetoes among them");
+        assert!(c.estimated_precision() < 0.99);
     }
 
     #[test]

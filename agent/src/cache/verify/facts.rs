@@ -157,6 +157,16 @@ fn number_word(norm: &str) -> Option<u64> {
     }
 }
 
+/// Gives unit words one stem each (`kilograms`, `kg` → `kg`), so that the
+/// role check sees "100 kg in pounds" / "100 lbs in kilograms" as a swap.
+pub fn canonical_units(q: &mut Question) {
+    for t in &mut q.tokens {
+        if let Some(name) = unit(t) {
+            t.stem = name.to_owned();
+        }
+    }
+}
+
 /// The unit or currency a token names, by one name per unit.
 fn unit(t: &Token) -> Option<&'static str> {
     const UNITS: &[(&str, &[&str])] = &[

@@ -79,8 +79,10 @@ pub fn rules(a: &str, b: &str) -> Result<(), Veto> {
     if a == b {
         return Ok(());
     }
-    let (qa, qb) = (Question::parse(a), Question::parse(b));
+    let (mut qa, mut qb) = (Question::parse(a), Question::parse(b));
     facts::check(&qa, &qb)?;
+    facts::canonical_units(&mut qa);
+    facts::canonical_units(&mut qb);
     polarity::check(&qa, &qb)?;
     roles::check(&qa, &qb)
 }
@@ -108,6 +110,11 @@ mod tests {
             Err(Veto::Numbers)
         );
         assert_eq!(rules("same text", "same text"), Ok(()));
+        assert_eq!(
+            rules("What is 100 kg in pounds?", "What is 100 lbs in kilograms?"),
+            Err(Veto::Roles),
+            "unit words share a stem"
+        );
         assert_eq!(
             rules("What is the capital of France?", "Which city is the capital of France?"),
             Ok(())

@@ -13,11 +13,17 @@
 //!   passes. Symmetric connectors (`and`, `or`, `vs`, `between`, `with`,
 //!   commas) are never pivots: "TCP or UDP" asks what "UDP or TCP" asks.
 //!   Any script with spaces between words.
-//! * Bound by a role word (English): a role word (`from`, `to`, `than`,
+//! * Bound by role words (English): two role words (`from`, `to`, `than`,
 //!   `into`, `before`, `after`, `over`, `under`, `per`, `against`, `by`,
-//!   `for`) once in each question must be followed by the same word;
-//!   when it is not, and each is present in the other question, the roles
-//!   moved ("to Rome from Paris" / "from Rome to Paris").
+//!   `for`), each once in each question, that exchanged the words they
+//!   bind (the next word that is not an article) moved the roles ("to
+//!   Rome from Paris" / "from Rome to Paris").
+//!
+//! The swapped words are content words: English function words
+//! (auxiliaries, pronouns, question words) moving around ("what is the
+//! meaning of life" / "what do they say the meaning of life is") are not
+//! roles. Other languages have no such list, so there a moved auxiliary
+//! vetoes a paraphrase (never a wrong hit).
 
 use super::Veto;
 use super::text::Question;
@@ -25,6 +31,15 @@ use super::text::Question;
 const SYMMETRIC: &[&str] = &[
     "and", "or", "vs", "versus", "between", "with", "nor", "plus", "both", "either", "&", "y", "o",
     "et", "ou", "und", "oder", "e", "en",
+];
+
+/// English function words that are never the swapped pair.
+const FUNCTION_WORDS: &[&str] = &[
+    "is", "are", "was", "were", "be", "been", "being", "am", "do", "does", "did", "have", "has",
+    "had", "can", "could", "should", "would", "will", "shall", "may", "might", "must", "what",
+    "which", "who", "whom", "whose", "how", "why", "when", "where", "i", "you", "we", "they", "he",
+    "she", "it", "me", "us", "them", "there", "here", "to", "in", "on", "at", "of", "from", "than",
+    "into", "for", "by", "about", "say", "tell", "explain", "please", "way", "best", "s",
 ];
 
 const ROLE_WORDS: &[&str] = &[
@@ -62,7 +77,7 @@ fn swapped_around_pivot(a: &Question, b: &Question) -> bool {
     // Shared content words with their positions in a and in b.
     let shared: Vec<(&str, usize, usize)> = pa
         .iter()
-        .filter(|(w, _)| !SYMMETRIC.contains(w) && !FILLERS.contains(w))
+        .filter(|(w, _)| ![SYMMETRIC, FILLERS, FUNCTION_WORDS].iter().any(|l| l.contains(w)))
         .filter_map(|&(w, i)| pb.iter().find(|(v, _)| *v == w).map(|&(_, j)| (w, i, j)))
         .collect();
     let between = |q: &'_ Question, i: usize, j: usize| -> Vec<String> {
@@ -109,11 +124,14 @@ fn bindings(q: &Question) -> Vec<(&str, &str)> {
         .collect()
 }
 
+/// Two role words that exchanged what they bind: `r1 → x, r2 → y` in one
+/// question, `r1 → y, r2 → x` in the other.
 fn rebound(a: &Question, b: &Question) -> bool {
     let (ba, bb) = (bindings(a), bindings(b));
-    ba.iter().any(|&(role, x)| {
-        bb.iter()
-            .any(|&(r, y)| r == role && x != y && a.has_stem(y) && b.has_stem(x))
+    ba.iter().any(|&(r1, x)| {
+        ba.iter().any(|&(r2, y)| {
+            r1 != r2 && x != y && bb.contains(&(r1, y)) && bb.contains(&(r2, x))
+        })
     })
 }
 
@@ -153,6 +171,8 @@ mod tests {
             ("What is the population of Tokyo?", "Tokyo's population?"),
             ("Python vs Java for beginners", "Java vs Python for beginners"),
             ("How many calories are in an apple?", "An apple has how many calories?"),
+            ("How do I remove duplicates from a list?", "Remove duplicate items from a Python list"),
+            ("What is the meaning of life?", "What do philosophers say the meaning of life is?"),
         ] {
             assert_eq!(verdict(a, b), Ok(()), "{a} / {b}");
         }

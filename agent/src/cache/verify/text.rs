@@ -82,10 +82,20 @@ impl Question {
         let norm: String = base.to_lowercase().replace('-', "");
         let letters: Vec<char> = base.chars().filter(|c| c.is_alphabetic()).collect();
         let cased = letters.iter().any(|c| c.is_uppercase());
-        let acronym = letters.len() >= 2 && letters.iter().all(|c| c.is_uppercase());
+        let caps = |l: &[char]| l.len() >= 2 && l.iter().all(|c| c.is_uppercase());
+        // "APIs", "GPUs": an acronym's plural.
+        let plural = letters.len() >= 3
+            && letters.last() == Some(&'s')
+            && caps(&letters[..letters.len() - 1]);
+        let acronym = caps(&letters) || plural;
         if !norm.is_empty() {
+            let stem = if plural {
+                norm[..norm.len() - 1].to_owned()
+            } else {
+                stem(&norm)
+            };
             self.tokens.push(Token {
-                stem: stem(&norm),
+                stem,
                 norm,
                 cased: cased && !(letters.len() == 1 && base == "I"),
                 acronym,
@@ -266,6 +276,8 @@ mod tests {
         assert!(!t[2].cased);
         assert!(t[4].cased && !t[4].acronym, "iPhone");
         assert!(t[6].cased && !t[6].sentence_start, "Paris");
+        let apis = &Question::parse("REST APIs").tokens[1];
+        assert!(apis.acronym && apis.stem == "api", "{apis:?}");
         assert!(t[7].sentence_start, "after ?");
         assert!(!t[8].cased, "the pronoun I");
     }
