@@ -156,8 +156,8 @@ impl Metrics {
             semantic_refuted: Family::default(),
             semantic_verify: Family::new_with_constructor(|| {
                 Histogram::new([
-                    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005,
-                    0.01, 0.05, 0.25, 1.0,
+                    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01,
+                    0.05, 0.25, 1.0,
                 ])
             }),
             ensemble_requests: Family::default(),

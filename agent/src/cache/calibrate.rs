@@ -14,7 +14,7 @@
 //!
 //! Estimate: where the verifier vetoes, it also lets some wrong candidates
 //! through: `leak × vetoed` per bucket, with `leak` the larger of the
-//! policy's floor ([`CalibrationSpec::leak`]; one wrong pass per four
+//! policy's floor ([`CalibrationSpec::leak`]; one wrong pass per twenty
 //! vetoes for the rules) and `(refuted + 1) / (vetoed + 4)` over all
 //! buckets; a bucket's wrong count is the larger of that and its
 //! refutations. At threshold `t`
@@ -227,7 +227,11 @@ mod tests {
         for _ in 0..200 {
             c.candidate(0.95, false);
         }
-        assert_eq!(c.threshold(), 0.98, "enough passes, too many vetoes among them");
+        assert_eq!(
+            c.threshold(),
+            0.98,
+            "enough passes, too many vetoes among them"
+        );
         assert!(c.estimated_precision() < 0.99);
     }
 

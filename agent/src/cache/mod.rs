@@ -9,8 +9,8 @@
 //! counted) when it is full. Assumption: keys are digests of everything
 //! that changes the output (see [`CacheKey`]); values are opaque bytes.
 
-pub mod redis_tier;
 pub mod calibrate;
+pub mod redis_tier;
 pub mod semantic;
 pub mod verify;
 

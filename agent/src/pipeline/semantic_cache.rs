@@ -148,7 +148,12 @@ pub async fn probe(
     }
 }
 
-fn fill(index: Arc<SemanticIndex>, scope: CacheKey, question: String, vector: Vec<f32>) -> SemanticFill {
+fn fill(
+    index: Arc<SemanticIndex>,
+    scope: CacheKey,
+    question: String,
+    vector: Vec<f32>,
+) -> SemanticFill {
     SemanticFill::new(index, scope, Arc::from(question), vector)
 }
 
@@ -199,7 +204,11 @@ impl Verifier<'_> {
                         model_name: self.model_name.to_owned(),
                         reason: veto.label().into(),
                     };
-                    self.ctx.metrics.semantic_vetoes.get_or_create(&reason).inc();
+                    self.ctx
+                        .metrics
+                        .semantic_vetoes
+                        .get_or_create(&reason)
+                        .inc();
                     first_veto.get_or_insert((veto, candidate.similarity));
                 }
             }
@@ -233,7 +242,11 @@ impl Verifier<'_> {
             reason: stage.into(),
         };
         let seconds = started.elapsed().as_secs_f64();
-        self.ctx.metrics.semantic_verify.get_or_create(&label).observe(seconds);
+        self.ctx
+            .metrics
+            .semantic_verify
+            .get_or_create(&label)
+            .observe(seconds);
     }
 
     /// The verifier model's yes or no, within the policy's time limit.
@@ -261,14 +274,21 @@ impl Verifier<'_> {
 
 /// Asks `verifier` whether the two questions are the same: the prompt
 /// through its chat template, one greedy token with its alternatives.
-pub async fn yes_no(verifier: &ServedModel, question: &str, candidate: &str) -> Result<bool, ApiError> {
+pub async fn yes_no(
+    verifier: &ServedModel,
+    question: &str,
+    candidate: &str,
+) -> Result<bool, ApiError> {
     let messages = ask::prompt(question, candidate);
     let invalid = |e: &dyn std::fmt::Display| ApiError::invalid("messages", e.to_string());
     let text = verifier
         .tokenizer
         .apply_chat_template(&messages, true, None)
         .map_err(|e| invalid(&e))?;
-    let prompt = verifier.tokenizer.encode(&text, false).map_err(|e| invalid(&e))?;
+    let prompt = verifier
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| invalid(&e))?;
     let fields = SamplingFields {
         max_tokens: Some(1),
         temperature: Some(0.0),

@@ -32,11 +32,8 @@ pub fn check(a: &Question, b: &Question) -> Result<(), Veto> {
     if set(a, date) != set(b, date) {
         return Err(Veto::Dates);
     }
-    let quoted_in = |x: &Question, y: &Question| {
-        x.quoted
-            .iter()
-            .all(|s| y.lower.contains(&s.to_lowercase()))
-    };
+    let quoted_in =
+        |x: &Question, y: &Question| x.quoted.iter().all(|s| y.lower.contains(&s.to_lowercase()));
     if !quoted_in(a, b) || !quoted_in(b, a) {
         return Err(Veto::Quotes);
     }
@@ -67,7 +64,8 @@ fn units_agree(a: &Question, b: &Question) -> bool {
 }
 
 fn unit_on_number(q: &Question) -> bool {
-    let number = |t: &Token| t.norm.chars().any(|c| c.is_ascii_digit()) || number_word(&t.norm).is_some();
+    let number =
+        |t: &Token| t.norm.chars().any(|c| c.is_ascii_digit()) || number_word(&t.norm).is_some();
     q.tokens.windows(2).any(|w| {
         (number(&w[0]) && unit(&w[1]).is_some()) || (unit(&w[0]).is_some() && number(&w[1]))
     })
@@ -79,9 +77,8 @@ fn numbers_agree(a: &Question, b: &Question) -> bool {
         return true;
     }
     // "1 cup" against "a cup" / "one cup".
-    let without_one = |n: &[String]| -> Vec<String> {
-        n.iter().filter(|x| x.as_str() != "1").cloned().collect()
-    };
+    let without_one =
+        |n: &[String]| -> Vec<String> { n.iter().filter(|x| x.as_str() != "1").cloned().collect() };
     let says_one = |q: &Question| ["one", "a", "an"].iter().any(|w| q.has(w));
     without_one(&na) == without_one(&nb)
         && (na.contains(&"1".to_owned()) && says_one(b)
@@ -98,8 +95,7 @@ fn numbers(q: &Question) -> Vec<String> {
         } else if let Some(n) = number_word(&t.norm) {
             let mut n = n;
             // "twenty five" is one number.
-            if n >= 20
-                && n < 100
+            if (20..100).contains(&n)
                 && let Some(unit) = words.peek().and_then(|u| number_word(&u.norm))
                 && unit < 10
             {
@@ -134,9 +130,26 @@ fn digits(norm: &str) -> String {
 
 fn number_word(norm: &str) -> Option<u64> {
     const SMALL: [&str; 20] = [
-        "zero", "", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-        "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-        "eighteen", "nineteen",
+        "zero",
+        "",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
     ];
     const TENS: [&str; 8] = [
         "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
@@ -180,10 +193,31 @@ fn unit(t: &Token) -> Option<&'static str> {
         ("celsius", &["celsius", "centigrade"]),
         ("fahrenheit", &["fahrenheit"]),
         ("kelvin", &["kelvin"]),
-        ("km", &["km", "kilometer", "kilometers", "kilometre", "kilometres"]),
+        (
+            "km",
+            &["km", "kilometer", "kilometers", "kilometre", "kilometres"],
+        ),
         ("m", &["meter", "meters", "metre", "metres"]),
-        ("cm", &["cm", "centimeter", "centimeters", "centimetre", "centimetres"]),
-        ("mm", &["mm", "millimeter", "millimeters", "millimetre", "millimetres"]),
+        (
+            "cm",
+            &[
+                "cm",
+                "centimeter",
+                "centimeters",
+                "centimetre",
+                "centimetres",
+            ],
+        ),
+        (
+            "mm",
+            &[
+                "mm",
+                "millimeter",
+                "millimeters",
+                "millimetre",
+                "millimetres",
+            ],
+        ),
         ("mile", &["mile", "miles", "mi"]),
         ("foot", &["foot", "feet", "ft"]),
         ("inch", &["inch", "inches"]),
@@ -193,7 +227,16 @@ fn unit(t: &Token) -> Option<&'static str> {
         ("lb", &["lb", "lbs", "pound", "pounds"]),
         ("oz", &["oz", "ounce", "ounces"]),
         ("l", &["liter", "liters", "litre", "litres"]),
-        ("ml", &["ml", "milliliter", "milliliters", "millilitre", "millilitres"]),
+        (
+            "ml",
+            &[
+                "ml",
+                "milliliter",
+                "milliliters",
+                "millilitre",
+                "millilitres",
+            ],
+        ),
         ("gallon", &["gallon", "gallons", "gal"]),
         ("cup", &["cup", "cups"]),
         ("second", &["second", "seconds", "sec", "secs"]),
@@ -230,7 +273,7 @@ fn date(t: &Token) -> Option<&'static str> {
         ("feb", &["february", "feb"]),
         ("mar", &["march"]),
         ("apr", &["april", "apr"]),
-                ("jun", &["june", "jun"]),
+        ("jun", &["june", "jun"]),
         ("jul", &["july", "jul"]),
         ("aug", &["august", "aug"]),
         ("sep", &["september", "sept", "sep"]),
@@ -270,7 +313,8 @@ fn names_in(x: &Question, y: &Question) -> bool {
 }
 
 fn is_name(t: &Token) -> bool {
-    let code = t.norm.contains('_') || t.norm.contains('.') && !t.norm.starts_with(|c: char| c.is_ascii_digit());
+    let code = t.norm.contains('_')
+        || t.norm.contains('.') && !t.norm.starts_with(|c: char| c.is_ascii_digit());
     (t.cased && !t.sentence_start) || t.acronym || code
 }
 
@@ -289,8 +333,14 @@ mod tests {
             ("What's new in Python 3.11?", "What's new in Python 3.12?"),
             ("How do I install Node 18?", "How do I install Node 20?"),
             ("Is 17 a prime number?", "Is 21 a prime number?"),
-            ("Who won the World Cup in 2014?", "Who won the World Cup in 2018?"),
-            ("How long to boil three eggs?", "How long to boil five eggs?"),
+            (
+                "Who won the World Cup in 2014?",
+                "Who won the World Cup in 2018?",
+            ),
+            (
+                "How long to boil three eggs?",
+                "How long to boil five eggs?",
+            ),
             ("Explain HTTP/2", "Explain HTTP/3"),
             ("What is ES6?", "What is ES5?"),
         ] {
@@ -302,10 +352,16 @@ mod tests {
     fn same_numbers_written_differently_pass() {
         for (a, b) in [
             ("Is 1,000 bigger than 999?", "Is 1000 bigger than 999?"),
-            ("How long to boil 2 eggs?", "How many minutes should I boil two eggs for?"),
+            (
+                "How long to boil 2 eggs?",
+                "How many minutes should I boil two eggs for?",
+            ),
             ("Who was born on the 3rd?", "Who was born on the 3?"),
             ("What is twenty five squared?", "What's 25 squared?"),
-            ("How many grams in 1 cup of flour?", "How many grams in a cup of flour?"),
+            (
+                "How many grams in 1 cup of flour?",
+                "How many grams in a cup of flour?",
+            ),
         ] {
             assert_eq!(verdict(a, b), Ok(()), "{a} / {b}");
         }
@@ -314,11 +370,31 @@ mod tests {
     #[test]
     fn units_dates_and_quotes_must_agree() {
         let cases = [
-            ("Convert 10 miles to km", "Convert 10 miles to feet", Veto::Units),
-            ("How much is $50 in yen?", "How much is €50 in yen?", Veto::Units),
-            ("What's the weather today in Oslo?", "What's the weather tomorrow in Oslo?", Veto::Dates),
-            ("Events in July in Rome", "Events in August in Rome", Veto::Dates),
-            ("What does \"sudo\" do?", "What does \"chmod\" do?", Veto::Quotes),
+            (
+                "Convert 10 miles to km",
+                "Convert 10 miles to feet",
+                Veto::Units,
+            ),
+            (
+                "How much is $50 in yen?",
+                "How much is €50 in yen?",
+                Veto::Units,
+            ),
+            (
+                "What's the weather today in Oslo?",
+                "What's the weather tomorrow in Oslo?",
+                Veto::Dates,
+            ),
+            (
+                "Events in July in Rome",
+                "Events in August in Rome",
+                Veto::Dates,
+            ),
+            (
+                "What does \"sudo\" do?",
+                "What does \"chmod\" do?",
+                Veto::Quotes,
+            ),
         ];
         for (a, b, want) in cases {
             assert_eq!(verdict(a, b), Err(want), "{a} / {b}");
@@ -335,16 +411,28 @@ mod tests {
     #[test]
     fn names_must_appear_in_both() {
         for (a, b) in [
-            ("What is the capital of France?", "What is the capital of Spain?"),
-            ("How do I reverse a list in Python?", "How do I reverse a list in Ruby?"),
+            (
+                "What is the capital of France?",
+                "What is the capital of Spain?",
+            ),
+            (
+                "How do I reverse a list in Python?",
+                "How do I reverse a list in Ruby?",
+            ),
             ("Is TCP reliable?", "Is UDP reliable?"),
             ("How do I use useState?", "How do I use useEffect?"),
         ] {
             assert_eq!(verdict(a, b), Err(Veto::Names), "{a} / {b}");
         }
         for (a, b) in [
-            ("What is the capital of France?", "Which city is France's capital?"),
-            ("Python: how do I reverse a list?", "How do I reverse a list in Python?"),
+            (
+                "What is the capital of France?",
+                "Which city is France's capital?",
+            ),
+            (
+                "Python: how do I reverse a list?",
+                "How do I reverse a list in Python?",
+            ),
             ("what is tcp", "Explain TCP"),
         ] {
             assert_eq!(verdict(a, b), Ok(()), "{a} / {b}");

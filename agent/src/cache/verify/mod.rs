@@ -94,7 +94,10 @@ mod tests {
     #[test]
     fn rules_are_symmetric_and_ordered_cheapest_first() {
         let pairs = [
-            ("Flights from Paris to Rome in May 2024", "Flights from Rome to Paris in May 2024"),
+            (
+                "Flights from Paris to Rome in May 2024",
+                "Flights from Rome to Paris in May 2024",
+            ),
             ("Is Rust not memory safe?", "Is Rust memory safe?"),
             ("Python 3.11 vs 3.12", "Python 3.11 vs 3.13"),
             ("How do I zoom in?", "How do I zoom out?"),
@@ -116,7 +119,10 @@ mod tests {
             "unit words share a stem"
         );
         assert_eq!(
-            rules("What is the capital of France?", "Which city is the capital of France?"),
+            rules(
+                "What is the capital of France?",
+                "Which city is the capital of France?"
+            ),
             Ok(())
         );
     }

@@ -48,7 +48,12 @@ fn clip(text: &str) -> &str {
 
 /// What a token's text says: `Some(true)` for yes, `Some(false)` for no.
 fn says(token: &str) -> Option<bool> {
-    match token.trim().trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase().as_str() {
+    match token
+        .trim()
+        .trim_matches(|c: char| !c.is_alphanumeric())
+        .to_lowercase()
+        .as_str()
+    {
         "yes" | "y" => Some(true),
         "no" | "n" => Some(false),
         _ => None,
@@ -85,8 +90,14 @@ mod tests {
         assert!(read_answer(" yes.", &[]));
         assert!(!read_answer("No", &alts(&[("No", -0.1), ("Yes", -2.5)])));
         assert!(!read_answer("Maybe", &alts(&[("Maybe", -0.1)])));
-        assert!(read_answer("Sure", &alts(&[("Sure", -0.1), (" yes", -1.0), ("no", -3.0)])));
-        assert!(!read_answer("Sure", &alts(&[("Sure", -0.1), (" yes", -3.0), ("no", -1.0)])));
+        assert!(read_answer(
+            "Sure",
+            &alts(&[("Sure", -0.1), (" yes", -1.0), ("no", -3.0)])
+        ));
+        assert!(!read_answer(
+            "Sure",
+            &alts(&[("Sure", -0.1), (" yes", -3.0), ("no", -1.0)])
+        ));
         assert!(!read_answer("", &[]));
     }
 

@@ -252,15 +252,24 @@ mod tests {
     #[test]
     fn negations_are_vetoed_in_several_languages() {
         for (a, b) in [
-            ("Is Python statically typed?", "Is Python not statically typed?"),
+            (
+                "Is Python statically typed?",
+                "Is Python not statically typed?",
+            ),
             ("Why does my build fail?", "Why doesn't my build fail?"),
-            ("Can I run Docker with root?", "Can I run Docker without root?"),
+            (
+                "Can I run Docker with root?",
+                "Can I run Docker without root?",
+            ),
             ("Which foods have gluten?", "Which foods have no gluten?"),
             ("Warum funktioniert das?", "Warum funktioniert das nicht?"),
             ("¿Por qué funciona?", "¿Por qué no funciona?"),
             ("Is this code safe?", "Is this code unsafe?"),
             ("Is the call synchronous?", "Is the call asynchronous?"),
-            ("How do I connect the drive?", "How do I disconnect the drive?"),
+            (
+                "How do I connect the drive?",
+                "How do I disconnect the drive?",
+            ),
         ] {
             assert_eq!(verdict(a, b), Err(Veto::Negation), "{a} / {b}");
         }
@@ -269,13 +278,34 @@ mod tests {
     #[test]
     fn opposites_are_vetoed() {
         for (a, b) in [
-            ("How do I zoom in on a photo?", "How do I zoom out on a photo?"),
-            ("Sort a list in ascending order", "Sort a list in descending order"),
-            ("How do I increase the volume?", "How do I decrease the volume?"),
-            ("What is the fastest sorting algorithm?", "What is the slowest sorting algorithm?"),
-            ("How to encrypt a file with gpg", "How to decrypt a file with gpg"),
-            ("Is it better to buy or rent?", "Is it worse to buy or rent?"),
-            ("What happens before a merge?", "What happens after a merge?"),
+            (
+                "How do I zoom in on a photo?",
+                "How do I zoom out on a photo?",
+            ),
+            (
+                "Sort a list in ascending order",
+                "Sort a list in descending order",
+            ),
+            (
+                "How do I increase the volume?",
+                "How do I decrease the volume?",
+            ),
+            (
+                "What is the fastest sorting algorithm?",
+                "What is the slowest sorting algorithm?",
+            ),
+            (
+                "How to encrypt a file with gpg",
+                "How to decrypt a file with gpg",
+            ),
+            (
+                "Is it better to buy or rent?",
+                "Is it worse to buy or rent?",
+            ),
+            (
+                "What happens before a merge?",
+                "What happens after a merge?",
+            ),
         ] {
             assert_eq!(verdict(a, b), Err(Veto::Opposites), "{a} / {b}");
         }
@@ -285,10 +315,16 @@ mod tests {
     fn paraphrases_keep_their_polarity() {
         for (a, b) in [
             ("Why isn't my code working?", "Why is my code not working?"),
-            ("How can I make my website faster?", "Ways to speed up my website"),
+            (
+                "How can I make my website faster?",
+                "Ways to speed up my website",
+            ),
             ("What's the best way to learn Go?", "Best way to learn Go?"),
             ("How do I sign in to Gmail?", "How to log in to Gmail"),
-            ("Is coffee bad for you?", "Is drinking coffee bad for your health?"),
+            (
+                "Is coffee bad for you?",
+                "Is drinking coffee bad for your health?",
+            ),
         ] {
             assert_eq!(verdict(a, b), Ok(()), "{a} / {b}");
         }

@@ -77,7 +77,11 @@ fn swapped_around_pivot(a: &Question, b: &Question) -> bool {
     // Shared content words with their positions in a and in b.
     let shared: Vec<(&str, usize, usize)> = pa
         .iter()
-        .filter(|(w, _)| ![SYMMETRIC, FILLERS, FUNCTION_WORDS].iter().any(|l| l.contains(w)))
+        .filter(|(w, _)| {
+            ![SYMMETRIC, FILLERS, FUNCTION_WORDS]
+                .iter()
+                .any(|l| l.contains(w))
+        })
         .filter_map(|&(w, i)| pb.iter().find(|(v, _)| *v == w).map(|&(_, j)| (w, i, j)))
         .collect();
     let between = |q: &'_ Question, i: usize, j: usize| -> Vec<String> {
@@ -129,9 +133,8 @@ fn bindings(q: &Question) -> Vec<(&str, &str)> {
 fn rebound(a: &Question, b: &Question) -> bool {
     let (ba, bb) = (bindings(a), bindings(b));
     ba.iter().any(|&(r1, x)| {
-        ba.iter().any(|&(r2, y)| {
-            r1 != r2 && x != y && bb.contains(&(r1, y)) && bb.contains(&(r2, x))
-        })
+        ba.iter()
+            .any(|&(r2, y)| r1 != r2 && x != y && bb.contains(&(r1, y)) && bb.contains(&(r2, x)))
     })
 }
 
@@ -146,14 +149,23 @@ mod tests {
     #[test]
     fn swapped_roles_are_vetoed() {
         for (a, b) in [
-            ("Cheap flights from Paris to Rome", "Cheap flights from Rome to Paris"),
-            ("Transfer $50 from checking to savings", "Transfer $50 from savings to checking"),
+            (
+                "Cheap flights from Paris to Rome",
+                "Cheap flights from Rome to Paris",
+            ),
+            (
+                "Transfer $50 from checking to savings",
+                "Transfer $50 from savings to checking",
+            ),
             ("Is Java faster than Go?", "Is Go faster than Java?"),
             ("Does the dog chase the cat?", "Does the cat chase the dog?"),
             ("Is a square a rectangle?", "Is a rectangle a square?"),
             ("Convert PDF to Word", "Convert Word to PDF"),
             ("Flights to Rome from Paris", "Flights from Rome to Paris"),
-            ("How many cups are in a liter?", "How many liters are in a cup?"),
+            (
+                "How many cups are in a liter?",
+                "How many liters are in a cup?",
+            ),
             ("¿El perro persigue al gato?", "¿El gato persigue al perro?"),
         ] {
             assert_eq!(verdict(a, b), Err(Veto::Roles), "{a} / {b}");
@@ -164,15 +176,39 @@ mod tests {
     fn reordered_paraphrases_pass() {
         for (a, b) in [
             ("Flights from Paris to Rome", "Flights to Rome from Paris"),
-            ("How do I sort a list in Python?", "In Python, how do I sort a list?"),
-            ("Difference between TCP and UDP", "Difference between UDP and TCP"),
-            ("Is a tomato a fruit or a vegetable?", "Is a tomato a vegetable or a fruit?"),
-            ("Which is bigger, the sun or the moon?", "Is the moon bigger than the sun?"),
+            (
+                "How do I sort a list in Python?",
+                "In Python, how do I sort a list?",
+            ),
+            (
+                "Difference between TCP and UDP",
+                "Difference between UDP and TCP",
+            ),
+            (
+                "Is a tomato a fruit or a vegetable?",
+                "Is a tomato a vegetable or a fruit?",
+            ),
+            (
+                "Which is bigger, the sun or the moon?",
+                "Is the moon bigger than the sun?",
+            ),
             ("What is the population of Tokyo?", "Tokyo's population?"),
-            ("Python vs Java for beginners", "Java vs Python for beginners"),
-            ("How many calories are in an apple?", "An apple has how many calories?"),
-            ("How do I remove duplicates from a list?", "Remove duplicate items from a Python list"),
-            ("What is the meaning of life?", "What do philosophers say the meaning of life is?"),
+            (
+                "Python vs Java for beginners",
+                "Java vs Python for beginners",
+            ),
+            (
+                "How many calories are in an apple?",
+                "An apple has how many calories?",
+            ),
+            (
+                "How do I remove duplicates from a list?",
+                "Remove duplicate items from a Python list",
+            ),
+            (
+                "What is the meaning of life?",
+                "What do philosophers say the meaning of life is?",
+            ),
         ] {
             assert_eq!(verdict(a, b), Ok(()), "{a} / {b}");
         }

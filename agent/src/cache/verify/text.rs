@@ -224,10 +224,7 @@ fn quoted(text: &str) -> Vec<String> {
         };
         let end = (i + 1..chars.len()).find(|&j| {
             chars[j] == close
-                && (close != '\''
-                    || chars
-                        .get(j + 1)
-                        .is_none_or(|c| !c.is_alphanumeric()))
+                && (close != '\'' || chars.get(j + 1).is_none_or(|c| !c.is_alphanumeric()))
         });
         match end {
             Some(end) => {
@@ -260,11 +257,22 @@ mod tests {
     fn words_numbers_and_signs() {
         assert_eq!(
             norms("Doesn't Python 3.11 cost $1,000 (or 5%)?"),
-            ["does", "not", "python", "3.11", "cost", "$", "1,000", "or", "5", "%"]
+            [
+                "does", "not", "python", "3.11", "cost", "$", "1,000", "or", "5", "%"
+            ]
         );
-        assert_eq!(norms("C++ vs C# on node.js, e-mail"), ["c++", "vs", "c#", "on", "node.js", "email"]);
-        assert_eq!(norms("Python's GIL. Won't it?"), ["python", "gil", "will", "not", "it"]);
-        assert_eq!(norms("¿Por qué no funciona?"), ["por", "qué", "no", "funciona"]);
+        assert_eq!(
+            norms("C++ vs C# on node.js, e-mail"),
+            ["c++", "vs", "c#", "on", "node.js", "email"]
+        );
+        assert_eq!(
+            norms("Python's GIL. Won't it?"),
+            ["python", "gil", "will", "not", "it"]
+        );
+        assert_eq!(
+            norms("¿Por qué no funciona?"),
+            ["por", "qué", "no", "funciona"]
+        );
     }
 
     #[test]
@@ -284,9 +292,15 @@ mod tests {
 
     #[test]
     fn quotes_but_not_apostrophes() {
-        let q = Question::parse(r#"What does "idempotent" mean in 'REST' and `git rebase`? It's fine, don't"#);
+        let q = Question::parse(
+            r#"What does "idempotent" mean in 'REST' and `git rebase`? It's fine, don't"#,
+        );
         assert_eq!(q.quoted, ["idempotent", "REST", "git rebase"]);
-        assert!(Question::parse("Can't the dog's bone stay?").quoted.is_empty());
+        assert!(
+            Question::parse("Can't the dog's bone stay?")
+                .quoted
+                .is_empty()
+        );
     }
 
     #[test]
