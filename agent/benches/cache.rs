@@ -129,7 +129,7 @@ fn semantic(engine_p50: Duration) {
             .map(|d| ((i * 31 + d * 17) % 97) as f32 - 48.0)
             .collect();
         weir_engine::encoder::normalize(&mut v);
-        index.insert(scope, v, answer.clone());
+        index.insert(scope, Arc::from("q"), v, answer.clone());
     }
     let mut lookups = Vec::new();
     for i in 0..2000 {

@@ -43,6 +43,16 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// Model and a semantic-cache veto reason or verification stage.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Served model name.
+    pub model_name: String,
+    /// `numbers`, `roles`, `model`, … for vetoes; `rules` or `model` for
+    /// verification time.
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PriorityLabel {
     model_name: String,
@@ -86,6 +96,14 @@ pub struct Metrics {
     /// Semantic cache lookups skipped because the encoder was missing or
     /// failed.
     pub semantic_unavailable: Family<ModelLabel, Counter>,
+    /// Semantic candidates at or above the threshold that the verifier
+    /// vetoed, by reason.
+    pub semantic_vetoes: Family<ReasonLabel, Counter>,
+    /// Semantic hits whose question came back with `Cache-Control:
+    /// no-cache` (a calibration signal).
+    pub semantic_refuted: Family<ModelLabel, Counter>,
+    /// Time the verifier took per candidate, by stage (`rules`, `model`).
+    pub semantic_verify: Family<ReasonLabel, Histogram>,
     /// Ensemble requests by member and outcome.
     pub ensemble_requests: Family<MemberOutcome, Counter>,
     /// Ensemble member latency (to the answer's headers when streaming).
@@ -137,6 +155,14 @@ impl Metrics {
             prompt_tokens_saved: Family::default(),
             embedding_tokens: Family::default(),
             semantic_unavailable: Family::default(),
+            semantic_vetoes: Family::default(),
+            semantic_refuted: Family::default(),
+            semantic_verify: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01,
+                    0.05, 0.25, 1.0,
+                ])
+            }),
             ensemble_requests: Family::default(),
             ensemble_latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             member_ewma: Arc::default(),
@@ -200,6 +226,21 @@ impl Metrics {
             "weir_semantic_cache_unavailable",
             "Semantic cache lookups skipped: encoder missing or failing",
             m.semantic_unavailable.clone(),
+        );
+        registry.register(
+            "weir_semantic_cache_vetoes",
+            "Semantic candidates the verifier refused, by reason",
+            m.semantic_vetoes.clone(),
+        );
+        registry.register(
+            "weir_semantic_cache_refuted",
+            "Semantic hits re-asked with Cache-Control: no-cache",
+            m.semantic_refuted.clone(),
+        );
+        registry.register(
+            "weir_semantic_cache_verify_seconds",
+            "Time the semantic verifier took per candidate, by stage",
+            m.semantic_verify.clone(),
         );
         registry.register(
             "weir_ensemble_requests",
@@ -459,8 +500,42 @@ impl prometheus_client::collector::Collector for EngineCollector {
             .filter_map(|(label, _, m)| Some((label, m.cache.as_ref()?)))
             .collect();
         encode_caches(&mut encoder, &caches)?;
+        encode_semantic(&mut encoder, &snaps)?;
         self.encode_gpus(&mut encoder)
     }
+}
+
+/// The semantic caches' calibrated threshold and its estimated precision.
+fn encode_semantic(
+    encoder: &mut DescriptorEncoder,
+    snaps: &[(ModelLabel, StatsSnapshot, &Arc<crate::models::ServedModel>)],
+) -> Result<(), std::fmt::Error> {
+    let figures: [Figure<crate::cache::calibrate::Calibrator, f64>; 2] = [
+        (
+            "weir_semantic_cache_threshold",
+            "Similarity a semantic candidate needs now (calibrated)",
+            |c| f64::from(c.threshold()),
+        ),
+        (
+            "weir_semantic_cache_estimated_precision",
+            "Estimated precision of semantic hits at that threshold (NaN: no evidence yet)",
+            |c| f64::from(c.estimated_precision()),
+        ),
+    ];
+    for (name, help, get) in figures {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (label, _, model) in snaps {
+            if let Some(index) = &model.semantic {
+                ConstGauge::new(get(index.calibrator())).encode(family.encode_family(label)?)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The response caches' Redis (L2) figures, for models whose cache has an

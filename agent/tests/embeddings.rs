@@ -340,3 +340,92 @@ async fn conversation_scope_compares_the_whole_conversation() {
     .await;
     assert_eq!(cache.as_deref(), Some("miss"));
 }
+
+/// Asks `question` alone; the `x-weir-cache`, similarity and veto headers.
+async fn ask(
+    base: &str,
+    question: &str,
+    no_cache: bool,
+) -> (Option<String>, Option<f32>, Option<String>) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&conversation(&[("user", question)], 0.0));
+    if no_cache {
+        request = request.header("cache-control", "no-cache");
+    }
+    let r = request.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let similarity = header("x-weir-semantic-similarity").map(|s| s.parse().unwrap());
+    (
+        header("x-weir-cache"),
+        similarity,
+        header("x-weir-semantic-veto"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_misses_are_vetoed_and_no_cache_skips_the_lookup() {
+    let base = start(SemanticScope::LastUserMessage).await;
+    for (stored, near_miss, reason) in [
+        (
+            "Cheap flights from Paris to Rome",
+            "Cheap flights from Rome to Paris",
+            "roles",
+        ),
+        (
+            "Is Python statically typed?",
+            "Is Python not statically typed?",
+            "negation",
+        ),
+        (
+            "How do I zoom in on a photo?",
+            "How do I zoom out on a photo?",
+            "opposites",
+        ),
+    ] {
+        assert_eq!(ask(&base, stored, false).await.0.as_deref(), Some("miss"));
+        let (cache, similarity, veto) = ask(&base, near_miss, false).await;
+        assert_eq!(cache.as_deref(), Some("miss"), "{near_miss}");
+        assert_eq!(veto.as_deref(), Some(reason), "{near_miss}");
+        assert!(similarity.unwrap() >= 0.85, "{near_miss}: {similarity:?}");
+    }
+
+    assert_eq!(
+        ask(&base, "What is the capital of France?", false)
+            .await
+            .0
+            .as_deref(),
+        Some("miss")
+    );
+    let paraphrase = "Which city is the capital of France?";
+    let (cache, similarity, veto) = ask(&base, paraphrase, false).await;
+    assert_eq!(cache.as_deref(), Some("semantic"));
+    assert!(similarity.unwrap() >= 0.85 && veto.is_none());
+    // The client does not trust it: no-cache skips the lookup, and the hit
+    // counts as refuted. The fresh answer is stored, so it hits L1 next.
+    let (cache, similarity, _) = ask(&base, paraphrase, true).await;
+    assert_eq!((cache.as_deref(), similarity), (Some("miss"), None));
+    let (cache, ..) = ask(&base, paraphrase, false).await;
+    assert_eq!(cache.as_deref(), Some("l1"));
+
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "weir_semantic_cache_vetoes_total{model_name=\"tiny\",reason=\"roles\"} 1",
+        "weir_semantic_cache_vetoes_total{model_name=\"tiny\",reason=\"negation\"} 1",
+        "weir_semantic_cache_refuted_total{model_name=\"tiny\"} 1",
+        "weir_semantic_cache_threshold{model_name=\"tiny\"} 0.85",
+        "weir_semantic_cache_verify_seconds_count{model_name=\"tiny\",reason=\"rules\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+}

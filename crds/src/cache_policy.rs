@@ -186,9 +186,32 @@ pub enum SemanticScope {
     Conversation,
 }
 
-/// Cache that answers requests whose meaning matches an earlier one.
+/// How a candidate from the embedding index is checked before it is served.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum SemanticVerify {
+    /// Cosine similarity alone decides (the cache before verification).
+    Off,
+    /// Cheap rules: numbers, units, dates, versions, quoted strings,
+    /// names, negation, opposites and the roles of the entities must
+    /// agree.
+    #[default]
+    Rules,
+    /// The verifier model decides alone.
+    Model,
+    /// The rules first; a candidate they pass is asked of the verifier
+    /// model.
+    RulesThenModel,
+}
+
+/// Cache that answers requests whose meaning matches an earlier one: the
+/// embedding index finds candidates, the verifier decides whether one asks
+/// the same thing.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.minThreshold) || !has(self.maxThreshold) || self.minThreshold <= self.maxThreshold", "message": "semanticCache.minThreshold must not exceed maxThreshold", "fieldPath": ".minThreshold"},
+    {"rule": "!has(self.verify) || (self.verify != 'Model' && self.verify != 'RulesThenModel') || has(self.verifierModel)", "message": "semanticCache.verify Model and RulesThenModel need verifierModel", "fieldPath": ".verifierModel"}
+]))]
 pub struct SemanticCacheSpec {
     /// Off by default: a semantic hit returns an answer to a different
     /// wording of the question.
@@ -198,13 +221,43 @@ pub struct SemanticCacheSpec {
     #[serde(default = "default_embedding_model")]
     #[schemars(length(min = 1, max = 253))]
     pub embedding_model: String,
-    /// Least cosine similarity (0..1) for a hit.
+    /// Least cosine similarity (0..1) for a candidate: the starting point
+    /// of calibration, and the fixed threshold when `calibrate` is false.
     #[serde(default = "default_threshold")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub threshold: f64,
     /// What is compared by meaning.
     #[serde(default)]
     pub scope: SemanticScope,
+    /// How a candidate is checked before it is served.
+    #[serde(default)]
+    pub verify: SemanticVerify,
+    /// A served generation Model asked a yes/no question (one token) for
+    /// `Model` and `RulesThenModel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub verifier_model: Option<String>,
+    /// Milliseconds the verifier model may take; slower is no hit.
+    #[serde(default = "default_verifier_timeout")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub verifier_timeout_ms: u32,
+    /// Share of served semantic hits that should be right (0.5..1);
+    /// calibration moves the threshold to reach it.
+    #[serde(default = "default_target_precision")]
+    #[schemars(range(min = 0.5, max = 1.0))]
+    pub target_precision: f64,
+    /// Whether the agent calibrates the threshold from what it observes
+    /// (hits re-asked with `Cache-Control: no-cache`, verifier vetoes).
+    #[serde(default = "default_true")]
+    pub calibrate: bool,
+    /// Lowest threshold calibration may choose.
+    #[serde(default = "default_min_threshold")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_threshold: f64,
+    /// Highest threshold calibration may choose.
+    #[serde(default = "default_max_threshold")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_threshold: f64,
     /// Most entries in the index.
     #[serde(default = "default_semantic_entries")]
     #[schemars(range(min = 1, max = 10000000))]
@@ -225,6 +278,13 @@ impl Default for SemanticCacheSpec {
             embedding_model: default_embedding_model(),
             threshold: default_threshold(),
             scope: SemanticScope::default(),
+            verify: SemanticVerify::default(),
+            verifier_model: None,
+            verifier_timeout_ms: default_verifier_timeout(),
+            target_precision: default_target_precision(),
+            calibrate: true,
+            min_threshold: default_min_threshold(),
+            max_threshold: default_max_threshold(),
             max_entries: default_semantic_entries(),
             max_bytes: default_semantic_bytes(),
             ttl_seconds: default_l1_ttl(),
@@ -305,6 +365,18 @@ fn default_embedding_model() -> String {
 }
 fn default_threshold() -> f64 {
     0.95
+}
+fn default_verifier_timeout() -> u32 {
+    500
+}
+fn default_target_precision() -> f64 {
+    0.99
+}
+fn default_min_threshold() -> f64 {
+    0.80
+}
+fn default_max_threshold() -> f64 {
+    0.99
 }
 fn default_semantic_entries() -> u64 {
     10_000

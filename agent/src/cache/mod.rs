@@ -9,9 +9,11 @@
 //! counted) when it is full. Assumption: keys are digests of everything
 //! that changes the output (see [`CacheKey`]); values are opaque bytes.
 
+pub mod calibrate;
 pub mod popular;
 pub mod redis_tier;
 pub mod semantic;
+pub mod verify;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -9,6 +9,11 @@
 //! every entry weighs at least `max_bytes / max_entries`, so the byte bound
 //! also caps the count — a TTL, and at most [`MAX_PER_SCOPE`] entries per
 //! scope, oldest dropped first. A lookup scans its scope only.
+//!
+//! The index only proposes: [`SemanticIndex::candidates`] returns the
+//! nearest entries at or above a floor, with their question texts, for the
+//! verifier (`cache/verify`) to accept or veto; the threshold a candidate
+//! must reach to be served comes from the index's [`Calibrator`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +23,7 @@ use std::time::Duration;
 use weir_crds::cache_policy::SemanticCacheSpec;
 use weir_engine::backend::cpu::dot;
 
+use super::calibrate::{CalibrationSpec, Calibrator};
 use super::{CacheError, CacheKey, parse_bytes};
 
 /// Most entries one scope keeps (a lookup compares against all of them).
@@ -25,6 +31,7 @@ pub const MAX_PER_SCOPE: usize = 4096;
 
 struct Entry {
     scope: CacheKey,
+    question: Arc<str>,
     answer: Arc<[u8]>,
     /// Bytes the vector takes in its scope (for the weigher).
     vector_bytes: usize,
@@ -56,17 +63,27 @@ impl Scope {
         self.vectors.truncate(last * self.dim);
     }
 
-    /// The id and similarity of the closest vector at or above `threshold`.
-    fn best(&self, question: &[f32], threshold: f32) -> Option<(u64, f32)> {
+    /// Ids and similarities of the `k` closest vectors at or above
+    /// `floor`, closest first.
+    fn top(&self, question: &[f32], floor: f32, k: usize) -> Vec<(u64, f32)> {
         if question.len() != self.dim {
-            return None;
+            return Vec::new();
         }
-        self.vectors
-            .chunks_exact(self.dim)
-            .zip(&self.ids)
-            .map(|(v, id)| (*id, dot(v, question)))
-            .filter(|(_, s)| *s >= threshold)
-            .max_by(|a, b| a.1.total_cmp(&b.1))
+        let mut found: Vec<(u64, f32)> = Vec::with_capacity(k + 1);
+        for (v, id) in self.vectors.chunks_exact(self.dim).zip(&self.ids) {
+            let s = dot(v, question);
+            if s < floor || (found.len() == k && s <= found[k - 1].1) {
+                continue;
+            }
+            let at = found.partition_point(|(_, t)| *t >= s);
+            found.insert(at, (*id, s));
+            found.truncate(k);
+        }
+        found
+    }
+
+    fn best(&self, question: &[f32], threshold: f32) -> Option<(u64, f32)> {
+        self.top(question, threshold, 1).first().copied()
     }
 }
 
@@ -77,14 +94,17 @@ pub struct SemanticIndex {
     entries: moka::sync::Cache<u64, Arc<Entry>>,
     scopes: Scopes,
     next_id: AtomicU64,
-    threshold: f32,
+    calibrator: Calibrator,
 }
 
-/// A stored answer close enough to the question.
+/// A stored answer near the question: a candidate for the verifier, or the
+/// hit it accepted.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SemanticHit {
     /// Cosine similarity to the question.
     pub similarity: f32,
+    /// The question the answer was stored for.
+    pub question: Arc<str>,
     /// The stored answer.
     pub answer: Arc<[u8]>,
 }
@@ -95,8 +115,27 @@ fn lock(scopes: &Scopes) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Scope>> 
 
 impl SemanticIndex {
     /// An index of at most `max_entries` entries and `max_bytes` bytes,
-    /// each living `ttl`; a hit needs cosine similarity ≥ `threshold`.
+    /// each living `ttl`; a hit needs cosine similarity ≥ `threshold`
+    /// (fixed: no calibration).
     pub fn new(max_entries: u64, max_bytes: u64, ttl: Duration, threshold: f32) -> Self {
+        let fixed = CalibrationSpec {
+            enabled: false,
+            start: threshold,
+            min: threshold,
+            max: threshold,
+            target: 1.0,
+            leak: 1.0,
+        };
+        Self::with_calibration(max_entries, max_bytes, ttl, fixed)
+    }
+
+    /// As [`SemanticIndex::new`], with the threshold calibrated by `spec`.
+    pub fn with_calibration(
+        max_entries: u64,
+        max_bytes: u64,
+        ttl: Duration,
+        spec: CalibrationSpec,
+    ) -> Self {
         let floor = (max_bytes / max_entries.max(1)).max(1);
         let scopes: Scopes = Arc::default();
         let on_evict = scopes.clone();
@@ -104,7 +143,7 @@ impl SemanticIndex {
             .max_capacity(max_bytes.max(1))
             .time_to_live(ttl)
             .weigher(move |_id: &u64, e: &Arc<Entry>| {
-                let size = (e.vector_bytes + e.answer.len() + 64) as u64;
+                let size = (e.vector_bytes + e.question.len() + e.answer.len() + 64) as u64;
                 u32::try_from(size.max(floor)).unwrap_or(u32::MAX)
             })
             .eviction_listener(move |id: Arc<u64>, entry: Arc<Entry>, _cause| {
@@ -121,30 +160,61 @@ impl SemanticIndex {
             entries,
             scopes,
             next_id: AtomicU64::new(0),
-            threshold,
+            calibrator: Calibrator::new(spec),
         }
     }
 
+    /// The threshold, its evidence and the record of served hits.
+    pub fn calibrator(&self) -> &Calibrator {
+        &self.calibrator
+    }
+
     /// The closest answer in `scope` to the unit vector `question`, if it
-    /// reaches the threshold.
+    /// reaches the threshold (no verification).
     pub fn lookup(&self, scope: &CacheKey, question: &[f32]) -> Option<SemanticHit> {
         // Release the lock before `get`: the eviction listener takes it and
         // may run inside moka's calls.
         let (id, similarity) = lock(&self.scopes)
             .get(scope)?
-            .best(question, self.threshold)?;
+            .best(question, self.calibrator.threshold())?;
+        self.hit(id, similarity)
+    }
+
+    /// The `k` closest entries in `scope` to the unit vector `question` at
+    /// or above `floor`, closest first.
+    pub fn candidates(
+        &self,
+        scope: &CacheKey,
+        question: &[f32],
+        floor: f32,
+        k: usize,
+    ) -> Vec<SemanticHit> {
+        let found = match lock(&self.scopes).get(scope) {
+            Some(s) => s.top(question, floor, k),
+            None => return Vec::new(),
+        };
+        found
+            .into_iter()
+            .filter_map(|(id, similarity)| self.hit(id, similarity))
+            .collect()
+    }
+
+    fn hit(&self, id: u64, similarity: f32) -> Option<SemanticHit> {
         let entry = self.entries.get(&id)?;
         Some(SemanticHit {
             similarity,
+            question: entry.question.clone(),
             answer: entry.answer.clone(),
         })
     }
 
-    /// Stores `answer` for the unit vector `question` in `scope`.
-    pub fn insert(&self, scope: CacheKey, question: Vec<f32>, answer: Arc<[u8]>) {
+    /// Stores `answer` for `text`, whose unit vector is `question`, in
+    /// `scope`.
+    pub fn insert(&self, scope: CacheKey, text: Arc<str>, question: Vec<f32>, answer: Arc<[u8]>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Entry {
             scope,
+            question: text,
             answer,
             vector_bytes: question.len() * 4,
         });
@@ -204,34 +274,63 @@ pub fn build_index(spec: &SemanticCacheSpec) -> Result<Option<Arc<SemanticIndex>
         return Ok(None);
     }
     let bytes = parse_bytes(&spec.max_bytes.0).map_err(|e| e.at("semanticCache.maxBytes"))?;
-    Ok(Some(Arc::new(SemanticIndex::new(
+    Ok(Some(Arc::new(SemanticIndex::with_calibration(
         spec.max_entries,
         bytes,
         Duration::from_secs(u64::from(spec.ttl_seconds)),
-        spec.threshold as f32,
+        calibration(spec),
     ))))
+}
+
+/// The calibration a policy asks for. The leak floor is how many wrong
+/// candidates the verifier is assumed to pass per one it vetoes: 0.05 for
+/// the rules (about three times what they leave on the project's
+/// benchmark: 2 wrong passes per ~120 vetoes), 0.02 with a model (a guess
+/// until a real verifier model is measured).
+fn calibration(spec: &SemanticCacheSpec) -> CalibrationSpec {
+    use weir_crds::cache_policy::SemanticVerify;
+    CalibrationSpec {
+        enabled: spec.calibrate,
+        start: spec.threshold as f32,
+        min: spec.min_threshold as f32,
+        max: spec.max_threshold as f32,
+        target: spec.target_precision,
+        leak: match spec.verify {
+            SemanticVerify::Off | SemanticVerify::Rules => 0.05,
+            SemanticVerify::Model | SemanticVerify::RulesThenModel => 0.02,
+        },
+    }
 }
 
 /// What to store once the answer is complete.
 pub struct SemanticFill {
     index: Arc<SemanticIndex>,
     scope: CacheKey,
+    text: Arc<str>,
     vector: Vec<f32>,
 }
 
 impl SemanticFill {
-    /// A fill of `index` under `scope` for the question's `vector`.
-    pub fn new(index: Arc<SemanticIndex>, scope: CacheKey, vector: Vec<f32>) -> Self {
+    /// A fill of `index` under `scope` for the question `text` and its
+    /// `vector`.
+    pub fn new(
+        index: Arc<SemanticIndex>,
+        scope: CacheKey,
+        text: Arc<str>,
+        vector: Vec<f32>,
+    ) -> Self {
         Self {
             index,
             scope,
+            text,
             vector,
         }
     }
 
     /// Stores `answer` for the question.
     pub fn store(&self, answer: Arc<[u8]>) {
-        self.index.insert(self.scope, self.vector.clone(), answer);
+        self.index
+            .insert(self.scope, self.text.clone(), self.vector.clone(), answer);
     }
 }
 
@@ -244,6 +343,10 @@ mod tests {
         v.iter().map(|x| x / n).collect()
     }
 
+    fn q() -> Arc<str> {
+        Arc::from("a question")
+    }
+
     fn scope(n: u8) -> CacheKey {
         CacheKey::from_canonical(&[n])
     }
@@ -251,8 +354,8 @@ mod tests {
     #[test]
     fn nearest_entry_above_threshold_answers_only_in_its_scope() {
         let index = SemanticIndex::new(100, 1 << 20, Duration::from_secs(60), 0.9);
-        index.insert(scope(1), unit(&[1.0, 0.0, 0.0]), Arc::from(&b"x"[..]));
-        index.insert(scope(1), unit(&[0.9, 0.1, 0.0]), Arc::from(&b"y"[..]));
+        index.insert(scope(1), q(), unit(&[1.0, 0.0, 0.0]), Arc::from(&b"x"[..]));
+        index.insert(scope(1), q(), unit(&[0.9, 0.1, 0.0]), Arc::from(&b"y"[..]));
         let hit = index.lookup(&scope(1), &unit(&[0.92, 0.08, 0.0])).unwrap();
         assert_eq!(&*hit.answer, b"y");
         assert!(hit.similarity > 0.99);
@@ -261,11 +364,33 @@ mod tests {
     }
 
     #[test]
+    fn candidates_are_the_closest_above_the_floor_with_their_questions() {
+        let index = SemanticIndex::new(100, 1 << 20, Duration::from_secs(60), 0.99);
+        for (i, x) in [1.0f32, 0.9, 0.5, 0.8, 0.0].iter().enumerate() {
+            let text: Arc<str> = Arc::from(format!("q{i}"));
+            index.insert(scope(1), text, unit(&[1.0, *x]), Arc::from(&b"a"[..]));
+        }
+        let question = unit(&[1.0, 0.8]);
+        let found = index.candidates(&scope(1), &question, 0.9, 3);
+        let names: Vec<&str> = found.iter().map(|c| &*c.question).collect();
+        assert_eq!(names, ["q3", "q1", "q0"]);
+        assert!(found.windows(2).all(|w| w[0].similarity >= w[1].similarity));
+        assert!(found.iter().all(|c| c.similarity >= 0.9));
+        assert!(
+            index
+                .lookup(&scope(1), &question)
+                .is_some_and(|h| &*h.question == "q3")
+        );
+        assert!(index.candidates(&scope(2), &question, 0.0, 3).is_empty());
+    }
+
+    #[test]
     fn entry_and_byte_bounds_hold_and_evicted_ids_leave_their_scope() {
         let index = SemanticIndex::new(10, 1 << 20, Duration::from_secs(60), 0.5);
         for i in 0..100u8 {
             index.insert(
                 scope(i % 3),
+                q(),
                 unit(&[1.0, f32::from(i)]),
                 Arc::from(vec![i; 8]),
             );
@@ -276,7 +401,7 @@ mod tests {
 
         let index = SemanticIndex::new(1000, 10_000, Duration::from_secs(60), 0.5);
         for i in 0..100u8 {
-            index.insert(scope(0), unit(&[1.0, 1.0]), Arc::from(vec![i; 1000]));
+            index.insert(scope(0), q(), unit(&[1.0, 1.0]), Arc::from(vec![i; 1000]));
         }
         assert!(index.bytes() <= 10_000, "{} bytes", index.bytes());
         assert!(index.len() < 100);
@@ -286,7 +411,12 @@ mod tests {
     fn a_scope_keeps_its_newest_entries() {
         let index = SemanticIndex::new(100_000, 1 << 30, Duration::from_secs(60), 0.0);
         for i in 0..(MAX_PER_SCOPE + 10) {
-            index.insert(scope(0), vec![1.0], Arc::from(i.to_string().as_bytes()));
+            index.insert(
+                scope(0),
+                q(),
+                vec![1.0],
+                Arc::from(i.to_string().as_bytes()),
+            );
         }
         assert_eq!(index.len(), MAX_PER_SCOPE as u64);
     }
@@ -313,7 +443,7 @@ mod tests {
     #[test]
     fn entries_expire() {
         let index = SemanticIndex::new(10, 1 << 20, Duration::from_millis(50), 0.5);
-        index.insert(scope(0), vec![1.0], Arc::from(&b"a"[..]));
+        index.insert(scope(0), q(), vec![1.0], Arc::from(&b"a"[..]));
         assert!(index.lookup(&scope(0), &[1.0]).is_some());
         std::thread::sleep(Duration::from_millis(120));
         assert!(index.lookup(&scope(0), &[1.0]).is_none());

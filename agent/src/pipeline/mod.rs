@@ -55,6 +55,40 @@ pub const COALESCED_HEADER: &str = "x-weir-coalesced";
 pub const DROPPED_TURNS_HEADER: &str = "x-weir-context-dropped-turns";
 /// Header naming the tuning mode whose defaults a request got.
 pub const TUNING_HEADER: &str = "x-weir-tuning";
+/// Header with the cosine similarity of the semantic candidate that
+/// answered (or was vetoed).
+pub const SIMILARITY_HEADER: &str = "x-weir-semantic-similarity";
+/// Header naming why the nearest semantic candidate was not served.
+pub const VETO_HEADER: &str = "x-weir-semantic-veto";
+
+/// What the client's `Cache-Control` allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheControl {
+    /// Answers may come from the caches.
+    Use,
+    /// `no-cache`: generate afresh (the answer is still stored), and count
+    /// a recent semantic hit for the same question as refuted.
+    Refresh,
+}
+
+impl CacheControl {
+    /// Reads `Cache-Control` (`no-cache` or `no-store` among its
+    /// directives means [`CacheControl::Refresh`]).
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let refresh = headers
+            .get_all(http::header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|d| {
+                matches!(
+                    d.trim().to_ascii_lowercase().as_str(),
+                    "no-cache" | "no-store"
+                )
+            });
+        if refresh { Self::Refresh } else { Self::Use }
+    }
+}
 
 /// What the pipeline uses of the agent: its models, metrics, peers,
 /// ensembles and the client it forwards with.
@@ -179,12 +213,9 @@ pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, 
             .inc_by(saved);
     }
     let (dropped, tuning) = (meta.dropped_turns, meta.tuning);
-    let answer = run(ctx, model, job).await?;
-    let mut headers: Vec<(&'static str, String)> = answer
-        .header
-        .map(|(name, value)| (name, value.to_owned()))
-        .into_iter()
-        .collect();
+    let control = CacheControl::from_headers(&incoming.headers);
+    let answer = run(ctx, model, job, control).await?;
+    let mut headers = answer.headers;
     if dropped > 0 {
         headers.push((DROPPED_TURNS_HEADER, dropped.to_string()));
     }
@@ -231,29 +262,38 @@ async fn to_peer(
 pub struct Answer {
     /// The generation's events, to render as JSON or SSE.
     pub events: GenStream,
-    /// `x-weir-cache` or `x-weir-coalesced` with its value.
-    pub header: Option<(&'static str, &'static str)>,
+    /// `x-weir-cache` or `x-weir-coalesced` with its value, and the
+    /// semantic cache's similarity and veto.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// Steps 3 to 8 for `job` on `model`: from the response cache when it
 /// holds the answer, by joining an identical generation in flight when
 /// there is one, else from the semantic cache or the engine (filling the
-/// caches).
-pub async fn run(ctx: &Context<'_>, model: Arc<ServedModel>, job: Job) -> Result<Answer, ApiError> {
+/// caches). With [`CacheControl::Refresh`] no cache answers and no
+/// generation in flight is joined.
+pub async fn run(
+    ctx: &Context<'_>,
+    model: Arc<ServedModel>,
+    job: Job,
+    control: CacheControl,
+) -> Result<Answer, ApiError> {
     let metrics = ctx.metrics;
     let label = ModelLabel {
         model_name: model.name.clone(),
     };
     let key = response_cache::cache_key(&model, &job);
-    if let Some(answer) = cached_answer(metrics, &model, key, &label).await {
+    let refresh = control == CacheControl::Refresh;
+    if !refresh && let Some(answer) = cached_answer(metrics, &model, key, &label).await {
         return Ok(answer);
     }
-    let leader = match coalesce(metrics, &model, key, &label) {
+    let leader = match coalesce(metrics, &model, key.filter(|_| !refresh), &label) {
         Coalesced::Follower(answer) => return Ok(answer),
         Coalesced::Leader(leader) => leader,
     };
     // Only a leader asks the semantic cache: followers share its answer.
-    let (events, tier) = match semantic_or_engine(ctx, &model, &job, &label, key).await {
+    let found = semantic_or_engine(ctx, &model, &job, &label, key, refresh).await;
+    let (events, headers) = match found {
         Ok(found) => found,
         Err(e) => {
             // Requests that joined meanwhile get the same answer.
@@ -264,10 +304,7 @@ pub async fn run(ctx: &Context<'_>, model: Arc<ServedModel>, job: Job) -> Result
         }
     };
     let events = share_with_followers(events, leader);
-    Ok(Answer {
-        events,
-        header: tier.map(|tier| (CACHE_HEADER, tier)),
-    })
+    Ok(Answer { events, headers })
 }
 
 /// The response cache's answer (L1, then L2), counting the hit or miss.
@@ -291,7 +328,7 @@ async fn cached_answer(
         count_success(metrics, model);
         return Some(Answer {
             events: generate::replay(&generation),
-            header: Some((CACHE_HEADER, tier.label())),
+            headers: vec![(CACHE_HEADER, tier.label().to_owned())],
         });
     }
     metrics.cache_misses.get_or_create(label).inc();
@@ -322,7 +359,7 @@ fn coalesce(
             count_success(metrics, model);
             Coalesced::Follower(Answer {
                 events: response_cache::subscription_stream(subscription),
-                header: Some((COALESCED_HEADER, "true")),
+                headers: vec![(COALESCED_HEADER, "true".to_owned())],
             })
         }
         Joined::Leader(publisher, subscription) => {
@@ -344,18 +381,20 @@ fn share_with_followers(events: GenStream, leader: Leader) -> GenStream {
 }
 
 /// A semantic hit's replay, else a fresh generation that fills the caches;
-/// with the `x-weir-cache` value to answer with, if any.
+/// with the headers to answer with (`x-weir-cache`, the semantic
+/// similarity and veto).
 async fn semantic_or_engine(
     ctx: &Context<'_>,
     model: &Arc<ServedModel>,
     job: &Job,
     label: &ModelLabel,
     key: Option<CacheKey>,
-) -> Result<(GenStream, Option<&'static str>), ApiError> {
+    refresh: bool,
+) -> Result<(GenStream, Vec<(&'static str, String)>), ApiError> {
     let metrics = ctx.metrics;
     let mut semantic = None;
-    let encoder_named = |name: &str| ctx.encoder(name);
-    match semantic_cache::probe(metrics, &encoder_named, model, job).await {
+    let mut headers = Vec::new();
+    match semantic_cache::probe(ctx, model, job, refresh).await {
         Some(Probe::Hit(hit)) => {
             if let Ok(generation) = serde_json::from_slice::<Generation>(&hit.answer) {
                 let tier_label = TierLabel {
@@ -364,10 +403,20 @@ async fn semantic_or_engine(
                 };
                 metrics.cache_hits.get_or_create(&tier_label).inc();
                 count_success(metrics, model);
-                return Ok((generate::replay(&generation), Some("semantic")));
+                let headers = vec![
+                    (CACHE_HEADER, "semantic".to_owned()),
+                    (SIMILARITY_HEADER, format!("{:.4}", hit.similarity)),
+                ];
+                return Ok((generate::replay(&generation), headers));
             }
         }
-        Some(Probe::Miss(fill)) => semantic = Some(fill),
+        Some(Probe::Miss(fill, veto)) => {
+            semantic = Some(fill);
+            if let Some((veto, similarity)) = veto {
+                headers.push((VETO_HEADER, veto.label().to_owned()));
+                headers.push((SIMILARITY_HEADER, format!("{similarity:.4}")));
+            }
+        }
         None => {}
     }
     let events = admit_and_generate(metrics, model, job, label)?;
@@ -375,8 +424,10 @@ async fn semantic_or_engine(
         exact: key.zip(model.cache.clone()).map(|(k, c)| (c, k)),
         semantic,
     };
-    let tier = (key.is_some() && model.cache.is_some()).then_some("miss");
-    Ok((response_cache::fill_cache(events, sinks), tier))
+    if key.is_some() && model.cache.is_some() {
+        headers.insert(0, (CACHE_HEADER, "miss".to_owned()));
+    }
+    Ok((response_cache::fill_cache(events, sinks), headers))
 }
 
 /// Counts a request answered without the engine (cache hit, coalesced).
