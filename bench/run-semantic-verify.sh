@@ -8,7 +8,7 @@
 # with its own CachePolicy; every pair gets a fresh scope.
 #   bench/run-semantic-verify.sh [--verifier-model DIR | --verifier-builtin]
 #                                [weir-semantic-bench flags: --split holdout, --show LABEL]
-# --verifier-model DIR   serve DIR (a chat model) as the verifier and add
+# --verifier-model PATH  serve PATH (a chat model: a directory or a GGUF file) as the verifier and add
 #                        rules+model rows;
 # --verifier-builtin     the same with the built-in model: checks the
 #                        mechanics only, its answers mean nothing.
@@ -21,7 +21,7 @@ builtin_verifier=false
 passthrough=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --verifier-model) verifier=$(cd "$2" && pwd); shift 2 ;;
+    --verifier-model) verifier=$(realpath "$2"); shift 2 ;;
     --verifier-builtin) builtin_verifier=true; shift ;;
     *) passthrough+=("$1"); shift ;;
   esac
