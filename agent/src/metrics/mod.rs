@@ -4,9 +4,12 @@
 //! KEDA triggers and inference-gateway endpoint pickers work unchanged;
 //! Weir's own figures are `weir_*`.
 
+mod caches;
+
 use std::sync::{Arc, RwLock};
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -475,140 +478,36 @@ impl prometheus_client::collector::Collector for EngineCollector {
                     .encode(queue.encode_family(&l)?)?;
             }
         }
-        let mut breaker = encoder.encode_descriptor(
-            "weir_breaker_state",
-            "Engine circuit breaker: 0 closed, 1 open, 2 half-open",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+        let breakers = snaps
+            .iter()
+            .map(|(label, _, m)| (label, ConstGauge::new(m.breaker.state() as i64)));
+        caches::family(
+            &mut encoder,
+            (
+                "weir_breaker_state",
+                "Engine circuit breaker: 0 closed, 1 open, 2 half-open",
+            ),
+            MetricType::Gauge,
+            breakers,
         )?;
-        for (label, _, model) in &snaps {
-            ConstGauge::new(model.breaker.state() as i64).encode(breaker.encode_family(label)?)?;
-        }
-        let mut tuning = encoder.encode_descriptor(
-            "weir_tuning_mode",
-            "Load-based tuning mode: 0 quality, 1 balanced, 2 performance",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+        let modes = snaps
+            .iter()
+            .filter_map(|(label, _, m)| Some((label, ConstGauge::new(m.tuner.current()?.level()))));
+        caches::family(
+            &mut encoder,
+            (
+                "weir_tuning_mode",
+                "Load-based tuning mode: 0 quality, 1 balanced, 2 performance",
+            ),
+            MetricType::Gauge,
+            modes,
         )?;
-        for (label, _, model) in &snaps {
-            if let Some(mode) = model.tuner.current() {
-                ConstGauge::new(mode.level()).encode(tuning.encode_family(label)?)?;
-            }
-        }
         let caches: Vec<_> = snaps
             .iter()
             .filter_map(|(label, _, m)| Some((label, m.cache.as_ref()?)))
             .collect();
-        encode_caches(&mut encoder, &caches)?;
-        encode_semantic(&mut encoder, &snaps)?;
+        caches::encode_caches(&mut encoder, &caches)?;
+        caches::encode_semantic(&mut encoder, &snaps)?;
         self.encode_gpus(&mut encoder)
     }
-}
-
-/// The semantic caches' calibrated threshold and its estimated precision.
-fn encode_semantic(
-    encoder: &mut DescriptorEncoder,
-    snaps: &[(ModelLabel, StatsSnapshot, &Arc<crate::models::ServedModel>)],
-) -> Result<(), std::fmt::Error> {
-    let figures: [Figure<crate::cache::calibrate::Calibrator, f64>; 2] = [
-        (
-            "weir_semantic_cache_threshold",
-            "Similarity a semantic candidate needs now (calibrated)",
-            |c| f64::from(c.threshold()),
-        ),
-        (
-            "weir_semantic_cache_estimated_precision",
-            "Estimated precision of semantic hits at that threshold (NaN: no evidence yet)",
-            |c| f64::from(c.estimated_precision()),
-        ),
-    ];
-    for (name, help, get) in figures {
-        let mut family = encoder.encode_descriptor(
-            name,
-            help,
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for (label, _, model) in snaps {
-            if let Some(index) = &model.semantic {
-                ConstGauge::new(get(index.calibrator())).encode(family.encode_family(label)?)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The response caches' Redis (L2) figures, for models whose cache has an
-/// L2: errors, timeouts, writes, write-behind drops and its breaker.
-fn encode_caches(
-    encoder: &mut DescriptorEncoder,
-    caches: &[(&ModelLabel, &Arc<crate::cache::ResponseCache>)],
-) -> Result<(), std::fmt::Error> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let warming: [Figure<crate::cache::CacheStats, u64>; 2] = [
-        (
-            "weir_cache_warmed_entries",
-            "Entries put into L1 from Redis at start (warming)",
-            |s| s.warmed.load(Relaxed),
-        ),
-        ("weir_cache_warmed_hits", "L1 hits on warmed entries", |s| {
-            s.warmed_hits.load(Relaxed)
-        }),
-    ];
-    for (name, help, get) in warming {
-        let mut family = encoder.encode_descriptor(
-            name,
-            help,
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (label, cache) in caches {
-            ConstCounter::new(get(cache.stats())).encode(family.encode_family(*label)?)?;
-        }
-    }
-    let with_l2: Vec<_> = caches
-        .iter()
-        .filter_map(|(label, cache)| Some((*label, cache.stats(), cache.l2_breaker()?)))
-        .collect();
-    let counters: [Figure<crate::cache::CacheStats, u64>; 4] = [
-        (
-            "weir_cache_l2_errors",
-            "Redis calls that failed (connection, command)",
-            |s| s.l2_errors.load(Relaxed),
-        ),
-        (
-            "weir_cache_l2_timeouts",
-            "Redis calls that ran past the policy's timeout",
-            |s| s.l2_timeouts.load(Relaxed),
-        ),
-        ("weir_cache_l2_writes", "Answers written to Redis", |s| {
-            s.l2_writes.load(Relaxed)
-        }),
-        (
-            "weir_cache_l2_write_behind_dropped",
-            "Redis writes dropped because the write-behind queue was full",
-            |s| s.write_behind_dropped.load(Relaxed),
-        ),
-    ];
-    for (name, help, get) in counters {
-        let mut family = encoder.encode_descriptor(
-            name,
-            help,
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (label, stats, _) in &with_l2 {
-            ConstCounter::new(get(stats)).encode(family.encode_family(*label)?)?;
-        }
-    }
-    let mut breaker = encoder.encode_descriptor(
-        "weir_cache_l2_breaker_state",
-        "Redis (L2) circuit breaker: 0 closed, 1 open, 2 half-open",
-        None,
-        prometheus_client::metrics::MetricType::Gauge,
-    )?;
-    for (label, _, state) in &with_l2 {
-        ConstGauge::new(i64::from(*state)).encode(breaker.encode_family(*label)?)?;
-    }
-    Ok(())
 }
