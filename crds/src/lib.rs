@@ -11,6 +11,7 @@ pub mod ensemble;
 pub mod model;
 pub mod node_agent;
 pub mod performance;
+pub mod tenant;
 pub mod tuning;
 
 pub use batch_policy::{BatchPolicy, BatchPolicySpec};
@@ -19,6 +20,7 @@ pub use common::{Dtype, EngineConfig, PriorityClass};
 pub use ensemble::{ModelEnsemble, ModelEnsembleSpec};
 pub use model::{Model, ModelSpec};
 pub use node_agent::{NodeAgent, NodeAgentSpec};
+pub use tenant::{Tenant, TenantSpec};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -49,6 +51,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         CachePolicy::crd(),
         BatchPolicy::crd(),
         NodeAgent::crd(),
+        Tenant::crd(),
     ]
 }
 

@@ -245,13 +245,14 @@ fn examples_are_accepted_and_parse_into_the_rust_types() {
                 "NodeAgent" => {
                     serde_json::from_value::<weir_crds::NodeAgent>(doc.clone()).map(|_| ())
                 }
+                "Tenant" => serde_json::from_value::<weir_crds::Tenant>(doc.clone()).map(|_| ()),
                 other => panic!("unexpected kind {other}"),
             };
             parsed.unwrap_or_else(|e| panic!("{}: {kind}: {e}", file.display()));
             kinds.insert(kind);
         }
     }
-    assert_eq!(kinds.len(), 5, "an example for every kind, found {kinds:?}");
+    assert_eq!(kinds.len(), 6, "an example for every kind, found {kinds:?}");
 }
 
 #[test]
