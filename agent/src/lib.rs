@@ -24,4 +24,5 @@ pub mod pipeline;
 pub mod report;
 pub mod route;
 pub mod shutdown;
+pub mod tenants;
 pub mod tuning;
