@@ -1,12 +1,15 @@
-//! Standalone configuration: Model, CachePolicy and BatchPolicy resources
-//! in their CRD shape, read from one YAML file (`--config weir.yaml`), and
-//! resolved into the [`ModelSpec`]s the agent loads.
+//! Standalone configuration: Model, CachePolicy, BatchPolicy,
+//! ModelEnsemble and Tenant resources in their CRD shape, read from one
+//! YAML file (`--config weir.yaml`), and resolved into the [`ModelSpec`]s
+//! the agent loads.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use weir_crds::{BatchPolicySpec, CachePolicySpec, ModelEnsembleSpec, ModelSpec as ModelResource};
+use weir_crds::{
+    BatchPolicySpec, CachePolicySpec, ModelEnsembleSpec, ModelSpec as ModelResource, TenantSpec,
+};
 
 use crate::models::ModelSpec;
 
@@ -79,6 +82,26 @@ pub struct Standalone {
     pub models: Vec<ModelSpec>,
     /// Ensembles: name and spec, `modelRef`s already mapped to served names.
     pub ensembles: Vec<(String, ModelEnsembleSpec)>,
+    /// Tenants: name and spec (their keys are read from the Secrets dir).
+    pub tenants: Vec<(String, TenantSpec)>,
+}
+
+/// Reads only the Tenants of `path` (re-read while the agent runs, so that
+/// tenants and their keys change without a restart).
+pub fn load_tenants(path: &Path) -> Result<Vec<(String, TenantSpec)>, ConfigError> {
+    let mut tenants = Vec::new();
+    for (index, doc) in documents(path)? {
+        if doc.kind == "Tenant" {
+            let spec: TenantSpec =
+                serde_yaml::from_value(doc.spec).map_err(|e| ConfigError::Invalid {
+                    path: path.into(),
+                    index,
+                    message: format!("Tenant {}: {e}", doc.metadata.name),
+                })?;
+            tenants.push((doc.metadata.name, spec));
+        }
+    }
+    Ok(tenants)
 }
 
 /// Reads `path`: Models (with their policies resolved) and ModelEnsembles.
@@ -129,7 +152,12 @@ pub fn load_all(path: &Path) -> Result<Standalone, ConfigError> {
             Ok((name, spec))
         })
         .collect::<Result<_, ConfigError>>()?;
-    Ok(Standalone { models, ensembles })
+    let tenants = load_tenants(path)?;
+    Ok(Standalone {
+        models,
+        ensembles,
+        tenants,
+    })
 }
 
 /// Reads `path` and resolves every Model into a loadable spec: `file://`
@@ -157,7 +185,7 @@ pub fn load(path: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
                     .map_err(|e| invalid(index, format!("BatchPolicy {name}: {e}")))?;
                 batches.insert(name, s);
             }
-            "ModelEnsemble" => {}
+            "ModelEnsemble" | "Tenant" => {}
             "Model" => {
                 let s: ModelResource = serde_yaml::from_value(spec)
                     .map_err(|e| invalid(index, format!("Model {name}: {e}")))?;

@@ -103,6 +103,9 @@ pub struct Job {
     pub logprobs: LogprobsWanted,
     /// The messages, for the semantic cache (single-prompt requests only).
     pub semantic: Option<SemanticInput>,
+    /// The tenant whose cache entries (and shared generations) this job
+    /// may use; `None` is the shared pool.
+    pub cache_scope: Option<std::sync::Arc<str>>,
 }
 
 /// What the semantic cache compares: the route and the conversation.

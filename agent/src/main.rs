@@ -60,6 +60,22 @@ struct ServeArgs {
     /// Require `Authorization: Bearer <key>` on the OpenAI routes.
     #[arg(long, env = "WEIR_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Redis that counts tenant limits for every agent (`redis://` or
+    /// `rediss://`); without it each agent counts alone.
+    #[arg(long, env = "WEIR_LIMITS_REDIS_URL", hide_env_values = true)]
+    limits_redis_url: Option<String>,
+    /// Prefix of the Redis keys tenant limits are counted under.
+    #[arg(long, env = "WEIR_LIMITS_REDIS_PREFIX", default_value = "weir:")]
+    limits_redis_prefix: String,
+    /// Token agents send one another on forwarded requests and peer polls
+    /// (separate from client keys); a forwarded request's tenant is only
+    /// trusted with it.
+    #[arg(long, env = "WEIR_PEER_TOKEN", hide_env_values = true)]
+    peer_token: Option<String>,
+    /// Bearer token `/metrics` requires (scrapers send
+    /// `Authorization: Bearer <token>`); unset, `/metrics` is open.
+    #[arg(long, env = "WEIR_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
     /// Cluster mode: register this node's NodeAgent and serve what the
     /// operator assigns (needs NODE_NAME and POD_IP, from the downward API).
     #[arg(long, conflicts_with_all = ["model", "config"])]
@@ -230,7 +246,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for model in registry.iter() {
         weir_agent::adaptive::spawn(model.clone(), gpu.clone());
     }
-    let state = AppState::with(registry, gpu, args.api_key.clone());
+    let mut state = AppState::with(registry, gpu, args.api_key.clone());
+    with_credentials(&mut state, &args);
+    if let Some(path) = &args.config {
+        let tenants = weir_agent::tenants::files::load(path, &args.secrets_dir)?;
+        weir_agent::tenants::files::install(&state.tenants, &state.metrics.tenants, tenants);
+        weir_agent::tenants::files::spawn_reload(
+            state.tenants.clone(),
+            state.metrics.tenants.clone(),
+            path.clone(),
+            args.secrets_dir.clone(),
+        );
+    }
     if let Some(path) = &args.config {
         let ensembles = weir_agent::config::load_all(path)?
             .ensembles
@@ -257,7 +284,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         weir_agent::route::peers::poll_static(
             state.peers.clone(),
             peers,
-            state.http.clone(),
+            poll_client(state.peer_token.as_deref()),
             period,
             state.api_key.clone(),
         );
@@ -293,6 +320,7 @@ async fn serve_cluster(args: ServeArgs) -> anyhow::Result<()> {
     let port = listener.local_addr()?.port();
     let gpu = GpuMonitor::start(std::time::Duration::from_secs(2));
     let mut state = AppState::with(ModelRegistry::default(), gpu, args.api_key.clone());
+    with_credentials(&mut state, &args);
     state.cluster = true;
     state.synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let config = weir_agent::cluster::ClusterConfig {
@@ -320,6 +348,30 @@ async fn serve_cluster(args: ServeArgs) -> anyhow::Result<()> {
     weir_agent::http::serve(listener, state, args.limits(), stop)
         .await
         .context("HTTP server")
+}
+
+/// The tenant limiter, the peer token and the metrics token from `args`.
+fn with_credentials(state: &mut AppState, args: &ServeArgs) {
+    state.limiter = weir_agent::tenants::limits::Limiter::new(
+        args.limits_redis_url.clone(),
+        &args.limits_redis_prefix,
+    );
+    state.peer_token = args.peer_token.as_deref().map(Arc::from);
+    state.metrics_token = args.metrics_token.as_deref().map(Arc::from);
+}
+
+/// The client peer polls use: with the peer token on every request (never
+/// used for external endpoints, so the token stays inside the cluster).
+fn poll_client(token: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(value) = token.and_then(|t| reqwest::header::HeaderValue::from_str(t).ok()) {
+        headers.insert(weir_agent::tenants::PEER_TOKEN_HEADER, value);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .build()
+        .unwrap_or_default()
 }
 
 #[tokio::main]

@@ -24,6 +24,20 @@ pub enum ApiError {
     /// Missing or wrong API key (401).
     #[error("{0}")]
     Unauthorized(String),
+    /// The caller's key may not use this model (403, `model_not_allowed`).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A tenant's rate limit refused the request (429 with `Retry-After`
+    /// and the `x-ratelimit-*` headers).
+    #[error("{message}")]
+    RateLimited {
+        /// Which limit, and when to retry.
+        message: String,
+        /// When to retry.
+        retry_after: Duration,
+        /// `x-ratelimit-*` headers.
+        headers: Vec<(&'static str, String)>,
+    },
     /// No such model (404).
     #[error("the model `{0}` does not exist")]
     ModelNotFound(String),
@@ -79,6 +93,8 @@ impl ApiError {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -98,6 +114,8 @@ impl ApiError {
             | Self::RequestTimeout(_)
             | Self::HeadersTooLarge(_) => "invalid_request_error",
             Self::Unauthorized(_) => "authentication_error",
+            Self::Forbidden(_) => "permission_error",
+            Self::RateLimited { .. } => "rate_limit_error",
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => "not_found_error",
             Self::Overloaded { .. } => "rate_limit_error",
             Self::Unavailable { .. } | Self::Draining(_) => "service_unavailable_error",
@@ -108,6 +126,9 @@ impl ApiError {
     fn code(&self) -> Option<&'static str> {
         match self {
             Self::ModelNotFound(_) => Some("model_not_found"),
+            Self::Unauthorized(_) => Some("invalid_api_key"),
+            Self::Forbidden(_) => Some("model_not_allowed"),
+            Self::RateLimited { .. } => Some("rate_limit_exceeded"),
             Self::BodyTooLarge(_) => Some("request_too_large"),
             Self::RequestTimeout(_) => Some("request_timeout"),
             Self::HeadersTooLarge(_) => Some("request_header_fields_too_large"),
@@ -120,7 +141,7 @@ impl ApiError {
     pub fn body(&self) -> serde_json::Value {
         let param = match self {
             Self::InvalidRequest { param, .. } => param.clone(),
-            Self::ModelNotFound(_) => Some("model".to_owned()),
+            Self::ModelNotFound(_) | Self::Forbidden(_) => Some("model".to_owned()),
             _ => None,
         };
         json!({"error": {
@@ -134,9 +155,9 @@ impl ApiError {
     /// How long a client should wait before retrying, for 429 and 503.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Overloaded { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::Overloaded { retry_after, .. }
+            | Self::Unavailable { retry_after, .. }
+            | Self::RateLimited { retry_after, .. } => Some(*retry_after),
             Self::Draining(_) => Some(Duration::from_secs(1)),
             _ => None,
         }

@@ -1,11 +1,12 @@
-//! The HTTP surface, the only layer that knows axum: the routes, the API
-//! key, the body limit, and the state every handler shares. One handler
+//! The HTTP surface, the only layer that knows axum: the routes, who is
+//! calling ([`auth`]), the body limit, and the state every handler shares. One handler
 //! module per endpoint family ([`chat`], [`embeddings`], [`models`],
 //! [`probes`]); requests are parsed into typed requests, answered through
 //! [`crate::pipeline`], and rendered as JSON or SSE ([`render`],
 //! [`respond`]); every
 //! error becomes a status and an OpenAI body in one place ([`error`]).
 
+pub mod auth;
 pub mod chat;
 pub mod embeddings;
 pub mod error;
@@ -22,8 +23,8 @@ use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, Uri, header};
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
@@ -60,6 +61,14 @@ pub struct AppState {
     pub ensembles: Arc<EnsembleTable>,
     /// Pooled keep-alive client for forwarding.
     pub http: reqwest::Client,
+    /// Tenants, their keys and limits.
+    pub tenants: Arc<crate::tenants::TenantTable>,
+    /// Counts the tenants' limits (in Redis when configured).
+    pub limiter: crate::tenants::limits::Limiter,
+    /// Token agents send one another (forwards and polls), if set.
+    pub peer_token: Option<Arc<str>>,
+    /// Bearer token `/metrics` needs, if set.
+    pub metrics_token: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -86,6 +95,10 @@ impl AppState {
                 .connect_timeout(std::time::Duration::from_secs(2))
                 .build()
                 .unwrap_or_default(),
+            tenants: Arc::default(),
+            limiter: Default::default(),
+            peer_token: None,
+            metrics_token: None,
         }
     }
 
@@ -97,6 +110,9 @@ impl AppState {
             peers: &self.peers,
             ensembles: &self.ensembles,
             http: &self.http,
+            tenants: &self.tenants,
+            limiter: &self.limiter,
+            peer_token: self.peer_token.as_deref(),
         }
     }
 
@@ -127,12 +143,13 @@ impl AppState {
     ) -> Response {
         let prefix = crate::route::prefix_hash(prefix);
         let head = forward::head_timeout(false);
+        let headers = forward::with_peer_token(headers, self.peer_token.as_deref());
         let forwarded = forward::to_peer(
             &self.http,
             &self.peers,
             model,
             path,
-            headers,
+            &headers,
             body,
             prefix,
             head,
@@ -154,13 +171,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/weir/report", get(report::report))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            require_key,
+            auth::require_key,
+        ));
+    let metrics = Router::new()
+        .route("/metrics", get(probes::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_metrics_token,
         ));
     Router::new()
         .merge(api)
+        .merge(metrics)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(probes::ready))
-        .route("/metrics", get(probes::metrics))
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })
         .layer(DefaultBodyLimit::max(crate::api::extract::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(limit_headers))
@@ -199,28 +222,6 @@ async fn limit_headers(request: axum::extract::Request, next: axum::middleware::
             headers.len()
         ))
         .into_response();
-    }
-    next.run(request).await
-}
-
-/// Checks `Authorization: Bearer <key>` when the agent has an API key.
-async fn require_key(
-    State(state): State<AppState>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if let Some(key) = &state.api_key {
-        let sent = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if sent != Some(key.as_ref()) {
-            return ApiError::Unauthorized(
-                "a valid API key is required (Authorization: Bearer ...)".into(),
-            )
-            .into_response();
-        }
     }
     next.run(request).await
 }

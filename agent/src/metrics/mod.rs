@@ -5,6 +5,7 @@
 //! Weir's own figures are `weir_*`.
 
 mod caches;
+pub mod tenants;
 
 use std::sync::{Arc, RwLock};
 
@@ -111,6 +112,8 @@ pub struct Metrics {
     pub ensemble_requests: Family<MemberOutcome, Counter>,
     /// Ensemble member latency (to the answer's headers when streaming).
     pub ensemble_latency: Family<MemberKey, Histogram>,
+    /// Per-tenant figures.
+    pub tenants: tenants::TenantMetrics,
     /// Smoothed latency per (ensemble, member), for `BestOf`.
     member_ewma: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), f64>>>,
 }
@@ -169,6 +172,7 @@ impl Metrics {
             ensemble_requests: Family::default(),
             ensemble_latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             member_ewma: Arc::default(),
+            tenants: tenants::TenantMetrics::default(),
         };
         registry.register(
             "vllm:time_to_first_token_seconds",
@@ -255,6 +259,7 @@ impl Metrics {
             "Ensemble member latency",
             m.ensemble_latency.clone(),
         );
+        m.tenants.register(&mut registry);
         registry.register_collector(Box::new(EngineCollector { models, gpu }));
         Self {
             registry: Arc::new(registry),

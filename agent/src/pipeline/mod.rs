@@ -5,9 +5,11 @@
 //! 1. resolve the target: an ensemble, a model served here, or a peer
 //!    ([`target`]); an ensemble tries its members ([`ensemble`]), each
 //!    through the rest of this pipeline; a peer gets the request as it came
-//!    ([`crate::route::forward`]);
+//!    ([`crate::route::forward`]), with the tenant and the peer token;
+//!    the tenant must be allowed the model ([`tenant`]);
 //! 2. validate into an engine job ([`validate`]), the prompt shaped first
-//!    when asked: optimized, fitted into the context ([`prompt`]);
+//!    when asked: optimized, fitted into the context ([`prompt`]); the
+//!    tenant's priority classes and limits ([`tenant`]), its cache scope;
 //! 3. the response cache, L1 then L2 ([`response_cache`]);
 //! 4. coalescing with an identical request in flight;
 //! 5. the semantic cache ([`semantic_cache`]);
@@ -24,6 +26,7 @@ pub mod prompt;
 pub mod response_cache;
 pub mod semantic_cache;
 pub mod target;
+pub mod tenant;
 pub mod validate;
 
 use std::sync::{Arc, RwLock};
@@ -104,6 +107,12 @@ pub struct Context<'a> {
     pub ensembles: &'a EnsembleTable,
     /// Pooled keep-alive client for peers and external members.
     pub http: &'a reqwest::Client,
+    /// Tenants, by key and by name.
+    pub tenants: &'a crate::tenants::TenantTable,
+    /// The tenants' limits.
+    pub limiter: &'a crate::tenants::limits::Limiter,
+    /// The token peers send one another, if set.
+    pub peer_token: Option<&'a str>,
 }
 
 impl Context<'_> {
@@ -191,14 +200,23 @@ impl Outcome {
 
 /// Answers one generation request, every step in order.
 pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, ApiError> {
-    let (model, request) = match target::resolve(ctx, &incoming)? {
+    let caller = tenant::caller(ctx, &incoming.headers);
+    let target = target::resolve(ctx, &incoming)?;
+    if let Some(t) = caller.as_deref().filter(|_| !incoming.for_member) {
+        let name = match &target {
+            Target::Ensemble(e) => e.name.as_str(),
+            Target::Peer(r) | Target::Local(_, r) => r.model(),
+        };
+        tenant::check_model(ctx, t, name)?;
+    }
+    let (model, request) = match target {
         Target::Ensemble(e) => return ensemble::serve(ctx, &e, &incoming).await,
         Target::Peer(request) => return to_peer(ctx, &request, incoming).await,
         Target::Local(model, request) => (model, request),
     };
     let priority = validate::priority_header(&incoming.headers);
     let shaping = validate::Shaping::from_headers(&incoming.headers)?;
-    let (model, job, meta, stream) = match &request {
+    let (model, mut job, meta, stream) = match &request {
         GenerationRequest::Chat(r) => validate::chat_job(model, priority, r, shaping)?,
         GenerationRequest::Completion(r) => validate::completion_job(model, priority, r, shaping)?,
     };
@@ -212,10 +230,24 @@ pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, 
             .get_or_create(&label)
             .inc_by(saved);
     }
+    let grant = match caller.as_deref() {
+        Some(t) => {
+            tenant::apply_priority(t, &incoming.body, &incoming.headers, &mut job);
+            job.cache_scope = t.cache_scope();
+            Some(tenant::admit(ctx, t, &job).await?)
+        }
+        None => None,
+    };
     let (dropped, tuning) = (meta.dropped_turns, meta.tuning);
     let control = CacheControl::from_headers(&incoming.headers);
     let answer = run(ctx, model, job, control).await?;
     let mut headers = answer.headers;
+    let mut events = answer.events;
+    if let (Some(t), Some(grant)) = (caller.as_deref(), grant) {
+        tenant::count_hit(&ctx.metrics.tenants, t, &headers);
+        headers.extend(grant.usage.headers());
+        events = tenant::hold(events, grant, ctx.metrics.tenants.clone());
+    }
     if dropped > 0 {
         headers.push((DROPPED_TURNS_HEADER, dropped.to_string()));
     }
@@ -224,7 +256,7 @@ pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, 
     }
     Ok(Outcome {
         reply: Reply::Answered {
-            events: answer.events,
+            events,
             meta,
             stream,
         },
@@ -240,12 +272,13 @@ async fn to_peer(
 ) -> Result<Outcome, ApiError> {
     let prefix = crate::route::prefix_hash(&request.routing_prefix());
     let path = incoming.kind.path();
+    let headers = forward::with_peer_token(&incoming.headers, ctx.peer_token);
     let relayed = forward::to_peer(
         ctx.http,
         ctx.peers,
         request.model(),
         path,
-        &incoming.headers,
+        &headers,
         incoming.body,
         prefix,
         forward::head_timeout(request.stream()),

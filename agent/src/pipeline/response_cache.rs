@@ -36,7 +36,7 @@ pub fn cache_key(model: &ServedModel, job: &Job) -> Option<CacheKey> {
 pub fn digest(model: &ServedModel, job: &Job, prompt: serde_json::Value) -> CacheKey {
     let t = &job.template;
     let s = &t.sampling;
-    let canonical = json!({
+    let mut canonical = json!({
         "v": env!("CARGO_PKG_VERSION"),
         "model": model.name,
         "prompts": prompt,
@@ -56,6 +56,11 @@ pub fn digest(model: &ServedModel, job: &Job, prompt: serde_json::Value) -> Cach
         "seed": s.seed,
         "logprobs": s.logprobs,
     });
+    // A tenant that does not share gets keys of its own: no entry, and no
+    // generation in flight, is shared with another tenant.
+    if let Some(scope) = &job.cache_scope {
+        canonical["tenant"] = json!(scope.as_ref());
+    }
     CacheKey::from_canonical(canonical.to_string().as_bytes())
 }
 

@@ -308,6 +308,7 @@ pub async fn yes_no(
         template,
         logprobs,
         semantic: None,
+        cache_scope: None,
     };
     let mut events = generate::run(&verifier.engine, verifier.tokenizer.clone(), &job)?;
     let (mut said, mut top) = (String::new(), Vec::new());

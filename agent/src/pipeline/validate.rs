@@ -300,6 +300,7 @@ fn prepare(
             template,
             logprobs,
             semantic: None,
+            cache_scope: None,
         },
         meta,
         stream,

@@ -23,15 +23,40 @@ use super::FORWARDED;
 use super::peers::{Peer, PeerTable};
 use crate::api::ApiError;
 
-/// Request headers passed through to a peer.
-const PASS: [&str; 4] = ["content-type", "authorization", "x-weir-priority", "accept"];
+/// Request headers passed through to a peer (the tenant and the peer
+/// token only as [`with_peer_token`] set them: the HTTP layer drops a
+/// client's own).
+const PASS: [&str; 6] = [
+    "content-type",
+    "authorization",
+    "x-weir-priority",
+    "accept",
+    crate::tenants::TENANT_HEADER,
+    crate::tenants::PEER_TOKEN_HEADER,
+];
 /// Answer headers passed back from a peer or an external endpoint.
-const KEEP: [&str; 4] = [
+const KEEP: [&str; 10] = [
     "content-type",
     "retry-after",
     "x-weir-cache",
     "x-weir-coalesced",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
 ];
+
+/// `headers` with the peer token added, so that the peer trusts the
+/// tenant named in them (unchanged without a token).
+pub fn with_peer_token(headers: &HeaderMap, token: Option<&str>) -> HeaderMap {
+    let mut headers = headers.clone();
+    if let Some(value) = token.and_then(|t| http::HeaderValue::from_str(t).ok()) {
+        headers.insert(crate::tenants::PEER_TOKEN_HEADER, value);
+    }
+    headers
+}
 
 /// Header on a 503 from an agent taking the model out of service.
 pub const DRAINING_HEADER: &str = "x-weir-draining";

@@ -95,6 +95,17 @@ impl PeerTable {
             .collect()
     }
 
+    /// How many peers are ready (the replicas tenant limits are shared
+    /// among, with this agent, when they are counted locally).
+    pub fn ready_count(&self) -> usize {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|p| p.ready)
+            .count()
+    }
+
     /// Every model some ready peer serves.
     pub fn models(&self) -> Vec<String> {
         let mut names: Vec<String> = self

@@ -148,6 +148,11 @@ impl std::fmt::Debug for Grant {
 }
 
 impl Grant {
+    /// The tenant it was admitted for.
+    pub fn tenant(&self) -> &Arc<str> {
+        &self.tenant
+    }
+
     /// Records that the request used `tokens` (prompt plus completion); the
     /// rest of the reservation goes back when the grant is dropped.
     pub fn finish(&mut self, tokens: u64) {

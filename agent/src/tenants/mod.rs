@@ -10,6 +10,7 @@
 //! ([`PEER_TOKEN_HEADER`]); from anyone else it is dropped before the
 //! request is read further.
 
+pub mod files;
 pub mod keys;
 pub mod limits;
 pub mod window;
@@ -28,7 +29,7 @@ pub const TENANT_HEADER: &str = "x-weir-tenant";
 pub const PEER_TOKEN_HEADER: &str = "x-weir-peer-token";
 
 /// One tenant as the agent knows it.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Tenant {
     /// The Tenant object's name (the metric label).
     pub name: Arc<str>,
@@ -126,7 +127,7 @@ pub fn build(
                 .filter_map(|r| {
                     let value = read(r).filter(|v| !v.trim().is_empty());
                     if value.is_none() {
-                        tracing::warn!(tenant = %name, secret = %r.name, key = %r.key, "tenant API key not readable; left out");
+                        tracing::debug!(tenant = %name, secret = %r.name, key = %r.key, "tenant API key not readable; left out");
                     }
                     value
                 })
