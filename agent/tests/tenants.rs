@@ -130,7 +130,10 @@ async fn keys_models_limits_and_the_peer_token() {
         assert!(header(&r, "x-ratelimit-reset-requests").ends_with('s'));
     }
     // A peer with the token speaks for team-a, and counts against it.
-    let peer = [("x-weir-peer-token", "peer-secret"), ("x-weir-tenant", "team-a")];
+    let peer = [
+        ("x-weir-peer-token", "peer-secret"),
+        ("x-weir-tenant", "team-a"),
+    ];
     let r = post(&base, &peer, &chat("count me")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "0");

@@ -168,10 +168,9 @@ mod tests {
         let spec: TenantSpec =
             serde_json::from_str(r#"{"apiKeys": [{"name": "s", "key": "k"}]}"#).unwrap();
         assert!(spec.allows("anything"));
-        let spec: TenantSpec = serde_json::from_str(
-            r#"{"apiKeys": [{"name": "s", "key": "k"}], "models": ["tiny"]}"#,
-        )
-        .unwrap();
+        let spec: TenantSpec =
+            serde_json::from_str(r#"{"apiKeys": [{"name": "s", "key": "k"}], "models": ["tiny"]}"#)
+                .unwrap();
         assert!(spec.allows("tiny") && !spec.allows("other"));
         assert!(!spec.share_cache);
     }

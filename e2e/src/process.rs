@@ -39,7 +39,13 @@ impl Agent {
     /// Starts `weir-agent serve` with `args` on a free port and waits until
     /// `/ready` answers 200 (at most a minute).
     pub fn start(args: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), args)
+    }
+
+    /// Starts `weir-agent serve` with `args` on `port` (chosen before, so
+    /// that agents can name each other as peers) and waits until `/ready`
+    /// answers 200 (at most a minute).
+    pub fn start_on(port: u16, args: &[&str]) -> Self {
         let url = format!("http://127.0.0.1:{port}");
         let child = Command::new(binary("weir-agent"))
             .arg("serve")
@@ -102,6 +108,55 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `redis-server` on a free loopback port, without persistence; killed
+/// on drop.
+pub struct Redis {
+    child: Child,
+    /// Its URL (`redis://127.0.0.1:PORT`).
+    pub url: String,
+}
+
+impl Redis {
+    /// Starts it and waits until it accepts connections (at most 10 s).
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--bind", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (Debian's redis-server package)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Kills it now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
     }

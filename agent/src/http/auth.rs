@@ -29,9 +29,7 @@ fn same_secret(sent: Option<&str>, secret: &str) -> bool {
 
 /// Whether the request carries this agent's peer token.
 pub fn from_peer(state: &AppState, headers: &HeaderMap) -> bool {
-    let sent = headers
-        .get(PEER_TOKEN_HEADER)
-        .and_then(|v| v.to_str().ok());
+    let sent = headers.get(PEER_TOKEN_HEADER).and_then(|v| v.to_str().ok());
     state
         .peer_token
         .as_deref()

@@ -32,8 +32,8 @@ pub fn load(config: &Path, secrets: &Path) -> Result<Vec<Tenant>, crate::config:
 /// updates the keys-loaded gauges; whether anything changed.
 pub fn install(table: &TenantTable, metrics: &TenantMetrics, tenants: Vec<Tenant>) -> bool {
     let current = table.all();
-    let same = current.len() == tenants.len()
-        && current.iter().zip(&tenants).all(|(a, b)| **a == *b);
+    let same =
+        current.len() == tenants.len() && current.iter().zip(&tenants).all(|(a, b)| **a == *b);
     if same {
         return false;
     }

@@ -33,8 +33,7 @@ pub struct Reading {
 impl Window {
     fn expire(&mut self, now_ms: u64) {
         let now_s = now_ms / 1000;
-        self.buckets
-            .retain(|&s, _| s + WINDOW_SECS > now_s);
+        self.buckets.retain(|&s, _| s + WINDOW_SECS > now_s);
     }
 
     /// Units admitted in the minute ending at `now_ms`.
@@ -144,6 +143,9 @@ mod tests {
             w.check(20_000, 100, 90).unwrap_err(),
             Duration::from_secs(50)
         );
-        assert_eq!(w.check(20_000, 100, 50).unwrap_err(), Duration::from_secs(40));
+        assert_eq!(
+            w.check(20_000, 100, 50).unwrap_err(),
+            Duration::from_secs(40)
+        );
     }
 }
