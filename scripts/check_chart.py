@@ -177,6 +177,15 @@ def env_field_path(c: Obj, name: str) -> str | None:
     return None
 
 
+def env_secret(c: Obj, name: str) -> tuple[str, str] | None:
+    """(Secret name, key) an environment variable is read from, if any."""
+    for e in c.get("env", []):
+        if e.get("name") == name:
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef") or {}
+            return ref.get("name"), ref.get("key")
+    return None
+
+
 def check_rbac(objects: list[tuple[str, Obj]], label: str, fails: Failures) -> None:
     for kind in ("Role", "ClusterRole"):
         for role in find(objects, kind):
@@ -230,6 +239,12 @@ def check_agent(objects: list[tuple[str, Obj]], label: str, fails: Failures) -> 
     fails.check(env_field_path(c, "NODE_NAME") == "spec.nodeName", where,
                 "NODE_NAME is not from spec.nodeName")
     fails.check(env_field_path(c, "POD_IP") == "status.podIP", where, "POD_IP is not from status.podIP")
+    peer = env_secret(c, "WEIR_PEER_TOKEN")
+    fails.check(peer is not None and peer[1] == "token", where, "WEIR_PEER_TOKEN is not from a Secret")
+    if peer is not None and peer[0] == f"{RELEASE}-peer-token":
+        secret = find(objects, "Secret", f"{RELEASE}-peer-token")
+        fails.check(len(secret) == 1 and "token" in (secret[0].get("data") or {}), where,
+                    "the peer-token Secret the agent reads is not rendered")
     host_paths = {v["name"]: v["hostPath"] for v in pod.get("volumes") or [] if "hostPath" in v}
     fails.check(bool(host_paths), where, "no hostPath volume")
     mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts") or []}
@@ -301,6 +316,16 @@ def check_gpu(objects: list[tuple[str, Obj]], fails: Failures) -> None:
         limits = (container(pod, "agent").get("resources") or {}).get("limits") or {}
         fails.check(limits.get("nvidia.com/gpu") == 1, where, f"limits lack nvidia.com/gpu: 1 ({limits})")
         fails.check(limits.get("memory") == "16Gi", where, "the memory limit was lost")
+        c = container(pod, "agent")
+        fails.check(env_secret(c, "WEIR_LIMITS_REDIS_URL") == ("weir-redis", "url"), where,
+                    "WEIR_LIMITS_REDIS_URL is not from agent.tenantLimits.redisUrlSecret")
+        fails.check(env_secret(c, "WEIR_METRICS_TOKEN") == ("weir-metrics", "token"), where,
+                    "WEIR_METRICS_TOKEN is not from metrics.bearerTokenSecret")
+    agent_monitors = [m for m in find(objects, "ServiceMonitor") if m["metadata"]["name"].endswith("-agent")]
+    fails.check(bool(agent_monitors) and all(
+        e.get("bearerTokenSecret") == {"name": "weir-metrics", "key": "token"}
+        for m in agent_monitors for e in m["spec"]["endpoints"]), f"[{label}]",
+        "the agent ServiceMonitor does not send the metrics bearer token")
     fails.check(len(find(objects, "ServiceMonitor")) >= 1, f"[{label}]", "no ServiceMonitor")
     svc = one(objects, "Service", RELEASE, f"endpoint Service [{label}]", fails)
     if svc is not None:

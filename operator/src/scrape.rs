@@ -201,6 +201,26 @@ pub struct ScrapeError {
     pub message: String,
 }
 
+/// Environment variable with the bearer token agents' `/metrics` needs
+/// (the chart's `metrics.bearerTokenSecret`).
+pub const METRICS_TOKEN_ENV: &str = "WEIR_METRICS_TOKEN";
+
+/// The client that scrapes agents: it sends `Authorization: Bearer
+/// <token>` on every request when a token is given.
+pub fn agent_client(token: Option<String>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(value) = token
+        .filter(|t| !t.trim().is_empty())
+        .and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {}", t.trim())).ok())
+    {
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap_or_default()
+}
+
 /// Reads and parses `endpoint/metrics` within `timeout`.
 pub async fn scrape(
     client: &reqwest::Client,

@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod fetch;
 pub mod plan;
 pub mod status;
+pub mod tenants;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -173,6 +174,7 @@ pub async fn run(client: kube::Client, config: ClusterConfig, state: AppState) {
         config.node_name.clone(),
         state.clone(),
     ));
+    tokio::spawn(tenants::run(client.clone(), state.clone()));
     let agents: Api<NodeAgent> = Api::all(client.clone());
     let selector = format!("metadata.name={}", config.node_name);
     let mut events = watcher(agents, watcher::Config::default().fields(&selector)).boxed();

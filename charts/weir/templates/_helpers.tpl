@@ -104,3 +104,10 @@ Resources of the agent container: agent.resources, plus
 {{- end }}
 {{- toYaml $resources }}
 {{- end }}
+
+{{/*
+Name of the Secret holding the agents' peer token.
+*/}}
+{{- define "weir.peerTokenSecret" -}}
+{{- default (printf "%s-peer-token" (include "weir.fullname" .)) .Values.agent.peerToken.existingSecret -}}
+{{- end }}

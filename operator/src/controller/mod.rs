@@ -126,7 +126,7 @@ impl Context {
             metrics,
             client,
             caches,
-            http: reqwest::Client::new(),
+            http: crate::scrape::agent_client(std::env::var(crate::scrape::METRICS_TOKEN_ENV).ok()),
             weights: crate::weights::WeightSizes::from_env(),
             stale_after: Duration::from_secs(45),
             interval: Duration::from_secs(10),
