@@ -16,7 +16,7 @@ use weir_crds::{Model, NodeAgent};
 /// Field manager of everything the operator writes.
 pub const FIELD_MANAGER: &str = "weir-operator";
 
-fn params() -> PatchParams {
+pub(crate) fn params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
 

@@ -125,7 +125,7 @@ impl ModelFigures {
 }
 
 /// Splits `name{a="b",c="d"} value` into its parts.
-fn parse_line(line: &str) -> Option<(&str, BTreeMap<&str, &str>, f64)> {
+pub(crate) fn parse_line(line: &str) -> Option<(&str, BTreeMap<&str, &str>, f64)> {
     let (series, value) = line.rsplit_once(' ')?;
     let value: f64 = match value {
         "+Inf" => f64::INFINITY,

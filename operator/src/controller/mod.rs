@@ -25,6 +25,7 @@ pub mod ensemble;
 pub mod model;
 pub mod node_agent;
 pub mod policy;
+pub mod tenant;
 pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -272,6 +273,7 @@ pub async fn run(
         ctx.new_term().await;
         let mut term = tokio::task::JoinSet::new();
         term.spawn(collect_forever(ctx.clone()));
+        term.spawn(tenant::status_forever(ctx.clone()));
         for controller in controllers(&ctx, &changes) {
             term.spawn(controller);
         }
