@@ -240,7 +240,16 @@ pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, 
     };
     let (dropped, tuning) = (meta.dropped_turns, meta.tuning);
     let control = CacheControl::from_headers(&incoming.headers);
-    let answer = run(ctx, model, job, control).await?;
+    let answer = match run(ctx, model, job, control).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            // Refused before any work (breaker, admission): no token used.
+            if let Some(mut grant) = grant {
+                grant.finish(0);
+            }
+            return Err(e);
+        }
+    };
     let mut headers = answer.headers;
     let mut events = answer.events;
     if let (Some(t), Some(grant)) = (caller.as_deref(), grant) {

@@ -1,0 +1,132 @@
+//! Tenant limits against a real `redis-server` over TCP: two limiters (two
+//! agents) share one count exactly; unused tokens come back through the
+//! release script; a running slot is freed at release; with Redis killed
+//! both count locally against `limit / replicas` at once.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use weir_agent::tenants::limits::{Limiter, Reason};
+use weir_crds::tenant::TenantLimits;
+
+struct Redis(Child);
+
+impl Redis {
+    fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--bind", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (Debian's redis-server package)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `check` holds (release runs in a spawned task).
+async fn eventually(mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check().await {
+        assert!(Instant::now() < deadline, "condition never held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_agents_share_exact_limits_in_redis() {
+    let port = free_port();
+    let redis = Redis::start(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let agents = [
+        Limiter::new(Some(url.clone()), "t:"),
+        Limiter::new(Some(url), "t:"),
+    ];
+    let team: Arc<str> = "team".into();
+
+    // 10 requests a minute between both agents.
+    let rpm = TenantLimits {
+        requests_per_minute: Some(10),
+        ..Default::default()
+    };
+    let mut admitted = 0;
+    for i in 0..25 {
+        match agents[i % 2].admit(&team, &rpm, 1, 2).await {
+            Ok(g) => {
+                admitted += 1;
+                assert_eq!(g.usage.requests.unwrap().remaining, 10 - admitted);
+            }
+            Err(refused) => {
+                assert_eq!(refused.reason, Reason::Requests);
+                assert!(refused.retry_after > Duration::from_secs(55));
+            }
+        }
+    }
+    assert_eq!(admitted, 10);
+    assert!(!agents[0].in_fallback() && !agents[1].in_fallback());
+
+    // Tokens: 100 a minute; a request reserving 80 that used 30 gives 50 back.
+    let tokens: Arc<str> = "tokens".into();
+    let tpm = TenantLimits {
+        tokens_per_minute: Some(100),
+        concurrent_requests: Some(1),
+        ..Default::default()
+    };
+    let mut grant = agents[0].admit(&tokens, &tpm, 80, 2).await.unwrap();
+    let busy = agents[1].admit(&tokens, &tpm, 10, 2).await.unwrap_err();
+    assert_eq!(
+        busy.reason,
+        Reason::Concurrency,
+        "one at once, across agents"
+    );
+    grant.finish(30);
+    drop(grant);
+    eventually(async || match agents[1].admit(&tokens, &tpm, 70, 2).await {
+        Ok(g) => {
+            assert_eq!(g.usage.tokens.unwrap().remaining, 0);
+            true
+        }
+        Err(_) => false,
+    })
+    .await;
+
+    // Redis gone: each agent counts alone, 10 / 2 replicas.
+    drop(redis);
+    let fresh: Arc<str> = "fresh".into();
+    for agent in &agents {
+        let mut here = 0;
+        while agent.admit(&fresh, &rpm, 1, 2).await.is_ok() {
+            here += 1;
+            assert!(here <= 5, "unbounded without Redis");
+        }
+        assert_eq!(here, 5);
+        assert!(agent.in_fallback());
+    }
+}
