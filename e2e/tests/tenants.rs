@@ -262,6 +262,57 @@ async fn tenant_limits_hold_across_three_agents_and_survive_redis() {
         401
     );
 
+    // Through a front agent that serves another model: the request is
+    // forwarded with the peer token and its tenant, refused or answered by
+    // the agent that serves it, the limit headers passed back.
+    let front_config = dir.path().join("front.yaml");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "metadata: {name: tiny}",
+        "metadata: {name: front}",
+        1,
+    );
+    std::fs::write(&front_config, text).unwrap();
+    let mut args = vec![
+        "--config",
+        front_config.to_str().unwrap(),
+        "--secrets-dir",
+        secrets.to_str().unwrap(),
+        "--peer-token",
+        PEER_TOKEN,
+    ];
+    for url in &urls {
+        args.extend(["--peer", url.as_str()]);
+    }
+    let front = Agent::start(&args);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let via = loop {
+        let a = post(&client, &front.url, "sk-limited", &chat("via the front")).await;
+        if a.status != 503 && a.status != 404 {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "front never reached a peer: {}",
+            a.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(via.status, 429, "{}", via.body);
+    assert_eq!(via.headers["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(
+        post(&client, &front.url, "sk-probe", &chat("via"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        post(&client, &front.url, "sk-narrow", &chat("via"))
+            .await
+            .status,
+        403
+    );
+    drop(front);
+
     // A rotated key: the new one works and the old one stops, no restart.
     wait_key(&urls, "sk-old", 200).await;
     write_key(dir.path(), "rotating", "sk-new");
