@@ -20,22 +20,19 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::ConnectionManager;
 use weir_crds::tenant::TenantLimits;
 
 use super::window::{Reading, Window};
-use crate::breaker::CircuitBreaker;
+use shared::RedisCounter;
+
+mod shared;
 
 /// Time limit of one Redis call; a slower one counts locally.
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long a running slot survives without its release.
 pub const SLOT_TTL: Duration = Duration::from_secs(600);
-/// Failures in a row that open the breaker in front of Redis.
-const BREAKER_FAILURES: u32 = 3;
-/// How long an open breaker counts locally without trying Redis.
-const BREAKER_OPEN: Duration = Duration::from_secs(2);
 
 /// Which limit refused a request (the metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +178,11 @@ impl Drop for Grant {
             Counted::Redis => {
                 let inner = self.limiter.clone();
                 if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    handle.spawn(async move { inner.release_redis(&release).await });
+                    handle.spawn(async move {
+                        if let Some(redis) = &inner.redis {
+                            redis.release(&release, &inner.slot(release.id)).await;
+                        }
+                    });
                 }
             }
         }
@@ -211,15 +212,6 @@ struct Inner {
     agent: u64,
 }
 
-struct RedisCounter {
-    url: String,
-    prefix: String,
-    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
-    breaker: CircuitBreaker,
-    admit: redis::Script,
-    release: redis::Script,
-}
-
 /// Counts tenants' requests, tokens and running requests: in Redis when
 /// it has a URL and Redis answers, else locally.
 #[derive(Clone)]
@@ -237,14 +229,7 @@ impl Limiter {
     /// A limiter counting in Redis at `url` (keys under `prefix`), or only
     /// locally without one.
     pub fn new(url: Option<String>, prefix: &str) -> Self {
-        let redis = url.map(|url| RedisCounter {
-            url,
-            prefix: prefix.to_owned(),
-            conn: tokio::sync::Mutex::new(None),
-            breaker: CircuitBreaker::new(BREAKER_FAILURES, BREAKER_OPEN, true),
-            admit: redis::Script::new(include_str!("limits.lua")),
-            release: redis::Script::new(include_str!("release.lua")),
-        });
+        let redis = url.map(|url| RedisCounter::new(url, prefix));
         let agent = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
@@ -287,8 +272,9 @@ impl Limiter {
             counted,
             usage,
         };
-        if self.inner.redis.is_some() {
-            match self.inner.admit_redis(tenant, limits, tokens, id).await {
+        if let Some(redis) = &self.inner.redis {
+            let slot = self.inner.slot(id);
+            match redis.admit(tenant, limits, tokens, &slot).await {
                 Ok(Ok((second, usage))) => {
                     self.inner.set_fallback(false);
                     return Ok(grant(second, Counted::Redis, usage));
@@ -314,6 +300,11 @@ fn now_ms() -> u64 {
 }
 
 impl Inner {
+    /// The id of a request's running slot, unique across agents.
+    fn slot(&self, id: u64) -> String {
+        format!("{:x}-{id:x}", self.agent)
+    }
+
     fn set_fallback(&self, on: bool) {
         self.set_fallback_because(on, "");
     }
@@ -386,144 +377,6 @@ impl Inner {
             state.tokens.refund(release.second, release.refund);
         }
     }
-
-    /// Keys of a tenant's counters: one hash tag, so that a Redis cluster
-    /// keeps them in one slot.
-    fn keys(redis: &RedisCounter, tenant: &str) -> [String; 3] {
-        let base = format!("{}limits:{{{tenant}}}", redis.prefix);
-        [
-            format!("{base}:requests"),
-            format!("{base}:tokens"),
-            format!("{base}:running"),
-        ]
-    }
-
-    async fn connection(redis: &RedisCounter) -> Result<ConnectionManager, String> {
-        redis
-            .breaker
-            .allow(Instant::now())
-            .map_err(|_| "breaker open".to_owned())?;
-        let mut slot = redis.conn.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            return Ok(conn.clone());
-        }
-        let client = redis::Client::open(redis.url.as_str()).map_err(|e| e.to_string())?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(0);
-        match tokio::time::timeout(
-            REDIS_TIMEOUT,
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => {
-                *slot = Some(conn.clone());
-                Ok(conn)
-            }
-            Ok(Err(e)) => {
-                redis.breaker.record(false, Instant::now());
-                Err(e.to_string())
-            }
-            Err(_) => {
-                redis.breaker.record(false, Instant::now());
-                Err("connect timed out".into())
-            }
-        }
-    }
-
-    /// `Ok(decision)` when Redis answered, `Err(why)` when it did not.
-    async fn admit_redis(
-        &self,
-        tenant: &str,
-        limits: &TenantLimits,
-        tokens: u64,
-        id: u64,
-    ) -> Result<Result<(u64, Usage), Refused>, String> {
-        let Some(redis) = &self.redis else {
-            return Err("no Redis".into());
-        };
-        let mut conn = Self::connection(redis).await?;
-        let [requests, tokens_key, running] = Self::keys(redis, tenant);
-        let mut call = redis.admit.key(requests);
-        call.key(tokens_key)
-            .key(running)
-            .arg(limits.requests_per_minute.unwrap_or(0))
-            .arg(limits.tokens_per_minute.unwrap_or(0))
-            .arg(limits.concurrent_requests.unwrap_or(0))
-            .arg(tokens)
-            .arg(format!("{:x}-{id:x}", self.agent))
-            .arg(SLOT_TTL.as_millis() as u64);
-        let answer: Result<Result<Vec<i64>, _>, _> =
-            tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async(&mut conn)).await;
-        let v = match answer {
-            Ok(Ok(v)) if v.len() == 8 => v,
-            Ok(Ok(v)) => return Err(format!("the script answered {v:?}")),
-            Ok(Err(e)) => {
-                redis.breaker.record(false, Instant::now());
-                return Err(e.to_string());
-            }
-            Err(_) => {
-                redis.breaker.record(false, Instant::now());
-                return Err("timed out".into());
-            }
-        };
-        redis.breaker.record(true, Instant::now());
-        Ok(decision(limits, tokens, &v))
-    }
-
-    async fn release_redis(&self, release: &Release) {
-        let Some(redis) = &self.redis else { return };
-        if release.refund == 0 && !release.concurrent {
-            return;
-        }
-        let Ok(mut conn) = Self::connection(redis).await else {
-            return;
-        };
-        let [_, tokens, running] = Self::keys(redis, &release.tenant);
-        let mut call = redis.release.key(tokens);
-        call.key(running)
-            .arg(release.second)
-            .arg(release.refund)
-            .arg(format!("{:x}-{:x}", self.agent, release.id));
-        match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await {
-            Ok(Ok(_)) => redis.breaker.record(true, Instant::now()),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "tenant limits: release");
-                redis.breaker.record(false, Instant::now());
-            }
-            Err(_) => redis.breaker.record(false, Instant::now()),
-        }
-    }
-}
-
-/// The script's answer as a decision (see `limits.lua` for the layout).
-fn decision(limits: &TenantLimits, tokens: u64, v: &[i64]) -> Result<(u64, Usage), Refused> {
-    let ms = |x: i64| Duration::from_millis(x.max(0) as u64);
-    let reading = |limit: Option<u64>, used: i64, reset: i64| {
-        limit.map(|limit| Reading {
-            limit,
-            remaining: limit.saturating_sub(used.max(0) as u64),
-            reset: ms(reset),
-        })
-    };
-    let usage = Usage {
-        requests: reading(limits.requests_per_minute, v[2], v[3]),
-        tokens: reading(limits.tokens_per_minute, v[4], v[5]),
-    };
-    let reason = match v[1] {
-        1 => Reason::Requests,
-        2 => Reason::Tokens,
-        3 => Reason::Concurrency,
-        _ => return Ok((v[7].max(0) as u64, usage)),
-    };
-    let _ = tokens;
-    Err(Refused {
-        reason,
-        retry_after: ms(v[6]),
-        usage,
-    })
 }
 
 #[cfg(test)]
