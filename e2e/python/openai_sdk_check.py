@@ -4,7 +4,10 @@
 Starts `weir-agent serve` (the built-in model) on a free loopback port, waits
 for /ready, then drives it with the unchanged SDK: models, chat and
 completions (plain and streaming with usage), n, seeds, logprobs, and the
-SDK's error types for bad requests. Exits non-zero on the first mismatch.
+SDK's error types for bad requests; then a second agent with Tenants (keys
+from a Secrets directory) for the SDK's authentication, permission and
+rate-limit errors and the `x-ratelimit-*` headers. Exits non-zero on the
+first mismatch.
 
     python3 e2e/python/openai_sdk_check.py target/debug/weir-agent
 """
@@ -16,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import openai
 from openai import OpenAI
@@ -116,6 +120,62 @@ def run(client: OpenAI) -> None:
                  lambda: client.chat.completions.create(model="weir-tiny", messages=msgs, extra_body={"n": "two"}))
 
 
+TENANTS = """
+kind: Model
+metadata: {{name: weir-tiny}}
+spec:
+  source: {{uri: 'file://{model}'}}
+---
+kind: Tenant
+metadata: {{name: sdk}}
+spec:
+  apiKeys: [{{name: keys, key: sdk}}]
+  models: [weir-tiny]
+  limits: {{requestsPerMinute: 2}}
+---
+kind: Tenant
+metadata: {{name: narrow}}
+spec:
+  apiKeys: [{{name: keys, key: narrow}}]
+  models: [other]
+"""
+
+
+def run_tenants(binary: str, cache: str) -> None:
+    """A tenant's key, a forbidden model and a rate limit, as the SDK sees them."""
+    model = next(p for p in Path(cache).glob("builtin-*") if "encoder" not in p.name)
+    keys = Path(cache) / "secrets" / "keys"
+    keys.mkdir(parents=True)
+    (keys / "sdk").write_text("sk-sdk\n")
+    (keys / "narrow").write_text("sk-narrow\n")
+    config = Path(cache) / "tenants.yaml"
+    config.write_text(TENANTS.format(model=model))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [binary, "serve", "--listen", f"127.0.0.1:{port}", "--config", str(config),
+         "--secrets-dir", str(Path(cache) / "secrets")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "RUST_LOG": "warn"},
+    )
+    try:
+        wait_ready(base, proc, time.time() + 60)
+        msgs = [{"role": "user", "content": "hi"}]
+        ask = lambda key: OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0).chat.completions
+        expect_error(openai.AuthenticationError, "an unknown API key",
+                     lambda: ask("sk-nobody").create(model="weir-tiny", messages=msgs, max_tokens=1))
+        expect_error(openai.PermissionDeniedError, "a model the key may not use",
+                     lambda: ask("sk-narrow").create(model="weir-tiny", messages=msgs, max_tokens=1))
+        raw = ask("sk-sdk").with_raw_response.create(model="weir-tiny", messages=msgs, max_tokens=1)
+        check(raw.headers.get("x-ratelimit-limit-requests") == "2"
+              and raw.headers.get("x-ratelimit-remaining-requests") == "1", "x-ratelimit headers")
+        ask("sk-sdk").create(model="weir-tiny", messages=msgs, max_tokens=1)
+        expect_error(openai.RateLimitError, "past the tenant's requests per minute",
+                     lambda: ask("sk-sdk").create(model="weir-tiny", messages=msgs, max_tokens=1))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def main() -> None:
     binary = sys.argv[1] if len(sys.argv) > 1 else "target/debug/weir-agent"
     port = free_port()
@@ -131,6 +191,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=10)
+        run_tenants(binary, cache)
     print(f"openai SDK {openai.__version__}: all checks passed")
 
 
