@@ -129,4 +129,22 @@ async fn two_agents_share_exact_limits_in_redis() {
         assert_eq!(here, 5);
         assert!(agent.in_fallback());
     }
+
+    // Redis back on its port: counting returns to it once the breaker lets
+    // a probe through (it was empty: a fresh tenant starts from zero).
+    let _redis = Redis::start(port);
+    let back: Arc<str> = "back".into();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for agent in &agents {
+        loop {
+            let admitted = agent.admit(&back, &rpm, 1, 2).await;
+            if !agent.in_fallback() {
+                let g = admitted.expect("Redis holds room for it");
+                assert_eq!(g.usage.requests.unwrap().limit, 10, "the whole limit again");
+                break;
+            }
+            assert!(Instant::now() < deadline, "never counted in Redis again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
