@@ -99,6 +99,9 @@ struct ServeArgs {
     /// keep-alive.
     #[arg(long, env = "WEIR_HEADER_TIMEOUT", default_value_t = 30)]
     header_timeout: u64,
+    /// Seconds a client has to send a request body once its headers came.
+    #[arg(long, env = "WEIR_BODY_TIMEOUT", default_value_t = 30)]
+    body_timeout: u64,
 }
 
 impl ServeArgs {
@@ -108,7 +111,7 @@ impl ServeArgs {
             total: self.max_connections.unwrap_or(defaults.total),
             per_client: self.max_connections_per_client,
             header_read: std::time::Duration::from_secs(self.header_timeout.max(1)),
-            body_read: defaults.body_read,
+            body_read: std::time::Duration::from_secs(self.body_timeout.max(1)),
         }
     }
 }

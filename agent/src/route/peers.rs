@@ -95,6 +95,15 @@ impl PeerTable {
             .collect()
     }
 
+    /// Whether the peer at `url` is in the table and ready.
+    pub fn is_ready(&self, url: &str) -> bool {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(url)
+            .is_some_and(|p| p.ready)
+    }
+
     /// Every model some ready peer serves.
     pub fn models(&self) -> Vec<String> {
         let mut names: Vec<String> = self
