@@ -83,6 +83,18 @@ impl Agent {
         signal(self.child.id(), sig);
     }
 
+    /// Its resident memory in bytes (`VmRSS` of `/proc/PID/status`).
+    pub fn resident_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the agent's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS in kB")
+            * 1024
+    }
+
     /// Waits up to `limit` for the process to exit; its status, if it did.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
