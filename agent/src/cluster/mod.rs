@@ -386,6 +386,8 @@ async fn apply(config: &ClusterConfig, state: &AppState, states: &ModelStates, a
                     drop(models);
                     set_state(states, &name, ModelState::phase(ModelPhase::Ready));
                     tracing::info!(model = %name, "loaded");
+                    // Requests held here for it go to this replica now.
+                    state.holds.release(&name);
                 }
                 Ok(Err(e)) => set_state(
                     states,
