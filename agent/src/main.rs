@@ -240,10 +240,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         weir_agent::adaptive::spawn(model.clone(), gpu.clone());
     }
     let state = AppState::with(registry, gpu, args.api_key.clone());
-    state.holds.set_default(weir_agent::route::hold::HoldLimits {
-        timeout: std::time::Duration::from_secs(args.hold_timeout),
-        max_held: args.max_held_requests,
-    });
+    state
+        .holds
+        .set_default(weir_agent::route::hold::HoldLimits {
+            timeout: std::time::Duration::from_secs(args.hold_timeout),
+            max_held: args.max_held_requests,
+        });
     if let Some(path) = &args.config {
         let ensembles = weir_agent::config::load_all(path)?
             .ensembles

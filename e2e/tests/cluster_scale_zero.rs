@@ -89,14 +89,18 @@ async fn idle_models_scale_to_zero_and_held_requests_wake_them() {
 
     // Idle for the window: scaled to zero.
     let idle_from = Instant::now();
-    until("the Model to scale to zero", Duration::from_secs(90), async || {
-        let s = models.get(&name).await.ok()?.status?;
-        let c = s.common.conditions.first()?;
-        (s.desired_replicas == 0 && s.nodes.is_empty() && c.reason == "ScaledToZero")
-            .then_some(())
-    })
+    until(
+        "the Model to scale to zero",
+        Duration::from_secs(90),
+        async || {
+            let s = models.get(&name).await.ok()?.status?;
+            let c = s.common.conditions.first()?;
+            (s.desired_replicas == 0 && s.nodes.is_empty() && c.reason == "ScaledToZero")
+                .then_some(())
+        },
+    )
     .await;
-    println!(
+    eprintln!(
         "scaled to zero {:.1} s after the last request",
         idle_from.elapsed().as_secs_f64()
     );
@@ -111,16 +115,30 @@ async fn idle_models_scale_to_zero_and_held_requests_wake_them() {
             })
             .then_some(())
     };
-    until("a ScaledToZero event", Duration::from_secs(30), async || {
-        event_of("ScaledToZero").await
-    })
+    until(
+        "a ScaledToZero event",
+        Duration::from_secs(30),
+        async || event_of("ScaledToZero").await,
+    )
     .await;
     let front = cluster.urls[0].clone();
-    until("the replica to be gone from routing", Duration::from_secs(60), async || {
-        let models: Value = reqwest::get(format!("{front}/v1/models")).await.ok()?.json().await.ok()?;
-        let listed = models["data"].as_array()?.iter().any(|m| m["id"] == name.as_str());
-        (!listed).then_some(())
-    })
+    until(
+        "the replica to be gone from routing",
+        Duration::from_secs(60),
+        async || {
+            let models: Value = reqwest::get(format!("{front}/v1/models"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let listed = models["data"]
+                .as_array()?
+                .iter()
+                .any(|m| m["id"] == name.as_str());
+            (!listed).then_some(())
+        },
+    )
     .await;
 
     // Two requests are held; a third is over the bound.
@@ -136,17 +154,22 @@ async fn idle_models_scale_to_zero_and_held_requests_wake_them() {
     .await;
     let (status, retry, body, secs) = stream(&front, &name).await;
     assert_eq!(status, 503, "{body}");
-    assert!(retry.is_some() && secs < 1.0, "Retry-After {retry:?} after {secs:.2} s");
+    assert!(
+        retry.is_some() && secs < 1.0,
+        "Retry-After {retry:?} after {secs:.2} s"
+    );
     unavailable(&body);
     for w in waiting {
         let (status, _, body, first) = w.await.unwrap();
         assert_eq!(status, 200, "{body}");
         assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
-        println!("scale from zero: request to first token {first:.1} s");
+        eprintln!("scale from zero: request to first token {first:.1} s");
     }
-    until("a ScaledFromZero event", Duration::from_secs(30), async || {
-        event_of("ScaledFromZero").await
-    })
+    until(
+        "a ScaledFromZero event",
+        Duration::from_secs(30),
+        async || event_of("ScaledFromZero").await,
+    )
     .await;
 
     // A Model no node can take holds its requests for holdTimeoutSeconds.
@@ -158,24 +181,33 @@ async fn idle_models_scale_to_zero_and_held_requests_wake_them() {
                 "replicas": {"min": 0, "max": 1, "holdTimeoutSeconds": 2, "maxHeldRequests": 1}}),
         )
         .await;
-    until("the agents to know the new Model", Duration::from_secs(30), async || {
-        let probe = reqwest::Client::new()
-            .post(format!("{front}/v1/chat/completions"))
-            .json(&json!({"model": stuck, "messages": [{"role": "user", "content": "x"}],
-                "max_tokens": 1}))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .ok()?;
-        (probe.status().as_u16() == 503).then_some(())
-    })
+    until(
+        "the agents to know the new Model",
+        Duration::from_secs(30),
+        async || {
+            let probe = reqwest::Client::new()
+                .post(format!("{front}/v1/chat/completions"))
+                .json(
+                    &json!({"model": stuck, "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 1}),
+                )
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .ok()?;
+            (probe.status().as_u16() == 503).then_some(())
+        },
+    )
     .await;
     let (status, retry, body, secs) = stream(&front, &stuck).await;
     assert_eq!(status, 503, "{body}");
     assert!(retry.is_some(), "no Retry-After");
-    assert!((2.0..6.0).contains(&secs), "refused after {secs:.2} s, not the hold timeout");
+    assert!(
+        (2.0..6.0).contains(&secs),
+        "refused after {secs:.2} s, not the hold timeout"
+    );
     unavailable(&body);
-    println!("held past holdTimeoutSeconds: 503 after {secs:.1} s");
+    eprintln!("held past holdTimeoutSeconds: 503 after {secs:.1} s");
 
     cluster.cleanup(&[&name, &stuck]).await;
 }

@@ -162,7 +162,7 @@ async fn requests_wait_for_a_replica_within_their_bounds() {
             let v: Value = serde_json::from_str(&body).unwrap();
             assert_eq!(v["object"], "chat.completion", "{body}");
         }
-        println!(
+        eprintln!(
             "held request {i} answered after {secs:.2} s ({:.2} s after the replica started)",
             back.elapsed().as_secs_f64()
         );

@@ -191,15 +191,15 @@ mod tests {
         // The idle clock restarts: it is not scaled away again at once.
         let quiet = figures(0.0, 0.0, 0.0);
         let later = now + Duration::from_secs(59);
-        assert_eq!(decide(&policy(), 1, 1, Some(&quiet), &mut state, later), (1, None));
+        assert_eq!(
+            decide(&policy(), 1, 1, Some(&quiet), &mut state, later),
+            (1, None)
+        );
     }
 
     #[test]
     fn min_above_zero_is_the_autoscalers_alone() {
-        let p = ReplicaPolicy {
-            min: 1,
-            ..policy()
-        };
+        let p = ReplicaPolicy { min: 1, ..policy() };
         let mut state = IdleState::default();
         let quiet = figures(0.0, 0.0, 0.0);
         let t0 = Instant::now();

@@ -404,7 +404,10 @@ mod tests {
         m.spec.replicas.min = 0;
         let s = model_status(&m, 0, &[], &BTreeMap::new(), now, limit, None);
         let c = &s.common.conditions[0];
-        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "ScaledToZero"));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "ScaledToZero")
+        );
         // With min 1, no replica is a problem.
         m.spec.replicas.min = 1;
         let s = model_status(&m, 0, &[], &BTreeMap::new(), now, limit, None);

@@ -442,6 +442,10 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(4)).await;
         let started = Instant::now();
         assert!(first.released().await.is_err());
-        assert_eq!(started.elapsed(), Duration::from_secs(6), "deadline from arrival");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(6),
+            "deadline from arrival"
+        );
     }
 }

@@ -42,7 +42,9 @@ pub struct PeerTable {
 
 /// What runs after every change of the table (releasing held requests).
 #[derive(Default)]
-struct ChangeHook(Option<Box<dyn Fn(&PeerTable) + Send + Sync>>);
+struct ChangeHook(Option<Box<Hook>>);
+
+type Hook = dyn Fn(&PeerTable) + Send + Sync;
 
 impl std::fmt::Debug for ChangeHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,7 +75,8 @@ impl PeerTable {
     /// Runs `hook` after every later change of the table (replacing the
     /// hook set before).
     pub fn on_change(&self, hook: impl Fn(&PeerTable) + Send + Sync + 'static) {
-        *self.on_change.write().unwrap_or_else(|p| p.into_inner()) = ChangeHook(Some(Box::new(hook)));
+        *self.on_change.write().unwrap_or_else(|p| p.into_inner()) =
+            ChangeHook(Some(Box::new(hook)));
     }
 
     fn changed(&self) {

@@ -168,10 +168,12 @@ async fn replicas(
         return (slot.1, None);
     }
     let served = figures.get(&world::served_name(model));
-    let observed = served.filter(|_| replicas_now > 0).map(|f| match policy.metric {
-        weir_crds::model::AutoscaleMetric::QueueDepth => f.waiting / replicas_now as f64,
-        weir_crds::model::AutoscaleMetric::KvCacheUsage => f.kv_usage / replicas_now as f64,
-    });
+    let observed = served
+        .filter(|_| replicas_now > 0)
+        .map(|f| match policy.metric {
+            weir_crds::model::AutoscaleMetric::QueueDepth => f.waiting / replicas_now as f64,
+            weir_crds::model::AutoscaleMetric::KvCacheUsage => f.kv_usage / replicas_now as f64,
+        });
     let now = std::time::Instant::now();
     let autoscaled = match slot.1 {
         0 => 0,
