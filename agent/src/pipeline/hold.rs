@@ -36,7 +36,7 @@ pub async fn resolve(ctx: &Context<'_>, incoming: &Incoming) -> Result<Target, A
         };
         let held = match &mut ticket {
             Some(t) => {
-                t.wait_again();
+                t.wait_again()?;
                 t
             }
             None => ticket.insert(ctx.holds.hold(&model)?),

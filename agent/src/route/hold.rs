@@ -81,6 +81,8 @@ struct State {
     limits: BTreeMap<String, HoldLimits>,
     /// Held requests per model, by arrival number: what wakes each.
     queues: BTreeMap<String, BTreeMap<u64, oneshot::Sender<()>>>,
+    /// The agent is stopping: nothing more is held.
+    closed: bool,
 }
 
 impl State {
@@ -133,6 +135,9 @@ impl HoldQueues {
     pub fn hold(&self, model: &str) -> Result<Ticket<'_>, ApiError> {
         let mut state = self.state();
         let limits = state.limits(model);
+        if state.closed {
+            return Err(stopping(model));
+        }
         let held = state.queues.get(model).map_or(0, BTreeMap::len);
         if limits.timeout.is_zero() || held >= limits.max_held {
             return Err(refusal(format!(
@@ -176,6 +181,14 @@ impl HoldQueues {
         n
     }
 
+    /// Holds nothing more and releases every held request: the agent is
+    /// stopping (its held requests must not outlive the drain). Released
+    /// requests that still find no replica are refused.
+    pub fn close(&self) -> usize {
+        self.state().closed = true;
+        self.release_where(|_| true)
+    }
+
     /// Releases the held requests of every model `ready` says has a ready
     /// replica now; how many.
     pub fn release_where(&self, ready: impl Fn(&str) -> bool) -> usize {
@@ -210,6 +223,12 @@ impl HoldQueues {
             self.gauge_of(model).dec();
         }
     }
+}
+
+fn stopping(model: &str) -> ApiError {
+    refusal(format!(
+        "model `{model}` has no ready replica and this agent is stopping; retry"
+    ))
 }
 
 fn refusal(message: String) -> ApiError {
@@ -257,17 +276,22 @@ impl Ticket<'_> {
 
     /// Puts a released request back in its queue at its arrival place
     /// (the replica it was released for is gone again); the deadline
-    /// stays.
-    pub fn wait_again(&mut self) {
+    /// stays. Refused once the queues are closed.
+    pub fn wait_again(&mut self) -> Result<(), ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.queues
-            .state()
+        let mut state = self.queues.state();
+        if state.closed {
+            return Err(stopping(&self.model));
+        }
+        state
             .queues
             .entry(self.model.clone())
             .or_default()
             .insert(self.seq, tx);
+        drop(state);
         self.queues.gauge_of(&self.model).inc();
         self.wake = Some(rx);
+        Ok(())
     }
 
     /// How long the request has been held.
@@ -434,7 +458,7 @@ mod tests {
         // No replica after all: `first` waits again, still ahead of a
         // newcomer that arrived after `second`.
         let third = q.hold("m").unwrap();
-        first.wait_again();
+        first.wait_again().unwrap();
         assert_eq!(gauge(&g, "m"), 2);
         let seqs: Vec<u64> = q.state().queues["m"].keys().copied().collect();
         assert_eq!(seqs, vec![first.seq, third.seq]);
@@ -447,5 +471,19 @@ mod tests {
             Duration::from_secs(6),
             "deadline from arrival"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_releases_everything_and_holds_nothing_more() {
+        let (q, g) = queues(60, 5);
+        let mut a = q.hold("m").unwrap();
+        let mut b = q.hold("n").unwrap();
+        assert_eq!(q.close(), 2);
+        a.released().await.unwrap();
+        b.released().await.unwrap();
+        assert!(a.wait_again().is_err(), "no replica after all: refused");
+        let refused = q.hold("m").err().expect("nothing more is held");
+        assert!(refused.to_string().contains("stopping"), "{refused}");
+        assert_eq!((gauge(&g, "m"), gauge(&g, "n")), (0, 0));
     }
 }
