@@ -39,7 +39,12 @@ impl Agent {
     /// Starts `weir-agent serve` with `args` on a free port and waits until
     /// `/ready` answers 200 (at most a minute).
     pub fn start(args: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), args)
+    }
+
+    /// Starts `weir-agent serve` with `args` on `port` (a restart keeps
+    /// its URL) and waits until `/ready` answers 200 (at most a minute).
+    pub fn start_on(port: u16, args: &[&str]) -> Self {
         let url = format!("http://127.0.0.1:{port}");
         let child = Command::new(binary("weir-agent"))
             .arg("serve")
