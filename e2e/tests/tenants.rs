@@ -173,6 +173,7 @@ async fn tenant_limits_hold_across_three_agents_and_survive_redis() {
     write_key(dir.path(), "rotating", "sk-old");
     write_config(dir.path(), &model, "");
     let mut redis = Redis::start();
+    let redis_url = redis.url();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let urls: Vec<String> = ports
         .iter()
@@ -188,7 +189,7 @@ async fn tenant_limits_hold_across_three_agents_and_survive_redis() {
                 "--secrets-dir",
                 secrets.to_str().unwrap(),
                 "--limits-redis-url",
-                &redis.url,
+                &redis_url,
                 "--peer-token",
                 PEER_TOKEN,
             ];

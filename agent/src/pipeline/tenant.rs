@@ -39,6 +39,19 @@ pub fn check_model(ctx: &Context<'_>, tenant: &Tenant, model: &str) -> Result<()
 }
 
 #[derive(serde::Deserialize)]
+struct ModelOnly {
+    model: String,
+}
+
+/// The `model` a request body names (a served name or an ensemble), if it
+/// parses that far (a body that does not is refused by the next step).
+pub fn model_named(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<ModelOnly>(body)
+        .ok()
+        .map(|m| m.model)
+}
+
+#[derive(serde::Deserialize)]
 struct PriorityOnly {
     priority: Option<String>,
 }
