@@ -164,6 +164,27 @@ fn render_chat(
         .map_err(|e| ApiError::invalid("messages", e.to_string()))
 }
 
+/// The token ids of `request`'s messages through `model`'s chat template,
+/// ending with the assistant's turn opener when `add_generation_prompt`
+/// (what `/tokenize` counts; no shaping), with the tokenizer's own special
+/// tokens when `add_special_tokens`.
+pub fn chat_prompt_ids(
+    model: &ServedModel,
+    request: &ChatCompletionRequest,
+    add_generation_prompt: bool,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let messages = chat_messages(request)?;
+    let text = model
+        .tokenizer
+        .apply_chat_template(&messages, add_generation_prompt, request.tools.as_ref())
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    model
+        .tokenizer
+        .encode(&text, add_special_tokens)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))
+}
+
 /// A chat's messages as shaped, their prompt, the tokens the optimization
 /// saved (when it ran) and the turns dropped to fit the context.
 type ShapedChat = (Vec<ChatMessage>, Vec<u32>, Option<usize>, usize);
