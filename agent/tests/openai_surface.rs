@@ -348,3 +348,123 @@ async fn responses_refuse_what_a_stateless_server_cannot_do() {
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["store"], false);
 }
+
+async fn completion_chunks(base: &str, body: &Value) -> Vec<Value> {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    sse(resp).await.into_iter().map(|(_, e)| e).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_echo_the_prompt_and_score_it() {
+    let base = start(&["tiny"]).await;
+    let prompt = "The cache holds";
+    let body = |extra: Value| {
+        let mut b = json!({"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let (_, plain) = post(&base, "/v1/completions", &body(json!({"logprobs": 2}))).await;
+    let generated = plain["choices"][0]["text"].as_str().unwrap();
+    let (status, echoed) = post(
+        &base,
+        "/v1/completions",
+        &body(json!({"echo": true, "logprobs": 2})),
+    )
+    .await;
+    assert_eq!(status, 200, "{echoed}");
+    let choice = &echoed["choices"][0];
+    assert_eq!(choice["text"], format!("{prompt}{generated}"));
+    let prompt_tokens = echoed["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    let lp = &choice["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), prompt_tokens + 4);
+    assert!(lp["token_logprobs"][0].is_null(), "{lp}");
+    assert!(lp["top_logprobs"][0].is_null(), "{lp}");
+    for k in 1..tokens.len() {
+        assert!(
+            lp["token_logprobs"][k].as_f64().unwrap() <= 0.0,
+            "{k}: {lp}"
+        );
+        let top = lp["top_logprobs"][k].as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= 2, "{k}: {lp}");
+    }
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets.len(), tokens.len());
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    // The completion's own tokens score as without echo.
+    let tail = &lp["token_logprobs"].as_array().unwrap()[prompt_tokens..];
+    assert_eq!(
+        tail,
+        plain["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .as_slice()
+    );
+
+    // Prompt scoring only.
+    let (status, scored) = post(
+        &base,
+        "/v1/completions",
+        &body(json!({"echo": true, "logprobs": 1, "max_tokens": 0})),
+    )
+    .await;
+    assert_eq!(status, 200, "{scored}");
+    assert_eq!(scored["choices"][0]["text"], prompt);
+    assert_eq!(scored["choices"][0]["finish_reason"], "length");
+    assert_eq!(scored["usage"]["completion_tokens"], 0);
+    let scored_lp = &scored["choices"][0]["logprobs"];
+    assert_eq!(scored_lp["tokens"].as_array().unwrap().len(), prompt_tokens);
+    assert_eq!(
+        scored_lp["tokens"].as_array().unwrap()[..],
+        tokens[..prompt_tokens]
+    );
+    let (status, e) = post(&base, "/v1/completions", &body(json!({"max_tokens": 0}))).await;
+    assert_eq!(status, 400);
+    assert_param(&e, "max_tokens");
+
+    // Streamed: the first chunk carries the prompt and its scores.
+    let chunks = completion_chunks(
+        &base,
+        &body(json!({"echo": true, "logprobs": 2, "stream": true})),
+    )
+    .await;
+    assert_eq!(chunks[0]["choices"][0]["text"], prompt);
+    assert!(chunks[0]["choices"][0]["logprobs"]["token_logprobs"][0].is_null());
+    assert_eq!(
+        chunks[0]["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .len(),
+        prompt_tokens
+    );
+    let joined: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(joined, choice["text"].as_str().unwrap());
+    let chunks = completion_chunks(
+        &base,
+        &body(json!({"echo": true, "stream": true, "n": 2, "seed": 1})),
+    )
+    .await;
+    for index in 0..2 {
+        let first = chunks
+            .iter()
+            .find(|c| c["choices"][0]["index"] == index)
+            .unwrap();
+        assert_eq!(first["choices"][0]["text"], prompt);
+    }
+}

@@ -1,0 +1,132 @@
+//! Prompt log probabilities (completions' `echo` with `logprobs`): the log
+//! probability of every prompt token given the tokens before it, with the
+//! most likely alternatives at each position.
+//!
+//! A step's forward pass keeps only the logits of a sequence's last row.
+//! A request that asks for its prompt's log probabilities gets, in each
+//! step that computes part of its prompt and before that step's forward
+//! pass, a scoring pass over the same chunk that keeps every row's logits
+//! (in passes of at most [`MAX_PASS_FLOATS`] logits, so a long prompt
+//! never brings `prompt × vocab` floats to the host at once). The scoring
+//! pass writes the chunk's keys and values too; the step's own pass then
+//! writes them again from the same inputs, so what the cache ends up
+//! holding is what it would hold without scoring.
+//!
+//! Guarantees and assumptions:
+//! * positions are scored only where the scoring pass computes them, so
+//!   such a request never starts from cached prefix blocks
+//!   ([`crate::scheduler::Scheduler::add_computing_all`]): cached blocks
+//!   would skip those positions, and recomputing them would rewrite blocks
+//!   other requests share;
+//! * a chunk computed again after preemption is scored again from its
+//!   start; the scores are sent once, when the whole prompt is scored,
+//!   before the request's first token;
+//! * log probabilities are raw (before any sampling processing), as vLLM
+//!   and OpenAI report prompt log probabilities.
+
+use crate::backend::{Backend, BatchLayout};
+use crate::error::EngineError;
+use crate::model::LlamaModel;
+use crate::sampler::{log_sum_exp, top_n};
+
+/// The log probability of one prompt token given the tokens before it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprob {
+    /// Token id.
+    pub token: u32,
+    /// Its log probability; `None` for the first token (nothing precedes it).
+    pub logprob: Option<f32>,
+    /// The most likely tokens at this position, most likely first.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Most logits (floats) one scoring pass brings to the host: 64 MiB.
+pub const MAX_PASS_FLOATS: usize = 16 * 1024 * 1024;
+
+/// One request's prompt scoring in progress.
+pub(super) struct PromptScores {
+    prompt: Vec<u32>,
+    top: usize,
+    /// `scores[k]` is for prompt token `k`.
+    scores: Vec<PromptLogprob>,
+    sent: bool,
+}
+
+impl PromptScores {
+    /// Scoring for `prompt` with `top` alternatives per position.
+    pub(super) fn new(prompt: &[u32], top: usize) -> Self {
+        let first = PromptLogprob {
+            token: prompt.first().copied().unwrap_or(0),
+            logprob: None,
+            top_logprobs: Vec::new(),
+        };
+        Self {
+            prompt: prompt.to_vec(),
+            top,
+            scores: vec![first],
+            sent: false,
+        }
+    }
+
+    /// Scores the prompt positions of the chunk `start..end` that this step
+    /// computes (blocks `block_table`), before the step's forward pass;
+    /// returns every score once the prompt is complete.
+    pub(super) fn score_chunk<B: Backend>(
+        &mut self,
+        model: &LlamaModel<B>,
+        cache: &mut B::KvCache,
+        (start, end): (usize, usize),
+        block_table: &[u32],
+        block_size: usize,
+    ) -> Result<Option<Vec<PromptLogprob>>, EngineError> {
+        let len = self.prompt.len();
+        if self.sent || start >= len {
+            return Ok(None);
+        }
+        if start + 1 > self.scores.len() {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt scoring: positions {}..{start} were never computed",
+                self.scores.len() - 1
+            )));
+        }
+        // Recomputed after preemption: score the chunk again.
+        self.scores.truncate(start + 1);
+        let vocab = model.config().vocab_size;
+        let per_pass = (MAX_PASS_FLOATS / vocab.max(1)).max(1);
+        // Row `q` predicts token `q + 1`; the last prompt row predicts the
+        // first generated token and is the step's own business.
+        let last = end.min(len - 1);
+        let mut q = start;
+        while q < last {
+            let to = (q + per_pass).min(last);
+            let mut layout = BatchLayout::default();
+            layout.push_seq(&self.prompt[q..to], q, block_table, block_size, false);
+            layout.logits_rows = (0..(to - q) as u32).collect();
+            let logits = model.forward(&layout, cache)?;
+            for (r, row) in logits.chunks_exact(vocab).enumerate() {
+                let token = self.prompt[q + r + 1];
+                self.scores.push(score_row(row, token, self.top));
+            }
+            q = to;
+        }
+        if end < len {
+            return Ok(None);
+        }
+        self.sent = true;
+        Ok(Some(std::mem::take(&mut self.scores)))
+    }
+}
+
+/// Log-softmax of `row` at `token`, and the `top` most likely tokens.
+fn score_row(row: &[f32], token: u32, top: usize) -> PromptLogprob {
+    let norm = log_sum_exp(row);
+    let ranked = row.iter().copied().enumerate().map(|(i, v)| (i as u32, v));
+    PromptLogprob {
+        token,
+        logprob: Some(row[token as usize] - norm),
+        top_logprobs: top_n(ranked, top)
+            .into_iter()
+            .map(|(t, v)| (t, v - norm))
+            .collect(),
+    }
+}
