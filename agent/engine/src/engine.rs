@@ -564,40 +564,6 @@ impl<B: Backend> Worker<B> {
         Ok(sampled)
     }
 
-    /// Scores the prompt chunks of this step's requests that asked for
-    /// prompt log probabilities ([`scoring`]), sending each request's scores
-    /// once its prompt is complete; a request whose scoring fails ends.
-    fn score_prompts(&mut self, scheduled: &[crate::scheduler::ScheduledSeq], block_size: usize) {
-        for seq in scheduled {
-            let Some(live) = self.live.get_mut(&seq.id) else {
-                continue;
-            };
-            let Some(scores) = live.scoring.as_mut() else {
-                continue;
-            };
-            let chunk = (seq.start, seq.start + seq.tokens.len());
-            let scored = scores.score_chunk(
-                &self.model,
-                &mut self.cache,
-                chunk,
-                &seq.block_table,
-                block_size,
-            );
-            let sent = match scored {
-                Ok(None) => continue,
-                Ok(Some(scores)) => live.events.try_send(Event::PromptLogprobs(scores)),
-                Err(e) => {
-                    let _ = live.events.try_send(Event::Failed(e.to_string()));
-                    self.drop_request(seq.id);
-                    continue;
-                }
-            };
-            if sent.is_err() {
-                self.drop_request(seq.id);
-            }
-        }
-    }
-
     /// Emits one sampled token; returns it, or `None` when the request
     /// ended here (stop string, closed stream, sampling error, a request
     /// that only scores its prompt).

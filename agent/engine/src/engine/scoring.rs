@@ -24,10 +24,12 @@
 //! * log probabilities are raw (before any sampling processing), as vLLM
 //!   and OpenAI report prompt log probabilities.
 
+use super::{Event, Worker};
 use crate::backend::{Backend, BatchLayout};
 use crate::error::EngineError;
 use crate::model::LlamaModel;
 use crate::sampler::{log_sum_exp, top_n};
+use crate::scheduler::ScheduledSeq;
 
 /// The log probability of one prompt token given the tokens before it.
 #[derive(Clone, Debug, PartialEq)]
@@ -114,6 +116,42 @@ impl PromptScores {
         }
         self.sent = true;
         Ok(Some(std::mem::take(&mut self.scores)))
+    }
+}
+
+impl<B: Backend> Worker<B> {
+    /// Scores the prompt chunks of this step's requests that asked for
+    /// prompt log probabilities (this module), sending each request's scores
+    /// once its prompt is complete; a request whose scoring fails ends.
+    pub(super) fn score_prompts(&mut self, scheduled: &[ScheduledSeq], block_size: usize) {
+        for seq in scheduled {
+            let Some(live) = self.live.get_mut(&seq.id) else {
+                continue;
+            };
+            let Some(scores) = live.scoring.as_mut() else {
+                continue;
+            };
+            let chunk = (seq.start, seq.start + seq.tokens.len());
+            let scored = scores.score_chunk(
+                &self.model,
+                &mut self.cache,
+                chunk,
+                &seq.block_table,
+                block_size,
+            );
+            let sent = match scored {
+                Ok(None) => continue,
+                Ok(Some(scores)) => live.events.try_send(Event::PromptLogprobs(scores)),
+                Err(e) => {
+                    let _ = live.events.try_send(Event::Failed(e.to_string()));
+                    self.drop_request(seq.id);
+                    continue;
+                }
+            };
+            if sent.is_err() {
+                self.drop_request(seq.id);
+            }
+        }
     }
 }
 
