@@ -461,14 +461,23 @@ impl<B: Backend> Worker<B> {
         let mut layout = BatchLayout::default();
         let mut sampled_ids = Vec::new();
         let mut prompt_rows = 0;
+        // Rows a prompt-scoring pass computed already (keys and values
+        // written): the step computes the rest.
+        let scored = self.score_prompts(&output.scheduled, block_size);
         for seq in &output.scheduled {
-            layout.push_seq(
-                &seq.tokens,
-                seq.start,
-                &seq.block_table,
-                block_size,
-                seq.samples,
-            );
+            let done = scored
+                .iter()
+                .find(|(id, _)| *id == seq.id)
+                .map_or(0, |(_, rows)| *rows);
+            if done < seq.tokens.len() {
+                layout.push_seq(
+                    &seq.tokens[done..],
+                    seq.start + done,
+                    &seq.block_table,
+                    block_size,
+                    seq.samples,
+                );
+            }
             if seq.samples {
                 sampled_ids.push(seq.id);
             }
@@ -478,10 +487,12 @@ impl<B: Backend> Worker<B> {
                 prompt_rows += (seq.start + seq.tokens.len()).min(prompt_end) - seq.start;
             }
         }
-        self.score_prompts(&output.scheduled, block_size);
-        let logits = match self.model.forward_logits(&layout, &mut self.cache) {
-            Ok(logits) => logits,
-            Err(e) => return self.fail_all(&e.to_string()),
+        let logits = match layout.num_rows() {
+            0 => None,
+            _ => match self.model.forward_logits(&layout, &mut self.cache) {
+                Ok(logits) => logits,
+                Err(e) => return self.fail_all(&e.to_string()),
+            },
         };
         let sampled = match logits {
             Some(logits) => match self.sample_all(logits, &sampled_ids) {

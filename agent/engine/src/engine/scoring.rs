@@ -5,12 +5,12 @@
 //! A step's forward pass keeps only the logits of a sequence's last row.
 //! A request that asks for its prompt's log probabilities gets, in each
 //! step that computes part of its prompt and before that step's forward
-//! pass, a scoring pass over the same chunk that keeps every row's logits
-//! (in passes of at most [`MAX_PASS_FLOATS`] logits, so a long prompt
-//! never brings `prompt × vocab` floats to the host at once). The scoring
-//! pass writes the chunk's keys and values too; the step's own pass then
-//! writes them again from the same inputs, so what the cache ends up
-//! holding is what it would hold without scoring.
+//! pass, a scoring pass over that chunk that keeps every row's logits (in
+//! passes of at most [`MAX_PASS_FLOATS`] logits, so a long prompt never
+//! brings `prompt × vocab` floats to the host at once). The scoring pass
+//! writes the rows' keys and values, so the step's own pass computes only
+//! what is left of the chunk: the prompt's last row (whose logits pick the
+//! first token) and what follows it, or nothing in a middle chunk.
 //!
 //! Guarantees and assumptions:
 //! * positions are scored only where the scoring pass computes them, so
@@ -72,7 +72,8 @@ impl PromptScores {
 
     /// Scores the prompt positions of the chunk `start..end` that this step
     /// computes (blocks `block_table`), before the step's forward pass;
-    /// returns every score once the prompt is complete.
+    /// returns how many of the chunk's rows it computed (from `start`), and
+    /// every score once the prompt is complete.
     pub(super) fn score_chunk<B: Backend>(
         &mut self,
         model: &LlamaModel<B>,
@@ -80,10 +81,10 @@ impl PromptScores {
         (start, end): (usize, usize),
         block_table: &[u32],
         block_size: usize,
-    ) -> Result<Option<Vec<PromptLogprob>>, EngineError> {
+    ) -> Result<(usize, Option<Vec<PromptLogprob>>), EngineError> {
         let len = self.prompt.len();
         if self.sent || start >= len {
-            return Ok(None);
+            return Ok((0, None));
         }
         if start + 1 > self.scores.len() {
             return Err(EngineError::InvalidRequest(format!(
@@ -97,7 +98,7 @@ impl PromptScores {
         let per_pass = (MAX_PASS_FLOATS / vocab.max(1)).max(1);
         // Row `q` predicts token `q + 1`; the last prompt row predicts the
         // first generated token and is the step's own business.
-        let last = end.min(len - 1);
+        let last = end.min(len - 1).max(start);
         let mut q = start;
         while q < last {
             let to = (q + per_pass).min(last);
@@ -111,11 +112,12 @@ impl PromptScores {
             }
             q = to;
         }
+        let rows = last - start;
         if end < len {
-            return Ok(None);
+            return Ok((rows, None));
         }
         self.sent = true;
-        Ok(Some(std::mem::take(&mut self.scores)))
+        Ok((rows, Some(std::mem::take(&mut self.scores))))
     }
 }
 
@@ -123,7 +125,13 @@ impl<B: Backend> Worker<B> {
     /// Scores the prompt chunks of this step's requests that asked for
     /// prompt log probabilities (this module), sending each request's scores
     /// once its prompt is complete; a request whose scoring fails ends.
-    pub(super) fn score_prompts(&mut self, scheduled: &[ScheduledSeq], block_size: usize) {
+    /// Returns, per request scored, the rows of its chunk computed.
+    pub(super) fn score_prompts(
+        &mut self,
+        scheduled: &[ScheduledSeq],
+        block_size: usize,
+    ) -> Vec<(u64, usize)> {
+        let mut computed = Vec::new();
         for seq in scheduled {
             let Some(live) = self.live.get_mut(&seq.id) else {
                 continue;
@@ -140,8 +148,14 @@ impl<B: Backend> Worker<B> {
                 block_size,
             );
             let sent = match scored {
-                Ok(None) => continue,
-                Ok(Some(scores)) => live.events.try_send(Event::PromptLogprobs(scores)),
+                Ok((rows, None)) => {
+                    computed.push((seq.id, rows));
+                    continue;
+                }
+                Ok((rows, Some(scores))) => {
+                    computed.push((seq.id, rows));
+                    live.events.try_send(Event::PromptLogprobs(scores))
+                }
                 Err(e) => {
                     let _ = live.events.try_send(Event::Failed(e.to_string()));
                     self.drop_request(seq.id);
@@ -152,6 +166,7 @@ impl<B: Backend> Worker<B> {
                 self.drop_request(seq.id);
             }
         }
+        computed
     }
 }
 
