@@ -1,7 +1,8 @@
 //! The rest of the OpenAI surface over real HTTP on a loopback socket,
 //! serving the built-in model: `GET /v1/models/{id}`, `/tokenize` and
 //! `/detokenize`, `POST /v1/responses` (JSON and streamed), and
-//! completions with `echo` and prompt log probabilities.
+//! completions with `echo` and prompt log probabilities; the first three
+//! also for a model only a peer serves.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -9,6 +10,7 @@ use std::sync::OnceLock;
 use serde_json::{Value, json};
 use weir_agent::http::{AppState, router};
 use weir_agent::models::{ModelRegistry, ModelSpec, ServedModel, ensure_builtin};
+use weir_agent::route::peers::Peer;
 
 fn builtin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -23,6 +25,11 @@ fn builtin_dir() -> PathBuf {
 /// Starts an agent serving the built-in model under each of `names`;
 /// returns its base URL.
 async fn start(names: &[&str]) -> String {
+    start_with_peer(names, None).await
+}
+
+/// As [`start`], knowing a peer (URL, the models it serves).
+async fn start_with_peer(names: &[&str], peer: Option<(&str, &[&str])>) -> String {
     let mut registry = ModelRegistry::default();
     for name in names {
         let spec = ModelSpec {
@@ -38,6 +45,13 @@ async fn start(names: &[&str]) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let state = AppState::new(registry);
+    if let Some((url, models)) = peer {
+        state.peers.upsert(Peer {
+            url: url.to_owned(),
+            models: models.iter().map(|m| (*m).to_owned()).collect(),
+            ready: true,
+        });
+    }
     tokio::spawn(async move { axum::serve(listener, router(state)).await });
     format!("http://{addr}")
 }
@@ -467,4 +481,46 @@ async fn completions_echo_the_prompt_and_score_it() {
             .unwrap();
         assert_eq!(first["choices"][0]["text"], prompt);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_model_is_retrieved_tokenized_and_answered_through_responses() {
+    let holder = start(&["tiny"]).await;
+    let front = start_with_peer(&["front"], Some((&holder, &["tiny"]))).await;
+    let (status, card) = get(&front, "/v1/models/tiny").await;
+    assert_eq!(status, 200, "{card}");
+    assert_eq!(card["id"], "tiny");
+    let body = json!({"model": "tiny", "prompt": "The cache holds answers"});
+    let (status, here) = post(&front, "/tokenize", &body).await;
+    assert_eq!(status, 200, "{here}");
+    let (_, there) = post(&holder, "/tokenize", &body).await;
+    assert_eq!(here, there);
+    let tokens = json!({"model": "tiny", "tokens": there["tokens"]});
+    let (status, text) = post(&front, "/detokenize", &tokens).await;
+    assert_eq!(status, 200, "{text}");
+    let request =
+        json!({"model": "tiny", "input": "Hello there", "max_output_tokens": 6, "temperature": 0});
+    let (status, relayed) = post(&front, "/v1/responses", &request).await;
+    assert_eq!(status, 200, "{relayed}");
+    let (_, direct) = post(&holder, "/v1/responses", &request).await;
+    assert_eq!(response_text(&relayed), response_text(&direct));
+    assert_eq!(relayed["usage"], direct["usage"]);
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let resp = reqwest::Client::new()
+        .post(format!("{front}/v1/responses"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    let events = sse(resp).await;
+    let last = &events.last().unwrap().1;
+    assert!(
+        matches!(
+            last["type"].as_str(),
+            Some("response.completed" | "response.incomplete")
+        ),
+        "{last}"
+    );
+    assert_eq!(response_text(&last["response"]), response_text(&direct));
 }
