@@ -180,3 +180,84 @@ fn stream(shell: Shell, body: Body) -> Response {
     );
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The Responses events written for a chat SSE body sent in `parts`.
+    async fn translate(parts: &[&str]) -> Vec<Value> {
+        let (_, shell) =
+            to_chat_body(&json!({"model": "m", "input": "x", "stream": true})).unwrap();
+        let chunks: Vec<Result<Bytes, std::io::Error>> = parts
+            .iter()
+            .map(|p| Ok(Bytes::from(p.to_string())))
+            .collect();
+        let body = Body::from_stream(futures::stream::iter(chunks));
+        let response = stream(shell, body);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec())
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
+    }
+
+    fn kinds(events: &[Value]) -> Vec<&str> {
+        events.iter().map(|e| e["type"].as_str().unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn chat_events_split_anywhere_translate_the_same() {
+        let whole = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n\
+                     : keep-alive\n\n\
+                     data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"stop\"}]}\r\n\r\n\
+                     data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n\
+                     data: [DONE]\n\n";
+        let at_once = translate(&[whole]).await;
+        assert_eq!(at_once.last().unwrap()["type"], "response.completed");
+        assert_eq!(
+            at_once.last().unwrap()["response"]["usage"]["total_tokens"],
+            5
+        );
+        let text: String = at_once
+            .iter()
+            .filter(|e| e["type"] == "response.output_text.delta")
+            .map(|e| e["delta"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, "Hello");
+        // Byte by byte: the same events (ids aside).
+        let bytes: Vec<String> = whole.chars().map(String::from).collect();
+        let parts: Vec<&str> = bytes.iter().map(String::as_str).collect();
+        let split = translate(&parts).await;
+        assert_eq!(kinds(&split), kinds(&at_once));
+    }
+
+    #[tokio::test]
+    async fn an_error_or_an_early_end_fails_the_response() {
+        let error = translate(&[
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n",
+            "data: {\"error\":{\"message\":\"engine stopped\",\"type\":\"internal_error\",\"param\":null,\"code\":null}}\n\n",
+            "data: [DONE]\n\n",
+        ])
+        .await;
+        let k = kinds(&error);
+        assert_eq!(&k[k.len() - 2..], ["error", "response.failed"]);
+        assert_eq!(error[error.len() - 2]["message"], "engine stopped");
+        let cut =
+            translate(&["data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n"])
+                .await;
+        let last = cut.last().unwrap();
+        assert_eq!(last["type"], "response.failed");
+        assert!(
+            last["response"]["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("[DONE]")
+        );
+    }
+}
