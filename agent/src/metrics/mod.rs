@@ -12,7 +12,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -111,6 +111,9 @@ pub struct Metrics {
     pub ensemble_requests: Family<MemberOutcome, Counter>,
     /// Ensemble member latency (to the answer's headers when streaming).
     pub ensemble_latency: Family<MemberKey, Histogram>,
+    /// Requests held for a model without a ready replica
+    /// ([`crate::route::hold`]).
+    pub held: Family<ModelLabel, Gauge>,
     /// Smoothed latency per (ensemble, member), for `BestOf`.
     member_ewma: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), f64>>>,
 }
@@ -168,6 +171,7 @@ impl Metrics {
             }),
             ensemble_requests: Family::default(),
             ensemble_latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            held: Family::default(),
             member_ewma: Arc::default(),
         };
         registry.register(
@@ -254,6 +258,11 @@ impl Metrics {
             "weir_ensemble_member_latency_seconds",
             "Ensemble member latency",
             m.ensemble_latency.clone(),
+        );
+        registry.register(
+            "weir_requests_held",
+            "Requests held until a replica of their model is ready",
+            m.held.clone(),
         );
         registry.register_collector(Box::new(EngineCollector { models, gpu }));
         Self {

@@ -4,9 +4,12 @@
 //! prefix with bounded load, so that shared prefixes meet their cached KV
 //! blocks without overloading one replica. A connection failure retries the
 //! next replica; a request already forwarded once is never forwarded again.
+//! A model that exists without a ready replica has its requests held here
+//! until one is ready ([`hold`]).
 
 pub mod ensemble;
 pub mod forward;
+pub mod hold;
 pub mod peers;
 
 /// Header marking a request forwarded by another agent.
