@@ -1,7 +1,8 @@
 //! Prompt log probabilities on the CPU backend with the tiny Llama fixture:
 //! each position's scores equal the next-token distribution the model gives
 //! that prefix, through chunked prefill and with the prefix cache warm;
-//! scoring never changes what is generated; `max_tokens: 0` only scores.
+//! scoring never changes what is generated, also when requests are
+//! preempted and recomputed; `max_tokens: 0` only scores.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,18 +25,24 @@ fn fixture() -> PathBuf {
 /// An engine whose steps take at most 16 tokens, so a 40-token prompt is
 /// prefilled in three chunks.
 fn engine() -> EngineHandle {
+    engine_with(64, 16)
+}
+
+/// An engine of `num_blocks` blocks of 16 tokens whose steps take at most
+/// `budget` tokens.
+fn engine_with(num_blocks: usize, budget: usize) -> EngineHandle {
     let model = LlamaModel::load(&fixture(), CpuBackend, 256).unwrap();
     let tokenizer = Arc::new(TextTokenizer::from_dir(&fixture()).unwrap());
     let options = EngineOptions {
         scheduler: SchedulerConfig {
             max_num_seqs: 8,
-            max_num_batched_tokens: 16,
-            long_prefill_chunk: 16,
+            max_num_batched_tokens: budget,
+            long_prefill_chunk: budget,
             max_model_len: 256,
             aging: Duration::from_secs(5),
             prefix_caching: true,
         },
-        num_blocks: 64,
+        num_blocks,
         block_size: 16,
         queue_capacity: 64,
     };
@@ -59,8 +66,12 @@ fn request(prompt: &[u32], max_tokens: usize, prompt_logprobs: Option<usize>) ->
 }
 
 fn prompt(len: usize) -> Vec<u32> {
+    prompt_seeded(0, len)
+}
+
+fn prompt_seeded(seed: u32, len: usize) -> Vec<u32> {
     (0..len as u32)
-        .map(|i| 40 + (i.wrapping_mul(2654435761) >> 7) % 260)
+        .map(|i| 40 + (i.wrapping_mul(2654435761).wrapping_add(seed * 97) >> 7) % 260)
         .collect()
 }
 
@@ -167,4 +178,54 @@ fn max_tokens_zero_only_scores_the_prompt() {
         engine.submit(request(&p, 0, None)),
         Err(SubmitError::Invalid(_))
     ));
+}
+
+fn drain(mut stream: weir_engine::engine::ResponseStream) -> (Vec<PromptLogprob>, Vec<u32>) {
+    let (mut scores, mut tokens) = (Vec::new(), Vec::new());
+    loop {
+        match stream
+            .blocking_recv()
+            .expect("stream ended without Finished")
+        {
+            Event::PromptLogprobs(s) => scores = s,
+            Event::Token(t) => tokens.push(t.token),
+            Event::Finished { .. } => return (scores, tokens),
+            Event::Failed(e) => panic!("request failed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn preempted_and_recomputed_requests_score_as_alone() {
+    let requests: Vec<_> = (0..10)
+        .map(|i| request(&prompt_seeded(i, 48 + 10 * i as usize), 24, Some(2)))
+        .collect();
+    let large = engine_with(256, 512);
+    let expected: Vec<_> = requests
+        .iter()
+        .map(|r| drain(large.submit(r.clone()).unwrap()))
+        .collect();
+    // 16 blocks of 16 tokens (one 256-token sequence) against 10 sequences
+    // of 72-162 tokens, each step at most 32 tokens: prefills run while
+    // others decode, and the pool runs short.
+    let small = engine_with(16, 32);
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|r| small.submit(r.clone()).unwrap())
+        .collect();
+    for (stream, (want_scores, want_tokens)) in streams.into_iter().zip(expected) {
+        let (scores, tokens) = drain(stream);
+        assert_eq!(tokens, want_tokens);
+        assert_eq!(scores.len(), want_scores.len());
+        for (a, b) in scores.iter().zip(&want_scores) {
+            assert_eq!(a.token, b.token);
+            assert!(close(a.logprob.unwrap_or(0.0), b.logprob.unwrap_or(0.0)));
+            let ids = |s: &PromptLogprob| s.top_logprobs.iter().map(|t| t.0).collect::<Vec<_>>();
+            assert_eq!(ids(a), ids(b));
+        }
+    }
+    assert!(
+        small.stats().snapshot().preemptions > 0,
+        "the pool was never short"
+    );
 }
