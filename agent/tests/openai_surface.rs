@@ -469,6 +469,22 @@ async fn completions_echo_the_prompt_and_score_it() {
         .filter_map(|c| c["choices"][0]["text"].as_str())
         .collect();
     assert_eq!(joined, choice["text"].as_str().unwrap());
+    // Several prompts with several choices each: every choice starts with
+    // its own prompt.
+    let (status, many) = post(
+        &base,
+        "/v1/completions",
+        &body(json!({"prompt": ["First one", "Second"], "echo": true, "n": 2})),
+    )
+    .await;
+    assert_eq!(status, 200, "{many}");
+    for (i, want) in ["First one", "First one", "Second", "Second"]
+        .iter()
+        .enumerate()
+    {
+        let text = many["choices"][i]["text"].as_str().unwrap();
+        assert!(text.starts_with(want), "choice {i}: {text}");
+    }
     let chunks = completion_chunks(
         &base,
         &body(json!({"echo": true, "stream": true, "n": 2, "seed": 1})),
