@@ -60,6 +60,7 @@ fn main() {
                 prompt: (0..24).map(|t| 40 + (t * 7 + i) % 200).collect(),
                 sampling: SamplingParams::greedy(),
                 max_tokens: 16,
+                prompt_logprobs: None,
                 stop: Vec::new(),
                 stop_token_ids: Vec::new(),
                 ignore_eos: true,

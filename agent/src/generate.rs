@@ -34,10 +34,30 @@ pub struct TokenLogprob {
     pub top: Vec<(String, f32)>,
 }
 
+/// One prompt token's log probability (`None` for the first token) with
+/// alternatives, as text: what `echo` with `logprobs` returns.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PromptLogprob {
+    /// Token text.
+    pub token: String,
+    /// Log probability given the tokens before it.
+    pub logprob: Option<f32>,
+    /// Alternatives, most likely first.
+    pub top: Vec<(String, f32)>,
+}
+
 /// What a generation produces, in order. Every choice ends with
 /// `ChoiceDone`; the whole job ends with `Done` or `Error`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub enum GenEvent {
+    /// The log probabilities of a choice's prompt, when asked for (before
+    /// its first delta).
+    PromptLogprobs {
+        /// Choice index.
+        index: usize,
+        /// One per prompt token.
+        logprobs: Vec<PromptLogprob>,
+    },
     /// New text for a choice.
     Delta {
         /// Choice index.
@@ -242,6 +262,7 @@ pub fn build_template(
         prompt: Vec::new(),
         sampling,
         max_tokens,
+        prompt_logprobs: None,
         stop,
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: f.ignore_eos.unwrap_or(false),
@@ -376,6 +397,22 @@ fn choice_stream(
                     ChoiceState::Over => return None,
                 };
                 let item = match stream.recv().await {
+                    Some(Event::PromptLogprobs(scores)) => {
+                        let logprobs = scores
+                            .iter()
+                            .map(|s| PromptLogprob {
+                                token: token_text(&tokenizer, s.token),
+                                logprob: s.logprob,
+                                top: s
+                                    .top_logprobs
+                                    .iter()
+                                    .map(|(id, p)| (token_text(&tokenizer, *id), *p))
+                                    .collect(),
+                            })
+                            .collect();
+                        let event = GenEvent::PromptLogprobs { index, logprobs };
+                        return Some((ChoiceItem::Event(event), ChoiceState::Streaming(stream)));
+                    }
                     Some(Event::Token(t)) => {
                         let logprobs = match (logprobs, t.logprob) {
                             (LogprobsWanted::Yes(_), Some(lp)) => vec![TokenLogprob {
@@ -459,6 +496,9 @@ pub struct ChoiceResult {
     pub finish_reason: String,
     /// Per-token log probabilities, when asked for.
     pub logprobs: Vec<TokenLogprob>,
+    /// The prompt's log probabilities, when asked for (`echo`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_logprobs: Vec<PromptLogprob>,
 }
 
 /// Collects a stream into a [`Generation`], or the error it ended with.
@@ -466,6 +506,9 @@ pub async fn collect(mut events: GenStream) -> Result<Generation, (u16, serde_js
     let mut generation = Generation::default();
     while let Some(event) = events.next().await {
         match event {
+            GenEvent::PromptLogprobs { index, logprobs } => {
+                choice_mut(&mut generation, index).prompt_logprobs = logprobs;
+            }
             GenEvent::Delta {
                 index,
                 text,
@@ -505,6 +548,12 @@ fn choice_mut(g: &mut Generation, index: usize) -> &mut ChoiceResult {
 pub fn replay(generation: &Generation) -> GenStream {
     let mut events = Vec::new();
     for (index, c) in generation.choices.iter().enumerate() {
+        if !c.prompt_logprobs.is_empty() {
+            events.push(GenEvent::PromptLogprobs {
+                index,
+                logprobs: c.prompt_logprobs.clone(),
+            });
+        }
         events.push(GenEvent::Delta {
             index,
             text: c.text.clone(),

@@ -3,11 +3,12 @@
 
 Starts `weir-agent serve` (the built-in model) on a free loopback port, waits
 for /ready, then drives it with the unchanged SDK: models, chat and
-completions (plain and streaming with usage), n, seeds, logprobs, and the
-SDK's error types for bad requests; then a second agent with Tenants (keys
-from a Secrets directory) for the SDK's authentication, permission and
-rate-limit errors and the `x-ratelimit-*` headers. Exits non-zero on the
-first mismatch.
+completions (plain and streaming with usage), n, seeds, logprobs, the
+SDK's error types for bad requests, and the rest of the surface
+(models.retrieve, echo, the Responses API); then a second agent with
+Tenants (keys from a Secrets directory) for the SDK's authentication,
+permission and rate-limit errors and the `x-ratelimit-*` headers. Exits
+non-zero on the first mismatch.
 
     python3 e2e/python/openai_sdk_check.py target/debug/weir-agent
 """
@@ -118,6 +119,59 @@ def run(client: OpenAI) -> None:
                  lambda: client.chat.completions.create(model="weir-tiny", messages=msgs, max_tokens=10**9))
     expect_error(openai.UnprocessableEntityError, "wrong field type",
                  lambda: client.chat.completions.create(model="weir-tiny", messages=msgs, extra_body={"n": "two"}))
+    rest_of_surface(client)
+
+
+def rest_of_surface(client: OpenAI) -> None:
+    """models.retrieve, completions with echo (and prompt logprobs), and the
+    stateless Responses API, plain and streamed."""
+    card = client.models.retrieve("weir-tiny")
+    check(card.id == "weir-tiny" and card.object == "model", "models.retrieve")
+    expect_error(openai.NotFoundError, "models.retrieve of an unknown id",
+                 lambda: client.models.retrieve("nope"))
+
+    plain = client.completions.create(model="weir-tiny", prompt="The cache", max_tokens=4, temperature=0)
+    echoed = client.completions.create(model="weir-tiny", prompt="The cache", max_tokens=4, temperature=0,
+                                       echo=True, logprobs=2)
+    check(echoed.choices[0].text == "The cache" + plain.choices[0].text, "echo puts the prompt first")
+    lp = echoed.choices[0].logprobs
+    n = echoed.usage.prompt_tokens + echoed.usage.completion_tokens
+    check(len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n,
+          "echo logprobs cover prompt and completion")
+    check(lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:]),
+          "the first prompt token has a null logprob, the others are log probabilities")
+    scored = client.completions.create(model="weir-tiny", prompt="The cache", max_tokens=0, echo=True, logprobs=1)
+    check(scored.choices[0].text == "The cache" and scored.usage.completion_tokens == 0,
+          "max_tokens=0 with echo scores the prompt only")
+
+    r = client.responses.create(model="weir-tiny", instructions="Be brief", input="Hello there",
+                                max_output_tokens=12, temperature=0)
+    chat = client.chat.completions.create(
+        model="weir-tiny", max_tokens=12, temperature=0,
+        messages=[{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hello there"}])
+    check(r.object == "response" and r.id.startswith("resp_"), "responses.create shape")
+    check(r.output_text == chat.choices[0].message.content, "responses.create answers as chat does (greedy)")
+    check(r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == chat.usage.completion_tokens,
+          "responses usage")
+    check(r.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed"),
+          "responses status")
+
+    events = list(client.responses.create(model="weir-tiny", instructions="Be brief", input="Hello there",
+                                          max_output_tokens=12, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    check(kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                        "response.content_part.added"], "responses stream opens in order")
+    check(kinds[-1] in ("response.completed", "response.incomplete")
+          and kinds[-4:-1] == ["response.output_text.done", "response.content_part.done",
+                               "response.output_item.done"], "responses stream closes in order")
+    check([e.sequence_number for e in events] == list(range(len(events))), "sequence numbers count up")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    check(deltas == r.output_text and events[-1].response.output_text == r.output_text,
+          "streamed deltas join to the final text")
+    expect_error(openai.BadRequestError, "responses with store=True",
+                 lambda: client.responses.create(model="weir-tiny", input="x", store=True))
+    expect_error(openai.BadRequestError, "responses with previous_response_id",
+                 lambda: client.responses.create(model="weir-tiny", input="x", previous_response_id="resp_1"))
 
 
 TENANTS = """

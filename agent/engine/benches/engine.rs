@@ -47,6 +47,7 @@ fn request(seed: u32, prompt_len: usize, max_tokens: usize) -> GenerateRequest {
             .collect(),
         sampling: SamplingParams::greedy(),
         max_tokens,
+        prompt_logprobs: None,
         stop: Vec::new(),
         stop_token_ids: Vec::new(),
         ignore_eos: true,
@@ -59,6 +60,7 @@ fn drain(mut stream: ResponseStream) -> usize {
     while let Some(event) = stream.blocking_recv() {
         match event {
             Event::Token(_) => tokens += 1,
+            Event::PromptLogprobs(_) => {}
             Event::Finished { .. } => return tokens,
             Event::Failed(e) => panic!("benchmark request failed: {e}"),
         }

@@ -14,6 +14,10 @@
 //! * text deltas never split a UTF-8 character, and never contain a stop
 //!   string or anything after it.
 
+mod scoring;
+
+pub use scoring::{MAX_PASS_FLOATS, PromptLogprob};
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,8 +56,13 @@ pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     /// Sampling settings.
     pub sampling: SamplingParams,
-    /// Most tokens to generate.
+    /// Most tokens to generate; 0 only scores the prompt (with
+    /// `prompt_logprobs`).
     pub max_tokens: usize,
+    /// Log probabilities of the prompt's tokens, with this many alternatives
+    /// each ([`Event::PromptLogprobs`], before the first token); such a
+    /// request computes its whole prompt (no prefix-cache reuse).
+    pub prompt_logprobs: Option<usize>,
     /// Stop strings (not included in the output).
     pub stop: Vec<String>,
     /// Stop token ids (in addition to the model's EOS unless `ignore_eos`).
@@ -101,6 +110,9 @@ pub struct TokenEvent {
 /// What a request's stream receives.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
+    /// The prompt's log probabilities, when asked for: one per prompt token,
+    /// before any generated token.
+    PromptLogprobs(Vec<PromptLogprob>),
     /// A generated token.
     Token(TokenEvent),
     /// The end: final text held back by stop-string matching, the reason,
@@ -260,9 +272,10 @@ impl EngineHandle {
     pub fn submit(&self, request: GenerateRequest) -> Result<ResponseStream, SubmitError> {
         validate(&request, self.max_model_len)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // Each request emits at most max_tokens + 1 events, so this channel
-        // never fills and the engine never waits on a slow reader.
-        let (events_tx, events) = out::channel(request.max_tokens.saturating_add(2));
+        // Each request emits at most max_tokens + 2 events (prompt log
+        // probabilities, tokens, the end), so this channel never fills and
+        // the engine never waits on a slow reader.
+        let (events_tx, events) = out::channel(request.max_tokens.saturating_add(3));
         let command = Command::Add {
             id,
             request: Box::new(request),
@@ -284,10 +297,16 @@ fn validate(request: &GenerateRequest, max_model_len: usize) -> Result<(), Engin
     if request.prompt.is_empty() {
         return Err(EngineError::InvalidRequest("the prompt is empty".into()));
     }
-    if request.max_tokens == 0 {
+    if request.max_tokens == 0 && request.prompt_logprobs.is_none() {
         return Err(EngineError::InvalidRequest(
-            "max_tokens must be at least 1".into(),
+            "max_tokens must be at least 1 (0 only scores the prompt, with prompt_logprobs)".into(),
         ));
+    }
+    if request.prompt_logprobs.unwrap_or(0) > crate::sampler::MAX_LOGPROBS {
+        return Err(EngineError::InvalidRequest(format!(
+            "prompt_logprobs must be at most {}",
+            crate::sampler::MAX_LOGPROBS
+        )));
     }
     if request.prompt.len() >= max_model_len {
         return Err(EngineError::InvalidRequest(format!(
@@ -313,6 +332,11 @@ struct Live {
     generated: usize,
     /// Prompt tokens found in the prefix cache when first scheduled.
     cached_tokens: Option<usize>,
+    /// The prompt's log probabilities being computed, when asked for.
+    scoring: Option<scoring::PromptScores>,
+    /// Only the prompt is scored: the request ends at its first token,
+    /// which is not emitted.
+    score_only: bool,
 }
 
 struct Worker<B: Backend> {
@@ -386,14 +410,19 @@ impl<B: Backend> Worker<B> {
         let seq = SequenceRequest {
             id,
             prompt: request.prompt.clone(),
-            max_tokens: request.max_tokens,
+            max_tokens: request.max_tokens.max(1),
             priority: request.priority,
             stop_token_ids: request.stop_token_ids.clone(),
             eos_token_ids: self.eos.clone(),
             ignore_eos: request.ignore_eos,
             arrival: Instant::now(),
         };
-        if let Err(e) = self.scheduler.add(seq) {
+        let added = match request.prompt_logprobs {
+            None => self.scheduler.add(seq),
+            // Cached prefix blocks would skip the positions to be scored.
+            Some(_) => self.scheduler.add_computing_all(seq),
+        };
+        if let Err(e) = added {
             let _ = events.try_send(Event::Failed(e.to_string()));
             return;
         }
@@ -409,6 +438,10 @@ impl<B: Backend> Worker<B> {
                 prompt_tokens: request.prompt.len(),
                 generated: 0,
                 cached_tokens: None,
+                scoring: request
+                    .prompt_logprobs
+                    .map(|top| scoring::PromptScores::new(&request.prompt, top)),
+                score_only: request.max_tokens == 0,
             },
         );
     }
@@ -428,14 +461,23 @@ impl<B: Backend> Worker<B> {
         let mut layout = BatchLayout::default();
         let mut sampled_ids = Vec::new();
         let mut prompt_rows = 0;
+        // Rows a prompt-scoring pass computed already (keys and values
+        // written): the step computes the rest.
+        let scored = self.score_prompts(&output.scheduled, block_size);
         for seq in &output.scheduled {
-            layout.push_seq(
-                &seq.tokens,
-                seq.start,
-                &seq.block_table,
-                block_size,
-                seq.samples,
-            );
+            let done = scored
+                .iter()
+                .find(|(id, _)| *id == seq.id)
+                .map_or(0, |(_, rows)| *rows);
+            if done < seq.tokens.len() {
+                layout.push_seq(
+                    &seq.tokens[done..],
+                    seq.start + done,
+                    &seq.block_table,
+                    block_size,
+                    seq.samples,
+                );
+            }
             if seq.samples {
                 sampled_ids.push(seq.id);
             }
@@ -445,9 +487,12 @@ impl<B: Backend> Worker<B> {
                 prompt_rows += (seq.start + seq.tokens.len()).min(prompt_end) - seq.start;
             }
         }
-        let logits = match self.model.forward_logits(&layout, &mut self.cache) {
-            Ok(logits) => logits,
-            Err(e) => return self.fail_all(&e.to_string()),
+        let logits = match layout.num_rows() {
+            0 => None,
+            _ => match self.model.forward_logits(&layout, &mut self.cache) {
+                Ok(logits) => logits,
+                Err(e) => return self.fail_all(&e.to_string()),
+            },
         };
         let sampled = match logits {
             Some(logits) => match self.sample_all(logits, &sampled_ids) {
@@ -531,9 +576,15 @@ impl<B: Backend> Worker<B> {
     }
 
     /// Emits one sampled token; returns it, or `None` when the request
-    /// ended here (stop string, closed stream, sampling error).
+    /// ended here (stop string, closed stream, sampling error, a request
+    /// that only scores its prompt).
     fn emit(&mut self, id: u64, outcome: Result<SampleOutput, SamplerError>) -> Option<u32> {
         let live = self.live.get_mut(&id)?;
+        if live.score_only {
+            self.finish(id, Completion::Length);
+            let _ = self.scheduler.finish(id, FinishReason::Length);
+            return None;
+        }
         let out = match outcome {
             Ok(out) => out,
             Err(e) => {

@@ -40,6 +40,8 @@ struct Sequence {
     blocks: Vec<BlockId>,
     /// Leading blocks registered with the prefix cache (or found in it).
     num_registered: usize,
+    /// Whether it may start from cached prefix blocks.
+    reuse_prefix: bool,
 }
 
 impl Sequence {
@@ -183,6 +185,18 @@ impl Scheduler {
     /// Fails on an empty prompt, `max_tokens` 0, a prompt of `max_model_len`
     /// tokens or more, or an id already queued or running.
     pub fn add(&mut self, req: SequenceRequest) -> Result<(), SchedulerError> {
+        self.insert(req, true)
+    }
+
+    /// As [`add`](Self::add), but the sequence never starts from cached
+    /// prefix blocks: every one of its positions is computed in its own
+    /// steps (what prompt log probabilities need). Its full blocks are
+    /// still registered for others to reuse.
+    pub fn add_computing_all(&mut self, req: SequenceRequest) -> Result<(), SchedulerError> {
+        self.insert(req, false)
+    }
+
+    fn insert(&mut self, req: SequenceRequest, reuse_prefix: bool) -> Result<(), SchedulerError> {
         let id = req.id;
         if req.prompt.is_empty() {
             return Err(SchedulerError::EmptyPrompt(id));
@@ -215,6 +229,7 @@ impl Scheduler {
             num_computed: 0,
             blocks: Vec::new(),
             num_registered: 0,
+            reuse_prefix,
         };
         self.waiting_by_class[seq.priority.index()] += 1;
         self.seqs.insert(id, seq);
@@ -334,7 +349,12 @@ impl Scheduler {
     /// nothing.
     fn admit(&mut self, id: RequestId, budget: usize) -> Option<usize> {
         let bs = self.pool.block_size();
-        let probe = self.pool.probe_cached_prefix(&self.seq(id).tokens);
+        let reuse = self.seq(id).reuse_prefix;
+        let probe = if reuse {
+            self.pool.probe_cached_prefix(&self.seq(id).tokens)
+        } else {
+            Default::default()
+        };
         let cached = probe.num_blocks * bs;
         let n = self.step_tokens(id, cached, budget);
         let need = self.blocks_needed(cached + n, probe.num_blocks);
@@ -345,7 +365,11 @@ impl Scheduler {
             .seqs
             .get_mut(&id)
             .expect("waiting ids always have a sequence");
-        let mut blocks = self.pool.acquire_cached_prefix(&seq.tokens).blocks;
+        let mut blocks = if reuse {
+            self.pool.acquire_cached_prefix(&seq.tokens).blocks
+        } else {
+            Vec::new()
+        };
         let num_cached = blocks.len();
         match self.pool.allocate(need) {
             Ok(more) if num_cached == probe.num_blocks => blocks.extend(more),

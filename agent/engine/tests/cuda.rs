@@ -152,6 +152,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Gen
         prompt,
         sampling,
         max_tokens,
+        prompt_logprobs: None,
         stop: Vec::new(),
         stop_token_ids: Vec::new(),
         ignore_eos: true,
@@ -168,6 +169,7 @@ fn drain(mut stream: weir_engine::engine::ResponseStream) -> (Vec<u32>, Usage) {
     loop {
         match stream.blocking_recv().expect("stream ended early") {
             Event::Token(t) => tokens.push(t.token),
+            Event::PromptLogprobs(_) => {}
             Event::Finished { usage, .. } => return (tokens, usage),
             Event::Failed(e) => panic!("request failed: {e}"),
         }

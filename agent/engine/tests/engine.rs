@@ -43,6 +43,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         prompt,
         sampling: SamplingParams::greedy(),
         max_tokens,
+        prompt_logprobs: None,
         stop: Vec::new(),
         stop_token_ids: Vec::new(),
         ignore_eos: true,
@@ -75,6 +76,7 @@ fn collect(mut stream: weir_engine::engine::ResponseStream) -> Outcome {
                 tokens.push(t.token);
                 text.push_str(&t.text);
             }
+            Event::PromptLogprobs(_) => {}
             Event::Finished {
                 text: tail,
                 reason,

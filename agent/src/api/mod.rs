@@ -3,6 +3,8 @@
 
 pub mod error;
 pub mod extract;
+pub mod responses;
+pub mod tokenize;
 pub mod types;
 
 pub use error::ApiError;

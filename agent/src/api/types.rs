@@ -300,10 +300,11 @@ pub struct ChatCompletionChunk {
 pub struct CompletionLogprobs {
     /// Token texts.
     pub tokens: Vec<String>,
-    /// Their log probabilities.
-    pub token_logprobs: Vec<f32>,
-    /// Alternatives per token.
-    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Their log probabilities (null for the first prompt token with
+    /// `echo`).
+    pub token_logprobs: Vec<Option<f32>>,
+    /// Alternatives per token (null for the first prompt token with `echo`).
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
     /// Character offsets of each token in the text.
     pub text_offset: Vec<usize>,
 }

@@ -29,7 +29,14 @@ pub(super) async fn completions(
     entry(state, headers, body, Kind::Completion).await
 }
 
-async fn entry(state: AppState, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
+/// Answers a generation request of route `kind` (also the chat answer
+/// behind `/v1/responses`).
+pub(super) async fn entry(
+    state: AppState,
+    headers: HeaderMap,
+    body: Bytes,
+    kind: Kind,
+) -> Response {
     let incoming = Incoming {
         kind,
         body,

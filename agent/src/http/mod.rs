@@ -1,7 +1,7 @@
 //! The HTTP surface, the only layer that knows axum: the routes, who is
 //! calling ([`auth`]), the body limit, and the state every handler shares. One handler
 //! module per endpoint family ([`chat`], [`embeddings`], [`models`],
-//! [`probes`]); requests are parsed into typed requests, answered through
+//! [`probes`], [`responses`], [`tokenize`]); requests are parsed into typed requests, answered through
 //! [`crate::pipeline`], and rendered as JSON or SSE ([`render`],
 //! [`respond`]); every
 //! error becomes a status and an OpenAI body in one place ([`error`]).
@@ -17,6 +17,8 @@ pub mod probes;
 pub mod render;
 pub mod report;
 pub mod respond;
+pub mod responses;
+pub mod tokenize;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
@@ -180,6 +182,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(chat::completions))
         .route("/v1/models", get(models::list_models))
+        .route("/v1/models/{*id}", get(models::retrieve_model))
+        .route("/v1/responses", post(responses::responses))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/weir/report", get(report::report))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -15,7 +15,7 @@ use crate::api::types::{
     ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs,
     TokenLogprob as ChatTokenLogprob, TopLogprob, Usage,
 };
-use crate::generate::{GenEvent, GenStream, Generation, TokenLogprob};
+use crate::generate::{GenEvent, GenStream, Generation, PromptLogprob, TokenLogprob};
 use crate::pipeline::validate::ResponseMeta;
 
 fn chat_logprobs(lps: &[TokenLogprob]) -> ChoiceLogprobs {
@@ -40,18 +40,30 @@ fn chat_logprobs(lps: &[TokenLogprob]) -> ChoiceLogprobs {
     }
 }
 
-fn legacy_logprobs(lps: &[TokenLogprob]) -> CompletionLogprobs {
+/// Legacy log probabilities of `prompt` (with `echo`; the first token's
+/// are null, nothing precedes it) then of `lps`, offsets counted over the
+/// token texts from 0.
+fn legacy_logprobs(prompt: &[PromptLogprob], lps: &[TokenLogprob]) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     let mut offset = 0;
-    for t in lps {
-        out.tokens.push(t.token.clone());
-        out.token_logprobs.push(t.logprob);
+    let prompt = prompt.iter().map(|p| (&p.token, p.logprob, &p.top));
+    let generated = lps.iter().map(|t| (&t.token, Some(t.logprob), &t.top));
+    for (token, logprob, top) in prompt.chain(generated) {
+        out.tokens.push(token.clone());
+        out.token_logprobs.push(logprob);
         out.top_logprobs
-            .push(t.top.iter().cloned().collect::<BTreeMap<_, _>>());
+            .push(logprob.map(|_| top.iter().cloned().collect::<BTreeMap<_, _>>()));
         out.text_offset.push(offset);
-        offset += t.token.len();
+        offset += token.len();
     }
     out
+}
+
+/// The prompt text `echo` puts before choice `index`'s text, if asked.
+fn echo_of(meta: &ResponseMeta, index: usize) -> Option<&str> {
+    meta.echo
+        .get(index / meta.choices_per_prompt.max(1))
+        .map(String::as_str)
 }
 
 /// The chat response body for a finished generation.
@@ -92,8 +104,10 @@ pub fn completion_body(meta: &ResponseMeta, g: &Generation) -> Completion {
             .enumerate()
             .map(|(index, c)| CompletionChoice {
                 index,
-                text: c.text.clone(),
-                logprobs: meta.logprobs.then(|| legacy_logprobs(&c.logprobs)),
+                text: format!("{}{}", echo_of(meta, index).unwrap_or(""), c.text),
+                logprobs: meta
+                    .logprobs
+                    .then(|| legacy_logprobs(&c.prompt_logprobs, &c.logprobs)),
                 finish_reason: Some(c.finish_reason.clone()),
             })
             .collect(),
@@ -189,22 +203,33 @@ pub fn sse(
     let mut started = std::collections::HashSet::new();
     merge_backlog(events).flat_map(move |event| {
         let out: Vec<SseEvent> = match event {
+            // With echo, a choice's first chunk carries its prompt (and the
+            // prompt's log probabilities, which come first when asked for).
+            GenEvent::PromptLogprobs { index, logprobs } => {
+                match echo_of(&meta, index).filter(|_| started.insert(index)) {
+                    Some(text) => vec![echo_chunk(&meta, index, text, &logprobs)],
+                    None => Vec::new(),
+                }
+            }
             GenEvent::Delta {
                 index,
                 text,
                 logprobs,
             } => {
                 let first = started.insert(index);
-                vec![delta_chunk(
+                let mut v = first_echo(&meta, index, first);
+                v.push(delta_chunk(
                     &meta, shape, index, first, text, &logprobs, None,
-                )]
+                ));
+                v
             }
             GenEvent::ChoiceDone {
                 index,
                 finish_reason,
             } => {
                 let first = started.insert(index);
-                vec![delta_chunk(
+                let mut v = first_echo(&meta, index, first);
+                v.push(delta_chunk(
                     &meta,
                     shape,
                     index,
@@ -212,7 +237,8 @@ pub fn sse(
                     String::new(),
                     &[],
                     Some(finish_reason),
-                )]
+                ));
+                v
             }
             GenEvent::Done { usage } => {
                 let mut v = Vec::new();
@@ -230,6 +256,36 @@ pub fn sse(
             }
         };
         stream::iter(out.into_iter().map(Ok))
+    })
+}
+
+/// The echo chunk of a choice that starts without prompt log probabilities.
+fn first_echo(meta: &ResponseMeta, index: usize, first: bool) -> Vec<SseEvent> {
+    match echo_of(meta, index).filter(|_| first) {
+        Some(text) => vec![echo_chunk(meta, index, text, &[])],
+        None => Vec::new(),
+    }
+}
+
+/// A completion chunk with the prompt `text` (and its log probabilities).
+fn echo_chunk(
+    meta: &ResponseMeta,
+    index: usize,
+    text: &str,
+    prompt_logprobs: &[PromptLogprob],
+) -> SseEvent {
+    json_event(&Completion {
+        id: meta.id.clone(),
+        object: "text_completion".into(),
+        created: meta.created,
+        model: meta.model.clone(),
+        choices: vec![CompletionChoice {
+            index,
+            text: text.to_owned(),
+            logprobs: meta.logprobs.then(|| legacy_logprobs(prompt_logprobs, &[])),
+            finish_reason: None,
+        }],
+        usage: None,
     })
 }
 
@@ -268,7 +324,7 @@ fn delta_chunk(
                 index,
                 text,
                 logprobs: (meta.logprobs && !logprobs.is_empty())
-                    .then(|| legacy_logprobs(logprobs)),
+                    .then(|| legacy_logprobs(&[], logprobs)),
                 finish_reason,
             }],
             usage: None,

@@ -94,6 +94,8 @@ impl Watch {
                 let engine_ok = kind != "internal_error";
                 self.finish(&kind, engine_ok);
             }
+            // The engine has started on it: no longer queued.
+            GenEvent::PromptLogprobs { .. } => self.deadline = None,
             GenEvent::ChoiceDone { .. } => {}
         }
     }

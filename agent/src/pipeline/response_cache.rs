@@ -55,6 +55,7 @@ pub fn digest(model: &ServedModel, job: &Job, prompt: serde_json::Value) -> Cach
         "logit_bias": s.logit_bias,
         "seed": s.seed,
         "logprobs": s.logprobs,
+        "prompt_logprobs": t.prompt_logprobs,
     });
     // A tenant that does not share gets keys of its own: no entry, and no
     // generation in flight, is shared with another tenant.
@@ -104,6 +105,12 @@ pub fn fill_cache(events: GenStream, sinks: Sinks) -> GenStream {
         move |(mut events, mut g, sinks)| async move {
             let event = events.next().await?;
             match &event {
+                GenEvent::PromptLogprobs { index, logprobs } => {
+                    if g.choices.len() <= *index {
+                        g.choices.resize_with(index + 1, Default::default);
+                    }
+                    g.choices[*index].prompt_logprobs = logprobs.clone();
+                }
                 GenEvent::Delta {
                     index,
                     text,

@@ -325,7 +325,7 @@ pub async fn yes_no(
             }
             GenEvent::Error { body, .. } => return Err(invalid(&body)),
             GenEvent::Done { .. } => break,
-            GenEvent::ChoiceDone { .. } => {}
+            GenEvent::ChoiceDone { .. } | GenEvent::PromptLogprobs { .. } => {}
         }
     }
     Ok(ask::read_answer(&said, &top))

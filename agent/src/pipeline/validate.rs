@@ -48,6 +48,10 @@ pub struct ResponseMeta {
     pub dropped_turns: usize,
     /// The tuning mode whose defaults the request got, when tuning is on.
     pub tuning: Option<&'static str>,
+    /// With `echo`: each prompt's text, put before its choices' text.
+    pub echo: Vec<String>,
+    /// Choices per prompt (choice `i` belongs to prompt `i / n`).
+    pub choices_per_prompt: usize,
 }
 
 /// How the prompt is shaped before tokenization.
@@ -161,6 +165,27 @@ fn render_chat(
     model
         .tokenizer
         .encode(&text, false)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))
+}
+
+/// The token ids of `request`'s messages through `model`'s chat template,
+/// ending with the assistant's turn opener when `add_generation_prompt`
+/// (what `/tokenize` counts; no shaping), with the tokenizer's own special
+/// tokens when `add_special_tokens`.
+pub fn chat_prompt_ids(
+    model: &ServedModel,
+    request: &ChatCompletionRequest,
+    add_generation_prompt: bool,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let messages = chat_messages(request)?;
+    let text = model
+        .tokenizer
+        .apply_chat_template(&messages, add_generation_prompt, request.tools.as_ref())
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    model
+        .tokenizer
+        .encode(&text, add_special_tokens)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))
 }
 
@@ -291,6 +316,8 @@ fn prepare(
         prompt_tokens_saved: None,
         dropped_turns: 0,
         tuning: mode.map(crate::tuning::Mode::label),
+        echo: Vec::new(),
+        choices_per_prompt: n,
     };
     Ok((
         model,
@@ -352,8 +379,29 @@ pub fn completion_job(
             format!("token id {bad} is outside the vocabulary of {vocab}"),
         ));
     }
-    if request.echo == Some(true) {
-        return Err(ApiError::invalid("echo", "echo is not supported"));
+    let echo = request.echo == Some(true);
+    let echo_texts: Vec<String> = match &request.prompt {
+        _ if !echo => Vec::new(),
+        // The text the model read (optimized, when that ran).
+        Prompt::Text(t) if optimize => vec![super::prompt::optimize(t)],
+        Prompt::Text(t) => vec![t.clone()],
+        Prompt::Texts(ts) if optimize => ts.iter().map(|t| super::prompt::optimize(t)).collect(),
+        Prompt::Texts(ts) => ts.clone(),
+        Prompt::Tokens(_) | Prompt::TokenLists(_) => prompts
+            .iter()
+            .map(|ids| model.tokenizer.decode(ids, false).unwrap_or_default())
+            .collect(),
+    };
+    // `max_tokens: 0` with echo scores the prompt and generates nothing.
+    let asked = request
+        .sampling
+        .max_completion_tokens
+        .or(request.sampling.max_tokens);
+    let score_only = echo && asked == Some(0);
+    let mut sampling = std::borrow::Cow::Borrowed(&request.sampling);
+    if score_only {
+        let fields = sampling.to_mut();
+        (fields.max_tokens, fields.max_completion_tokens) = (Some(1), None);
     }
     let logprobs = match request.logprobs {
         None => LogprobsWanted::No,
@@ -367,12 +415,26 @@ pub fn completion_job(
     let mut prepared = prepare(
         model,
         priority_header,
-        &request.sampling,
+        &sampling,
         prompts,
         logprobs,
         &request.model,
         "cmpl",
     )?;
+    if echo {
+        let top = match logprobs {
+            LogprobsWanted::Yes(n) => Some(n),
+            LogprobsWanted::No => score_only.then_some(0),
+        };
+        prepared.1.template.prompt_logprobs = top;
+        if score_only {
+            prepared.1.template.max_tokens = 0;
+        }
+        prepared.2.echo = echo_texts;
+        prepared.2.prompt_tokens_saved = optimize.then(|| saved.get());
+        // Echo answers are about this exact prompt: no semantic neighbours.
+        return Ok(prepared);
+    }
     if let Prompt::Text(text) = &request.prompt {
         let content = if optimize {
             super::prompt::optimize(text)

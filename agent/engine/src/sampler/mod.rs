@@ -52,8 +52,10 @@ pub use params::{
 };
 pub use rng::SequenceRng;
 
-use logprobs::{RawLogprobs, top_n};
-use math::log_sum_exp;
+use logprobs::RawLogprobs;
+// Also what prompt scoring (`crate::engine`) ranks and normalizes with.
+pub(crate) use logprobs::top_n;
+pub(crate) use math::log_sum_exp;
 
 /// The outcome of one sampling step.
 #[derive(Debug, Clone, PartialEq)]
