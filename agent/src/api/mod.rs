@@ -3,6 +3,8 @@
 
 pub mod error;
 pub mod extract;
+pub mod structured;
+pub mod tools;
 pub mod types;
 
 pub use error::ApiError;

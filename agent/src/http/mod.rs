@@ -16,6 +16,7 @@ pub mod probes;
 pub mod render;
 pub mod report;
 pub mod respond;
+pub mod tool_stream;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};

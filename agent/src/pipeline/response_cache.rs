@@ -55,6 +55,7 @@ pub fn digest(model: &ServedModel, job: &Job, prompt: serde_json::Value) -> Cach
         "logit_bias": s.logit_bias,
         "seed": s.seed,
         "logprobs": s.logprobs,
+        "grammar": t.grammar.as_ref().map(|g| g.cache_key()),
     });
     CacheKey::from_canonical(canonical.to_string().as_bytes())
 }
