@@ -131,7 +131,7 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Value>,
     /// `response_format`, `tool_choice`, `structured_outputs`, ...
     #[serde(flatten)]
-    pub constraints: crate::api::structured::ConstraintFields,
+    pub constraints: Box<crate::api::structured::ConstraintFields>,
 }
 
 /// A completion prompt: text, texts, token ids or lists of token ids.

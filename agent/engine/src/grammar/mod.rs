@@ -220,7 +220,7 @@ impl Grammar {
         let mut mask: TokenMask = vob.as_slice().to_vec();
         mask.resize(words, 0);
         // Padding bits past the vocabulary stay clear.
-        if self.vocab_size % 32 != 0
+        if !self.vocab_size.is_multiple_of(32)
             && let Some(last) = mask.last_mut()
         {
             *last &= (1u32 << (self.vocab_size % 32)) - 1;
