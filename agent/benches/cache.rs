@@ -65,6 +65,7 @@ fn main() {
                 stop_token_ids: Vec::new(),
                 ignore_eos: true,
                 priority: Priority::Normal,
+                grammar: None,
             };
             let started = Instant::now();
             let mut stream = model.engine.submit(request).expect("submit");

@@ -267,6 +267,7 @@ pub fn build_template(
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: f.ignore_eos.unwrap_or(false),
         priority,
+        grammar: None,
     };
     Ok((template, n))
 }

@@ -4,7 +4,11 @@
 Starts `weir-agent serve` (the built-in model) on a free loopback port, waits
 for /ready, then drives it with the unchanged SDK: models, chat and
 completions (plain and streaming with usage), n, seeds, logprobs, the
-SDK's error types for bad requests, and the rest of the surface
+SDK's error types for bad requests, structured outputs and tool calls
+(parse() with a Pydantic model, json_object, required and named tools
+whole and streamed, a tool result sent back; the built-in model's weights
+are random, so its constrained output is valid only because of the
+grammar, which is what these checks show), and the rest of the surface
 (models.retrieve, echo, the Responses API); then a second agent with
 Tenants (keys from a Secrets directory) for the SDK's authentication,
 permission and rate-limit errors and the `x-ratelimit-*` headers. Exits
@@ -13,6 +17,7 @@ non-zero on the first mismatch.
     python3 e2e/python/openai_sdk_check.py target/debug/weir-agent
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import openai
 from openai import OpenAI
+from pydantic import BaseModel, Field
 
 
 def free_port() -> int:
@@ -230,6 +236,79 @@ def run_tenants(binary: str, cache: str) -> None:
         proc.wait(timeout=10)
 
 
+class Person(BaseModel):
+    name: str = Field(max_length=12)
+    age: int = Field(ge=0, le=120)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city", "strict": True,
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 12},
+                                  "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}
+
+
+def valid_weather_args(arguments: str) -> bool:
+    args = json.loads(arguments)
+    return (set(args) == {"city", "unit"} and isinstance(args["city"], str) and len(args["city"]) <= 12
+            and args["unit"] in ("celsius", "fahrenheit"))
+
+
+def run_structured(client: OpenAI) -> None:
+    msgs = [{"role": "user", "content": "Describe a person as JSON."}]
+    parsed = client.chat.completions.parse(model="weir-tiny", messages=msgs, response_format=Person,
+                                           max_tokens=200, temperature=0.9, seed=5)
+    person = parsed.choices[0].message.parsed
+    check(isinstance(person, Person) and len(person.name) <= 12 and 0 <= person.age <= 120,
+          "chat.completions.parse(response_format=Person) returns a parsed Person")
+
+    obj = client.chat.completions.create(model="weir-tiny", messages=msgs, max_tokens=200, seed=6,
+                                         temperature=0.9, response_format={"type": "json_object"})
+    check(isinstance(json.loads(obj.choices[0].message.content), dict), "json_object returns a JSON object")
+
+    ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = client.chat.completions.create(model="weir-tiny", messages=ask, tools=[WEATHER], tool_choice=choice,
+                                           max_tokens=200, temperature=0.9, seed=7)
+        calls = r.choices[0].message.tool_calls or []
+        check(r.choices[0].finish_reason == "tool_calls" and len(calls) >= 1
+              and all(c.function.name == "get_weather" and valid_weather_args(c.function.arguments) for c in calls),
+              f"tool_choice={choice!r} returns tool_calls whose arguments fit the schema")
+
+        stream = client.chat.completions.create(model="weir-tiny", messages=ask, tools=[WEATHER],
+                                                tool_choice=choice, max_tokens=200, temperature=0.9, seed=7,
+                                                stream=True)
+        acc, finish = {}, None
+        for chunk in stream:
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+                for d in c.delta.tool_calls or []:
+                    call = acc.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+                    call["id"] = call["id"] or d.id
+                    if d.function and d.function.name:
+                        call["name"] = d.function.name
+                    if d.function and d.function.arguments:
+                        call["arguments"] += d.function.arguments
+        check(finish == "tool_calls" and acc and all(
+            c["id"] and c["name"] == "get_weather" and valid_weather_args(c["arguments"]) for c in acc.values()),
+              f"tool_choice={choice!r} streamed: accumulated deltas are a valid call")
+
+    call = r.choices[0].message.tool_calls[0]
+    followup = ask + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 3})},
+    ]
+    answer = client.chat.completions.create(model="weir-tiny", messages=followup, tools=[WEATHER],
+                                            max_tokens=8, temperature=0)
+    check(answer.choices[0].message.role == "assistant", "a tool result message round-trips")
+    expect_error(openai.BadRequestError, "tool_choice naming a missing tool",
+                 lambda: client.chat.completions.create(
+                     model="weir-tiny", messages=ask, tools=[WEATHER],
+                     tool_choice={"type": "function", "function": {"name": "nope"}}))
+
+
 def main() -> None:
     binary = sys.argv[1] if len(sys.argv) > 1 else "target/debug/weir-agent"
     port = free_port()
@@ -241,7 +320,9 @@ def main() -> None:
         )
         try:
             wait_ready(base, proc, time.time() + 60)
-            run(OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0))
+            client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+            run(client)
+            run_structured(client)
         finally:
             proc.terminate()
             proc.wait(timeout=10)

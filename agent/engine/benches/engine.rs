@@ -52,6 +52,7 @@ fn request(seed: u32, prompt_len: usize, max_tokens: usize) -> GenerateRequest {
         stop_token_ids: Vec::new(),
         ignore_eos: true,
         priority: Priority::Normal,
+        grammar: None,
     }
 }
 

@@ -299,6 +299,7 @@ fn decode_rate(
                 params: &params,
                 history: &history,
                 rng,
+                mask: None,
             })
             .collect();
         let out = model.backend().sample(logits, &mut rows)?;

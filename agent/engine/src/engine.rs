@@ -26,15 +26,16 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as out;
 
+mod masks;
+
 use crate::backend::{Backend, BatchLayout};
 use crate::error::EngineError;
+use crate::grammar::{Grammar, GrammarCompiler, GrammarError, GrammarSpec, TokenMask};
 use crate::model::LlamaModel;
-use crate::sampler::{
-    BatchRow, SampleOutput, Sampler, SamplerError, SamplingParams, SequenceRng, TokenHistory,
-};
+use crate::sampler::{Sampler, SamplingParams, SequenceRng, TokenHistory};
 use crate::scheduler::{FinishReason, Priority, Scheduler, SchedulerConfig, SequenceRequest};
 use crate::stats::EngineStats;
-use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, TextTokenizer};
+use crate::tokenizer::{IncrementalDecoder, StopStrings, TextTokenizer};
 
 /// Settings of an engine instance.
 #[derive(Clone, Debug)]
@@ -71,6 +72,8 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Priority class.
     pub priority: Priority,
+    /// A compiled grammar the output must follow (see [`crate::grammar`]).
+    pub grammar: Option<Grammar>,
 }
 
 /// Why a generation ended, in OpenAI's terms.
@@ -195,6 +198,7 @@ pub struct EngineHandle {
     next_id: Arc<AtomicU64>,
     stats: Arc<EngineStats>,
     max_model_len: usize,
+    grammars: Arc<GrammarCompiler>,
 }
 
 impl EngineHandle {
@@ -224,6 +228,11 @@ impl EngineHandle {
         let stats = Arc::new(EngineStats::default());
         stats.update_from(&scheduler);
         let eos = model.config().eos_token_ids.clone();
+        let grammars = Arc::new(GrammarCompiler::new(
+            tokenizer.clone(),
+            model.config().vocab_size,
+            eos.clone(),
+        ));
         let max_model_len = options.scheduler.max_model_len;
         let worker = Worker {
             model,
@@ -243,7 +252,15 @@ impl EngineHandle {
             next_id: Arc::new(AtomicU64::new(1)),
             stats,
             max_model_len,
+            grammars,
         })
+    }
+
+    /// Compiles a grammar for this model's vocabulary, for
+    /// [`GenerateRequest::grammar`]. Compiling takes milliseconds: call it
+    /// off the async executor's hot path, once per request.
+    pub fn compile_grammar(&self, spec: &GrammarSpec) -> Result<Grammar, GrammarError> {
+        self.grammars.compile(spec)
     }
 
     /// Live counters (running, waiting, KV usage, prefix hits, ...).
@@ -337,6 +354,10 @@ struct Live {
     /// Only the prompt is scored: the request ends at its first token,
     /// which is not emitted.
     score_only: bool,
+    /// The grammar the output follows, if any.
+    grammar: Option<Grammar>,
+    /// This step's mask from `grammar`, computed during the forward pass.
+    mask: Option<Result<TokenMask, GrammarError>>,
 }
 
 struct Worker<B: Backend> {
@@ -442,6 +463,8 @@ impl<B: Backend> Worker<B> {
                     .prompt_logprobs
                     .map(|top| scoring::PromptScores::new(&request.prompt, top)),
                 score_only: request.max_tokens == 0,
+                grammar: request.grammar,
+                mask: None,
             },
         );
     }
@@ -487,12 +510,29 @@ impl<B: Backend> Worker<B> {
                 prompt_rows += (seq.start + seq.tokens.len()).min(prompt_end) - seq.start;
             }
         }
-        let logits = match layout.num_rows() {
-            0 => None,
-            _ => match self.model.forward_logits(&layout, &mut self.cache) {
-                Ok(logits) => logits,
-                Err(e) => return self.fail_all(&e.to_string()),
-            },
+        // Grammar masks for this step depend only on each sequence's state
+        // after the previous step, so they are computed on the rayon pool
+        // while this thread runs the forward pass (which must stay on this
+        // thread: a device backend's context is bound to it).
+        let mut constrained: Vec<&mut Live> = self
+            .live
+            .iter_mut()
+            .filter(|(id, l)| l.grammar.is_some() && sampled_ids.contains(id))
+            .map(|(_, l)| l)
+            .collect();
+        let forward = rayon::in_place_scope(|scope| {
+            if !constrained.is_empty() {
+                scope.spawn(|_| masks::compute(&mut constrained));
+            }
+            match layout.num_rows() {
+                0 => Ok(None),
+                _ => self.model.forward_logits(&layout, &mut self.cache),
+            }
+        });
+        drop(constrained);
+        let logits = match forward {
+            Ok(logits) => logits,
+            Err(e) => return self.fail_all(&e.to_string()),
         };
         let sampled = match logits {
             Some(logits) => match self.sample_all(logits, &sampled_ids) {
@@ -514,111 +554,6 @@ impl<B: Backend> Worker<B> {
             };
             self.finish(done.id, reason);
         }
-    }
-
-    /// Samples every row of `logits` (row `i` belongs to `ids[i]`) on the
-    /// backend and emits the tokens; returns the requests that go on, with
-    /// their tokens.
-    fn sample_all(
-        &mut self,
-        logits: B::Tensor,
-        ids: &[u64],
-    ) -> Result<Vec<(u64, u32)>, EngineError> {
-        // Each row borrows its request's state; the states leave the map for
-        // the call. A scheduled request always has its state (both go
-        // together), so the stand-in is only there to keep rows aligned.
-        let mut taken: Vec<(u64, Option<Live>)> =
-            ids.iter().map(|&id| (id, self.live.remove(&id))).collect();
-        let greedy = SamplingParams::greedy();
-        let empty = TokenHistory::new(&[]);
-        let missing = taken.iter().filter(|(_, live)| live.is_none()).count();
-        let mut spare: Vec<SequenceRng> = (0..missing).map(|_| SequenceRng::from_seed(0)).collect();
-        let mut spare = spare.iter_mut();
-        let mut rows: Vec<BatchRow<'_>> = Vec::with_capacity(taken.len());
-        for (_, live) in taken.iter_mut() {
-            rows.push(match live {
-                Some(l) => BatchRow {
-                    params: &l.sampling,
-                    history: &l.history,
-                    rng: &mut l.rng,
-                },
-                None => BatchRow {
-                    params: &greedy,
-                    history: &empty,
-                    rng: spare
-                        .next()
-                        .expect("one spare generator per missing request"),
-                },
-            });
-        }
-        let outcomes = self.model.backend().sample(logits, &mut rows);
-        drop(rows);
-        let outcomes = match outcomes {
-            Ok(outcomes) => outcomes,
-            Err(e) => {
-                for (id, live) in taken {
-                    if let Some(live) = live {
-                        self.live.insert(id, live);
-                    }
-                }
-                return Err(e);
-            }
-        };
-        let mut sampled = Vec::with_capacity(ids.len());
-        for ((id, live), outcome) in taken.into_iter().zip(outcomes) {
-            let Some(live) = live else { continue };
-            self.live.insert(id, live);
-            if let Some(token) = self.emit(id, outcome) {
-                sampled.push((id, token));
-            }
-        }
-        Ok(sampled)
-    }
-
-    /// Emits one sampled token; returns it, or `None` when the request
-    /// ended here (stop string, closed stream, sampling error, a request
-    /// that only scores its prompt).
-    fn emit(&mut self, id: u64, outcome: Result<SampleOutput, SamplerError>) -> Option<u32> {
-        let live = self.live.get_mut(&id)?;
-        if live.score_only {
-            self.finish(id, Completion::Length);
-            let _ = self.scheduler.finish(id, FinishReason::Length);
-            return None;
-        }
-        let out = match outcome {
-            Ok(out) => out,
-            Err(e) => {
-                let _ = live.events.try_send(Event::Failed(e.to_string()));
-                self.drop_request(id);
-                return None;
-            }
-        };
-        live.history.push(out.token);
-        live.generated += 1;
-        let text = live
-            .decoder
-            .push(&self.tokenizer, out.token)
-            .unwrap_or_default();
-        let (text, stopped) = match live.stops.push(&text) {
-            StopCheck::Continue(text) => (text, false),
-            StopCheck::Stopped(text) => (text, true),
-        };
-        let event = Event::Token(TokenEvent {
-            token: out.token,
-            text,
-            logprob: out.logprob,
-            top_logprobs: out.top_logprobs,
-        });
-        if live.events.try_send(event).is_err() {
-            self.drop_request(id);
-            return None;
-        }
-        if stopped {
-            self.finish(id, Completion::Stop);
-            let _ = self.scheduler.finish(id, FinishReason::StopString);
-            return None;
-        }
-        Some(out.token)
     }
 
     fn finish(&mut self, id: u64, reason: Completion) {

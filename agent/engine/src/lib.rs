@@ -10,6 +10,7 @@ pub mod encoder;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod grammar;
 pub mod kv_pool;
 pub mod model;
 pub mod sampler;

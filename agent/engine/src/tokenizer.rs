@@ -13,12 +13,23 @@ use serde_json::Value;
 use crate::error::{EngineError, Result};
 
 /// One chat message as templates see it.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The text.
     pub content: String,
+    /// An assistant message's tool calls (OpenAI's shape, with `arguments`
+    /// also given parsed as `function.arguments`' object where templates
+    /// expect one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// The call a `tool` message answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The tool's name, for `tool` messages (some templates print it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// A tokenizer with its special tokens and chat template.
@@ -121,6 +132,11 @@ impl TextTokenizer {
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
     }
 
     /// Vocabulary size, added tokens included.

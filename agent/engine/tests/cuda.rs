@@ -157,6 +157,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Gen
         stop_token_ids: Vec::new(),
         ignore_eos: true,
         priority: Priority::Normal,
+        grammar: None,
     }
 }
 

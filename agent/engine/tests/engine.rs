@@ -48,6 +48,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         stop_token_ids: Vec::new(),
         ignore_eos: true,
         priority: Priority::Normal,
+        grammar: None,
     }
 }
 

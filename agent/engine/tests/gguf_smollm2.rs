@@ -88,6 +88,7 @@ fn gguf_tokenizer_gives_the_golden_ids_and_chat_prompt() {
     let messages = [ChatMessage {
         role: "user".into(),
         content: "What is the capital of France?".into(),
+        ..Default::default()
     }];
     let chat = tok.apply_chat_template(&messages, true, None).unwrap();
     assert_eq!(chat, g["chat_text"].as_str().unwrap());

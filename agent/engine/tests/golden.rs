@@ -173,6 +173,7 @@ fn chat_template_parity(name: &str) {
         .map(|m| ChatMessage {
             role: m["role"].as_str().unwrap().into(),
             content: m["content"].as_str().unwrap().into(),
+            ..Default::default()
         })
         .collect();
     let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
@@ -220,6 +221,7 @@ fn unknown_role_raises_a_template_error() {
     let bad = [ChatMessage {
         role: "wizard".into(),
         content: "hi".into(),
+        ..Default::default()
     }];
     let err = tokenizer
         .apply_chat_template(&bad, true, None)

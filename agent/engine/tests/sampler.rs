@@ -571,6 +571,7 @@ fn run_batched(steps: usize, order: impl Fn(usize, usize) -> Vec<usize>) -> Vec<
                 params: &r.params,
                 history: &r.history,
                 rng: &mut r.rng,
+                mask: None,
             })
             .collect();
         let outs = s.sample_batch(&mut logits, &mut rows).unwrap();
@@ -900,11 +901,13 @@ fn sample_batch_checks_the_shape_and_isolates_row_errors() {
             params: &ok,
             history: &h,
             rng: &mut r1,
+            mask: None,
         },
         BatchRow {
             params: &ok,
             history: &h,
             rng: &mut r2,
+            mask: None,
         },
     ];
     let outs = s.sample_batch(&mut logits, &mut rows).unwrap();

@@ -5,6 +5,8 @@ pub mod error;
 pub mod extract;
 pub mod responses;
 pub mod tokenize;
+pub mod structured;
+pub mod tools;
 pub mod types;
 
 pub use error::ApiError;

@@ -107,6 +107,10 @@ pub struct ChatMessageIn {
     pub content: Option<MessageContent>,
     /// Participant name.
     pub name: Option<String>,
+    /// An assistant message's tool calls, sent back in the conversation.
+    pub tool_calls: Option<Vec<crate::api::structured::ToolCall>>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -125,6 +129,9 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<i64>,
     /// Tool definitions, passed to the chat template.
     pub tools: Option<Value>,
+    /// `response_format`, `tool_choice`, `structured_outputs`, ...
+    #[serde(flatten)]
+    pub constraints: Box<crate::api::structured::ConstraintFields>,
 }
 
 /// A completion prompt: text, texts, token ids or lists of token ids.
@@ -219,8 +226,11 @@ pub struct ChoiceLogprobs {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: String,
-    /// The text.
-    pub content: String,
+    /// The text (null when the answer is only tool calls).
+    pub content: Option<String>,
+    /// The tool calls of the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<crate::api::structured::ToolCall>>,
 }
 
 /// One choice of a chat response.
@@ -262,6 +272,9 @@ pub struct ChatDelta {
     /// New text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Tool call fragments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<crate::api::structured::ToolCallDelta>>,
 }
 
 /// One choice of a chat chunk.

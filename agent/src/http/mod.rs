@@ -19,6 +19,7 @@ pub mod report;
 pub mod respond;
 pub mod responses;
 pub mod tokenize;
+pub mod tool_stream;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};

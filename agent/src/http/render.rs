@@ -10,10 +10,11 @@ use futures::FutureExt;
 use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
 
+use super::tool_stream::assistant_message;
 use crate::api::types::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
-    ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs,
-    TokenLogprob as ChatTokenLogprob, TopLogprob, Usage,
+    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChoiceLogprobs,
+    Completion, CompletionChoice, CompletionLogprobs, TokenLogprob as ChatTokenLogprob, TopLogprob,
+    Usage,
 };
 use crate::generate::{GenEvent, GenStream, Generation, PromptLogprob, TokenLogprob};
 use crate::pipeline::validate::ResponseMeta;
@@ -77,14 +78,15 @@ pub fn chat_body(meta: &ResponseMeta, g: &Generation) -> ChatCompletion {
             .choices
             .iter()
             .enumerate()
-            .map(|(index, c)| ChatChoice {
-                index,
-                message: AssistantMessage {
-                    role: "assistant".into(),
-                    content: c.text.clone(),
-                },
-                logprobs: meta.logprobs.then(|| chat_logprobs(&c.logprobs)),
-                finish_reason: c.finish_reason.clone(),
+            .map(|(index, c)| {
+                let (message, finish_reason) =
+                    assistant_message(meta.tools.as_ref(), &c.text, &c.finish_reason);
+                ChatChoice {
+                    index,
+                    message,
+                    logprobs: meta.logprobs.then(|| chat_logprobs(&c.logprobs)),
+                    finish_reason,
+                }
             })
             .collect(),
         usage: usage_of(meta, g.usage),
@@ -115,7 +117,7 @@ pub fn completion_body(meta: &ResponseMeta, g: &Generation) -> Completion {
     }
 }
 
-fn json_event<T: Serialize>(value: &T) -> SseEvent {
+pub(super) fn json_event<T: Serialize>(value: &T) -> SseEvent {
     SseEvent::default().data(serde_json::to_string(value).unwrap_or_else(|e| {
         format!(
             "{{\"error\":{{\"message\":\"serializing a chunk: {e}\",\"type\":\"internal_error\"}}}}"
@@ -309,6 +311,7 @@ fn delta_chunk(
                 delta: ChatDelta {
                     role: first.then(|| "assistant".to_owned()),
                     content: (!text.is_empty() || finish_reason.is_none()).then_some(text),
+                    tool_calls: None,
                 },
                 logprobs: (meta.logprobs && !logprobs.is_empty()).then(|| chat_logprobs(logprobs)),
                 finish_reason,
@@ -339,6 +342,11 @@ fn usage_of(meta: &ResponseMeta, usage: Usage) -> Usage {
         prompt_tokens_saved: meta.prompt_tokens_saved,
         ..usage
     }
+}
+
+/// The usage chunk of a chat stream.
+pub(super) fn usage_chunk_for(meta: &ResponseMeta, usage: Usage) -> SseEvent {
+    usage_chunk(meta, Shape::Chat, usage)
 }
 
 fn usage_chunk(meta: &ResponseMeta, shape: Shape, usage: Usage) -> SseEvent {

@@ -68,6 +68,14 @@ async fn render_events(
             )),
         };
         let events: GenStream = Box::pin(futures::stream::once(async { first }).chain(events));
+        if shape == Shape::Chat
+            && let Some(tools) = meta.tools.clone()
+        {
+            let body = super::tool_stream::sse(meta, tools, events);
+            return Sse::new(body)
+                .keep_alive(KeepAlive::default())
+                .into_response();
+        }
         let body = render::sse(meta, shape, events);
         return Sse::new(body)
             .keep_alive(KeepAlive::default())

@@ -27,6 +27,7 @@ pub mod measure;
 pub mod prompt;
 pub mod response_cache;
 pub mod semantic_cache;
+pub mod structured;
 pub mod target;
 pub mod tenant;
 pub mod validate;

@@ -164,6 +164,7 @@ mod tests {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            ..Default::default()
         }
     }
 

@@ -56,6 +56,7 @@ pub fn digest(model: &ServedModel, job: &Job, prompt: serde_json::Value) -> Cach
         "seed": s.seed,
         "logprobs": s.logprobs,
         "prompt_logprobs": t.prompt_logprobs,
+        "grammar": t.grammar.as_ref().map(|g| g.cache_key()),
     });
     // A tenant that does not share gets keys of its own: no entry, and no
     // generation in flight, is shared with another tenant.

@@ -339,6 +339,7 @@ mod tests {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            ..Default::default()
         }
     }
 

@@ -52,6 +52,8 @@ pub struct ResponseMeta {
     pub echo: Vec<String>,
     /// Choices per prompt (choice `i` belongs to prompt `i / n`).
     pub choices_per_prompt: usize,
+    /// How the answer's text becomes `tool_calls`, when tools are on.
+    pub tools: Option<crate::api::tools::ToolRender>,
 }
 
 /// How the prompt is shaped before tokenization.
@@ -143,9 +145,40 @@ fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, Ap
                 }
             };
             let role = if m.role == "developer" { "system".to_owned() } else { m.role.clone() };
-            Ok(ChatMessage { role, content })
+            if role == "tool" && m.tool_call_id.is_none() {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].tool_call_id"),
+                    "a tool message needs the tool_call_id it answers",
+                ));
+            }
+            Ok(ChatMessage {
+                role,
+                content,
+                tool_calls: m.tool_calls.as_ref().map(|calls| template_tool_calls(calls)),
+                tool_call_id: m.tool_call_id.clone(),
+                name: m.name.clone(),
+            })
         })
         .collect()
+}
+
+/// Tool calls as chat templates expect them: OpenAI's shape, with each
+/// call's `arguments` text parsed into an object when it is JSON (as vLLM
+/// does; templates write it with `tojson`).
+fn template_tool_calls(calls: &[crate::api::structured::ToolCall]) -> serde_json::Value {
+    let calls: Vec<serde_json::Value> = calls
+        .iter()
+        .map(|c| {
+            let arguments = serde_json::from_str(&c.function.arguments)
+                .unwrap_or_else(|_| serde_json::Value::String(c.function.arguments.clone()));
+            serde_json::json!({
+                "id": c.id,
+                "type": c.kind,
+                "function": {"name": c.function.name, "arguments": arguments},
+            })
+        })
+        .collect();
+    serde_json::Value::Array(calls)
 }
 
 /// A validated request: the model, its job, the response's identity, and
@@ -240,6 +273,9 @@ pub fn chat_job(
     request: &ChatCompletionRequest,
     shaping: Shaping,
 ) -> Result<Prepared, ApiError> {
+    let tools = super::structured::parse_tools(request.tools.as_ref())?;
+    let constraint =
+        super::structured::chat_constraint(&model.engine, &request.constraints, &tools)?;
     let (messages, prompt, saved, dropped) = shaped_chat(&model, request, shaping)?;
     let logprobs = match (request.logprobs, request.top_logprobs) {
         (Some(true), top) => LogprobsWanted::Yes(top_logprobs(top, 20)?),
@@ -260,10 +296,16 @@ pub fn chat_job(
         &request.model,
         "chatcmpl",
     )?;
-    prepared.1.semantic = Some(SemanticInput {
+    // A constrained or tool-using answer is never served from (or stored
+    // in) the semantic cache: a similar free-text question's answer would
+    // not follow the grammar. The exact cache keys on the grammar.
+    let constrained = constraint.grammar.is_some() || constraint.tools.is_some();
+    prepared.1.semantic = (!constrained).then_some(SemanticInput {
         route: "chat",
         messages,
     });
+    prepared.1.template.grammar = constraint.grammar;
+    prepared.2.tools = constraint.tools;
     prepared.2.prompt_tokens_saved = saved;
     prepared.2.dropped_turns = dropped;
     Ok(prepared)
@@ -318,6 +360,7 @@ fn prepare(
         tuning: mode.map(crate::tuning::Mode::label),
         echo: Vec::new(),
         choices_per_prompt: n,
+        tools: None,
     };
     Ok((
         model,
@@ -446,6 +489,7 @@ pub fn completion_job(
             messages: vec![ChatMessage {
                 role: "user".into(),
                 content,
+                ..Default::default()
             }],
         });
     }

@@ -93,6 +93,9 @@ pub struct BatchRow<'a> {
     pub history: &'a TokenHistory,
     /// The request's own generator.
     pub rng: &'a mut SequenceRng,
+    /// Tokens a grammar allows this step (bit `t % 32` of word `t / 32`);
+    /// `None` allows every token.
+    pub mask: Option<&'a [u32]>,
 }
 
 /// Samples tokens from logits over a vocabulary of a fixed size. Holds no
@@ -150,6 +153,17 @@ impl Sampler {
         history: &TokenHistory,
         rng: &mut SequenceRng,
     ) -> Result<SampleOutput, SamplerError> {
+        self.sample_with(logits, None, params, history, rng)
+    }
+
+    fn sample_with(
+        &self,
+        logits: &mut [f32],
+        mask: Option<&[u32]>,
+        params: &SamplingParams,
+        history: &TokenHistory,
+        rng: &mut SequenceRng,
+    ) -> Result<SampleOutput, SamplerError> {
         self.check(logits, params, history)?;
         let wanted = params.logprobs.is_some().then(|| params.top_logprobs());
         let raw_mode = params.logprobs_mode == LogprobsMode::Raw;
@@ -157,6 +171,9 @@ impl Sampler {
             .filter(|_| raw_mode)
             .map(|n| RawLogprobs::capture(logits, params, history, n));
         let processed = wanted.filter(|_| !raw_mode);
+        if let Some(mask) = mask {
+            process::apply_mask(logits, mask);
+        }
         apply(logits, params, history);
         let out = if params.is_greedy() {
             let token = select::argmax(logits).ok_or(SamplerError::NoCandidates)?;
@@ -193,8 +210,26 @@ impl Sampler {
         let rows_of_logits = logits.chunks_exact_mut(self.vocab_size);
         Ok(rows_of_logits
             .zip(rows.iter_mut())
-            .map(|(row, r)| self.sample(row, r.params, r.history, r.rng))
+            .map(|(row, r)| match r.mask {
+                Some(mask) => self.sample_masked(row, mask, r.params, r.history, r.rng),
+                None => self.sample(row, r.params, r.history, r.rng),
+            })
             .collect())
+    }
+
+    /// [`sample`](Self::sample) with a grammar's mask: tokens whose bit is
+    /// clear are set to `-inf` before any other processing, so they are
+    /// never chosen. Raw log probabilities still describe the model's own
+    /// distribution (they are captured before the mask).
+    pub fn sample_masked(
+        &self,
+        logits: &mut [f32],
+        mask: &[u32],
+        params: &SamplingParams,
+        history: &TokenHistory,
+        rng: &mut SequenceRng,
+    ) -> Result<SampleOutput, SamplerError> {
+        self.sample_with(logits, Some(mask), params, history, rng)
     }
 
     /// Everything that can be wrong with a call, checked before any edit.

@@ -13,6 +13,22 @@ pub(crate) fn apply_allowed(logits: &mut [f32], allowed: &[u32]) {
     }
 }
 
+/// Sets every token whose bit in `mask` is clear to `-inf` (bit `t % 32`
+/// of word `t / 32`; tokens past the mask are cleared too); O(vocab).
+pub(crate) fn apply_mask(logits: &mut [f32], mask: &[u32]) {
+    for (chunk, i) in logits.chunks_mut(32).zip(0..) {
+        let word = mask.get(i).copied().unwrap_or(0);
+        if word == u32::MAX {
+            continue;
+        }
+        for (bit, logit) in chunk.iter_mut().enumerate() {
+            if word & (1 << bit) == 0 {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// Adds each bias to its token's logit.
 pub(crate) fn apply_logit_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
     for &(t, b) in bias {

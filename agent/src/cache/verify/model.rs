@@ -30,10 +30,12 @@ pub fn prompt(question: &str, candidate: &str) -> Vec<ChatMessage> {
         ChatMessage {
             role: "system".into(),
             content: system.into(),
+            ..Default::default()
         },
         ChatMessage {
             role: "user".into(),
             content: user,
+            ..Default::default()
         },
     ]
 }

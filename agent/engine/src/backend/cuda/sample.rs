@@ -67,7 +67,11 @@ impl CudaBackend {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        if !rows.iter().all(|r| device_can_sample(r.params)) {
+        // Grammar masks are applied by the CPU sampler.
+        if !rows
+            .iter()
+            .all(|r| r.mask.is_none() && device_can_sample(r.params))
+        {
             return self.sample_on_host(&logits, rows);
         }
         let vocab = logits.cols;
