@@ -10,6 +10,7 @@ pub mod chat;
 pub mod embeddings;
 pub mod error;
 pub mod extract;
+pub mod kv;
 pub mod listen;
 pub mod models;
 pub mod probes;
@@ -32,6 +33,7 @@ use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
 use crate::models::{ModelRegistry, ServedEncoder};
 use crate::pipeline;
+use crate::route::Routing;
 use crate::route::ensemble::EnsembleTable;
 use crate::route::forward;
 use crate::route::peers::PeerTable;
@@ -60,6 +62,8 @@ pub struct AppState {
     pub ensembles: Arc<EnsembleTable>,
     /// Pooled keep-alive client for forwarding.
     pub http: reqwest::Client,
+    /// How requests are placed on replicas, and peers' KV summaries.
+    pub routing: Arc<Routing>,
 }
 
 impl AppState {
@@ -86,6 +90,7 @@ impl AppState {
                 .connect_timeout(std::time::Duration::from_secs(2))
                 .build()
                 .unwrap_or_default(),
+            routing: Arc::default(),
         }
     }
 
@@ -97,6 +102,7 @@ impl AppState {
             peers: &self.peers,
             ensembles: &self.ensembles,
             http: &self.http,
+            routing: &self.routing,
         }
     }
 
@@ -152,6 +158,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list_models))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/weir/report", get(report::report))
+        .route("/v1/weir/kv", get(kv::kv_summary))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_key,

@@ -20,6 +20,7 @@
 
 pub mod ensemble;
 pub mod measure;
+pub mod placement;
 pub mod prompt;
 pub mod response_cache;
 pub mod semantic_cache;
@@ -39,7 +40,7 @@ use crate::generate::{self, GenEvent, GenStream, Generation, Job};
 use crate::metrics::{Metrics, ModelLabel, OutcomeLabel, TierLabel};
 use crate::models::{ModelRegistry, ServedEncoder, ServedModel};
 use crate::route::ensemble::EnsembleTable;
-use crate::route::forward::{self, Relayed};
+use crate::route::forward::Relayed;
 use crate::route::peers::PeerTable;
 use semantic_cache::Probe;
 use target::{GenerationRequest, Target};
@@ -104,6 +105,8 @@ pub struct Context<'a> {
     pub ensembles: &'a EnsembleTable,
     /// Pooled keep-alive client for peers and external members.
     pub http: &'a reqwest::Client,
+    /// Placement on replicas and peers' KV summaries.
+    pub routing: &'a crate::route::Routing,
 }
 
 impl Context<'_> {
@@ -202,6 +205,12 @@ pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, 
         GenerationRequest::Chat(r) => validate::chat_job(model, priority, r, shaping)?,
         GenerationRequest::Completion(r) => validate::completion_job(model, priority, r, shaping)?,
     };
+    if let Some(relayed) = placement::elsewhere(ctx, &model, &job, &request, &incoming).await {
+        return Ok(Outcome {
+            reply: Reply::Relayed(relayed),
+            headers: Vec::new(),
+        });
+    }
     let label = ModelLabel {
         model_name: model.name.clone(),
     };
@@ -216,6 +225,9 @@ pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, 
     let control = CacheControl::from_headers(&incoming.headers);
     let answer = run(ctx, model, job, control).await?;
     let mut headers = answer.headers;
+    if !ctx.routing.self_url.is_empty() {
+        headers.push((crate::route::REPLICA_HEADER, ctx.routing.self_url.clone()));
+    }
     if dropped > 0 {
         headers.push((DROPPED_TURNS_HEADER, dropped.to_string()));
     }
@@ -238,19 +250,7 @@ async fn to_peer(
     request: &GenerationRequest,
     incoming: Incoming,
 ) -> Result<Outcome, ApiError> {
-    let prefix = crate::route::prefix_hash(&request.routing_prefix());
-    let path = incoming.kind.path();
-    let relayed = forward::to_peer(
-        ctx.http,
-        ctx.peers,
-        request.model(),
-        path,
-        &incoming.headers,
-        incoming.body,
-        prefix,
-        forward::head_timeout(request.stream()),
-    )
-    .await?;
+    let relayed = placement::to_peer(ctx, request, incoming).await?;
     Ok(Outcome {
         reply: Reply::Relayed(relayed),
         headers: Vec::new(),

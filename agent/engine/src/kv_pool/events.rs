@@ -106,8 +106,7 @@ impl KvSummary {
 
     /// Records the pool's block size.
     pub fn set_block_size(&self, block_size: usize) {
-        self.block_size
-            .store(block_size as u64, Ordering::Relaxed);
+        self.block_size.store(block_size as u64, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -180,11 +179,22 @@ impl KvSummary {
         }
         let (mut added, mut removed) = (Vec::new(), Vec::new());
         for (h, stored) in last {
-            if stored { added.push(h) } else { removed.push(h) }
+            if stored {
+                added.push(h)
+            } else {
+                removed.push(h)
+            }
         }
         added.sort_unstable();
         removed.sort_unstable();
         (s.seq, KvChanges::Delta { added, removed })
+    }
+
+    /// How many of `hashes`, from the first, are held (a prompt's cached
+    /// prefix, in blocks).
+    pub fn leading_held(&self, hashes: &[BlockHash]) -> usize {
+        let s = self.lock();
+        hashes.iter().take_while(|h| s.held.contains_key(h)).count()
     }
 
     /// Hashes held now.
@@ -261,10 +271,19 @@ mod tests {
             }
         );
         // Another epoch, a future number, or a clear in the window: snapshot.
-        assert!(matches!(s.since(s.epoch() + 1, Some(seq)).1, KvChanges::Snapshot(_)));
-        assert!(matches!(s.since(s.epoch(), Some(next + 5)).1, KvChanges::Snapshot(_)));
+        assert!(matches!(
+            s.since(s.epoch() + 1, Some(seq)).1,
+            KvChanges::Snapshot(_)
+        ));
+        assert!(matches!(
+            s.since(s.epoch(), Some(next + 5)).1,
+            KvChanges::Snapshot(_)
+        ));
         s.apply([KvEvent::Cleared, KvEvent::Stored(h(9))]);
-        assert_eq!(s.since(s.epoch(), Some(next)).1, KvChanges::Snapshot(vec![h(9)]));
+        assert_eq!(
+            s.since(s.epoch(), Some(next)).1,
+            KvChanges::Snapshot(vec![h(9)])
+        );
     }
 
     #[test]
@@ -287,6 +306,7 @@ mod tests {
         let (_, c) = s.since(s.epoch(), Some(seq));
         follow(&mut copy, c);
         assert_eq!(copy, vec![h(7), h(9), h(10)]);
+        assert_eq!(s.leading_held(&[h(7), h(9), h(1), h(10)]), 2);
     }
 
     #[test]
@@ -296,7 +316,10 @@ mod tests {
         let (seq, _) = s.since(s.epoch(), None);
         s.apply((1..=LOG_CAP as u64).map(|i| KvEvent::Stored(h(i))));
         // The log still reaches back to `seq`: a delta.
-        assert!(matches!(s.since(s.epoch(), Some(seq)).1, KvChanges::Delta { .. }));
+        assert!(matches!(
+            s.since(s.epoch(), Some(seq)).1,
+            KvChanges::Delta { .. }
+        ));
         s.apply([KvEvent::Stored(h(u64::MAX))]);
         let (_, c) = s.since(s.epoch(), Some(seq));
         let KvChanges::Snapshot(all) = c else {
