@@ -127,6 +127,7 @@ impl Routing {
             candidates.push(candidate);
             slots.push(Some(peer));
         }
+        tracing::debug!(model, ?candidates, "placing a request");
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let (order, basis) = prefix::place(
             self.policy,

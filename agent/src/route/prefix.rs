@@ -21,8 +21,11 @@
 //!
 //! As in consistent hashing with bounded loads (Mirrokni et al.): with `n`
 //! replicas carrying `L` sequences in all, a replica already carrying
-//! `⌈c × (L + 1) / n⌉` or more, with `c` = [`LOAD_FACTOR`] = 1.25, is
-//! skipped while any replica is below that bound. So when every request
+//! `max(⌈c × (L + 1) / n⌉, MIN_BOUND)` or more, with `c` = [`LOAD_FACTOR`]
+//! = 1.25 and [`MIN_BOUND`] = 2, is skipped while any replica is below
+//! that bound. (The floor keeps a nearly idle cluster from sending a
+//! conversation away from its cache because its replica runs one other
+//! sequence.) So when every request
 //! shares one long system prompt, the replica that cached it first cannot
 //! take more than 1.25× its fair share; the others soon cache it too.
 //!
@@ -38,6 +41,8 @@ use weir_engine::kv_pool::BlockHash;
 
 /// Bound factor of the balance guard.
 pub const LOAD_FACTOR: f64 = 1.25;
+/// The guard never calls a replica with fewer sequences than this loaded.
+pub const MIN_BOUND: usize = 2;
 /// Prompt tokens one running or waiting sequence is priced as.
 pub const SEQ_TOKENS: usize = 64;
 
@@ -138,7 +143,8 @@ pub fn cost(prompt_len: usize, cached: usize, c: &Candidate) -> usize {
 /// skipped while another is below it.
 pub fn load_bound(candidates: &[Candidate]) -> usize {
     let total: usize = candidates.iter().map(|c| c.seqs).sum();
-    (LOAD_FACTOR * (total + 1) as f64 / candidates.len().max(1) as f64).ceil() as usize
+    let fair = (LOAD_FACTOR * (total + 1) as f64 / candidates.len().max(1) as f64).ceil();
+    (fair as usize).max(MIN_BOUND)
 }
 
 /// The chained hashes of the full blocks of `tokens` a cache could hold
@@ -271,6 +277,10 @@ mod tests {
         let (order, _) = place(Policy::Prefix, &r, 7, Some(4100), 0);
         assert_ne!(order[0], 0);
         assert_eq!(*order.last().unwrap(), 0, "tried last, not never");
+        // Nearly idle: one sequence is not a load to avoid.
+        let r = vec![replica(0, 1, 512), replica(1, 0, 0), replica(2, 0, 0)];
+        assert_eq!(load_bound(&r), MIN_BOUND);
+        assert_eq!(place(Policy::Prefix, &r, 7, Some(600), 0).0[0], 0);
         // Below the bound (ceil(1.25 × 5 / 4) = 2), the cache wins.
         let r = vec![
             replica(0, 1, 4096),
