@@ -39,7 +39,12 @@ impl Agent {
     /// Starts `weir-agent serve` with `args` on a free port and waits until
     /// `/ready` answers 200 (at most a minute).
     pub fn start(args: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), args)
+    }
+
+    /// [`start`](Self::start) on `port` (chosen beforehand, so that agents
+    /// can name each other as peers).
+    pub fn start_on(port: u16, args: &[&str]) -> Self {
         let url = format!("http://127.0.0.1:{port}");
         let child = Command::new(binary("weir-agent"))
             .arg("serve")
@@ -72,12 +77,17 @@ impl Agent {
 
     /// Asks the process to stop as the kubelet does (SIGTERM).
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends signal `name` (`TERM`, `STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
             .status()
             .expect("kill runs");
-        assert!(status.success(), "kill -TERM failed: {status}");
+        assert!(status.success(), "kill -{name} failed: {status}");
     }
 
     /// Waits up to `limit` for the process to exit; its status, if it did.

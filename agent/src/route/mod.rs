@@ -108,12 +108,12 @@ impl Routing {
             let known = self.summaries.with_fresh(&peer.url, model, |kv| {
                 let h = hashes_for(kv.block_size);
                 let cached = prefix::cached_tokens(&h, kv.block_size, |x| kv.holds(x));
-                (kv.load, cached)
+                (kv.load, kv.seqs_now(in_flight), cached)
             });
             let candidate = match known {
-                Some((load, cached)) => Candidate {
+                Some((load, seqs, cached)) => Candidate {
                     url: peer.url.clone(),
-                    seqs: ((load.running + load.waiting) as usize).max(in_flight),
+                    seqs,
                     prefill_queued: load.prefill_queued as usize,
                     cached: Some(cached),
                 },

@@ -9,7 +9,7 @@
 //! ```text
 //! cost = (P − C)                       prefill left after the cached prefix
 //!      + queued_prefill                prompt tokens it has yet to compute
-//!      + SEQ_TOKENS × sequences        running + waiting (+ our own in flight)
+//!      + SEQ_TOKENS × sequences        running + waiting, estimated now
 //! ```
 //!
 //! A sequence in the batch is priced as [`SEQ_TOKENS`] prompt tokens: a
@@ -101,7 +101,8 @@ impl std::fmt::Display for Policy {
 pub struct Candidate {
     /// Its identity in the hash (the URL peers know it by).
     pub url: String,
-    /// Running plus waiting sequences (at least our own in flight to it).
+    /// Running plus waiting sequences (for a peer, estimated from its last
+    /// report and our own in flight to it).
     pub seqs: usize,
     /// Prompt tokens it has yet to compute.
     pub prefill_queued: usize,

@@ -30,6 +30,7 @@
 //! ignores it (and falls back to hashing), and it is dropped.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -141,7 +142,20 @@ pub struct PeerKv {
     hashes: HashSet<u64>,
     /// Its load when last reported.
     pub load: KvLoad,
+    /// Our own requests in flight to it when the report came.
+    pub ours_then: usize,
     updated: Instant,
+}
+
+impl PeerKv {
+    /// Its sequences now, estimated: those of other routers at the last
+    /// report (reported minus ours then) plus ours in flight now, so that
+    /// our own placements since the report count at once and our finished
+    /// ones stop counting.
+    pub fn seqs_now(&self, ours_now: usize) -> usize {
+        let reported = (self.load.running + self.load.waiting) as usize;
+        reported.saturating_sub(self.ours_then) + ours_now
+    }
 }
 
 impl PeerKv {
@@ -182,10 +196,11 @@ impl KvSummaries {
         self.options
     }
 
-    /// Folds `report` from `url` in. A delta for a copy it does not extend
-    /// (another epoch, a gap) is ignored and the copy dropped, so the next
-    /// poll asks for a snapshot.
-    pub fn merge(&self, url: &str, report: KvReport) {
+    /// Folds `report` from `url` in, sent while `ours` of our requests were
+    /// in flight to it. A delta for a copy it does not extend (another
+    /// epoch, a gap) is ignored and the copy dropped, so the next poll asks
+    /// for a snapshot.
+    pub fn merge(&self, url: &str, report: KvReport, ours: usize) {
         let key = (url.to_owned(), report.model.clone());
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         if report.added.len() > MAX_HASHES {
@@ -201,6 +216,7 @@ impl KvSummaries {
                 block_size: report.block_size,
                 hashes: report.added.into_iter().collect(),
                 load: report.load,
+                ours_then: ours,
                 updated: now,
             };
             entries.insert(key, entry);
@@ -219,6 +235,7 @@ impl KvSummaries {
                 e.seq = report.seq;
                 e.block_size = report.block_size;
                 e.load = report.load;
+                e.ours_then = ours;
                 e.updated = now;
             }
             _ => {
@@ -282,7 +299,7 @@ pub fn poll(
             let mut asks = Vec::new();
             for model in peers.models() {
                 for peer in peers.serving(&model) {
-                    let (summaries, client, key) = (&summaries, &client, &api_key);
+                    let (summaries, client, key, peers) = (&summaries, &client, &api_key, &peers);
                     let model = model.clone();
                     asks.push(async move {
                         let (epoch, since) = summaries
@@ -301,8 +318,9 @@ pub fn poll(
                         }
                         match ask.send().await {
                             Ok(r) if r.status().is_success() => {
+                                let ours = peers.counter(&peer.url).load(Ordering::Acquire);
                                 if let Ok(report) = r.json::<KvReport>().await {
-                                    summaries.merge(&peer.url, report);
+                                    summaries.merge(&peer.url, report, ours);
                                 }
                             }
                             Ok(r) => {
@@ -346,14 +364,21 @@ mod tests {
             interval: Duration::from_millis(100),
             ttl: Duration::from_secs(1),
         });
-        t.merge("http://p", report(7, 3, true, &[1, 2], &[]));
-        t.merge("http://p", report(7, 5, false, &[3], &[1]));
+        t.merge("http://p", report(7, 3, true, &[1, 2], &[]), 0);
+        t.merge("http://p", report(7, 5, false, &[3], &[1]), 0);
         assert_eq!(holds(&t, 1), Some(false));
         assert_eq!(holds(&t, 2), Some(true));
         assert_eq!(holds(&t, 3), Some(true));
         assert_eq!(t.cursor("http://p", "m"), Some((7, 5)));
+        let mut busy = report(7, 5, false, &[], &[]);
+        busy.load.running = 3;
+        t.merge("http://p", busy, 2);
+        let now = |ours| t.with_fresh("http://p", "m", |p| p.seqs_now(ours));
+        assert_eq!(now(2), Some(3), "two of the three were ours");
+        assert_eq!(now(0), Some(1), "ours finished since");
+        assert_eq!(now(5), Some(6));
         tokio::time::advance(Duration::from_millis(900)).await;
-        t.merge("http://p", report(7, 5, false, &[], &[]));
+        t.merge("http://p", report(7, 5, false, &[], &[]), 0);
         tokio::time::advance(Duration::from_millis(900)).await;
         assert_eq!(holds(&t, 2), Some(true), "refreshed 900 ms ago");
         assert_eq!(t.num_fresh(), 1);
@@ -367,8 +392,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_delta_from_another_epoch_drops_the_copy_until_a_snapshot() {
         let t = KvSummaries::new(SummaryOptions::default());
-        t.merge("http://p", report(7, 3, true, &[1], &[]));
-        t.merge("http://p", report(8, 4, false, &[2], &[]));
+        t.merge("http://p", report(7, 3, true, &[1], &[]), 0);
+        t.merge("http://p", report(8, 4, false, &[2], &[]), 0);
         assert_eq!(holds(&t, 1), None);
         assert_eq!(
             t.cursor("http://p", "m"),
@@ -376,7 +401,7 @@ mod tests {
             "the next poll asks for a snapshot"
         );
         let too_many: Vec<u64> = (0..=MAX_HASHES as u64).collect();
-        t.merge("http://p", report(8, 9, true, &too_many, &[]));
+        t.merge("http://p", report(8, 9, true, &too_many, &[]), 0);
         assert_eq!(holds(&t, 1), None, "an oversized report is refused");
     }
 }
