@@ -1,6 +1,6 @@
-//! Routing scenarios: sessions of chat turns, sent at a fixed concurrency
-//! (one session per worker at a time, its turns in order, each turn's
-//! answer appended to the history the next turn sends).
+//! Routing scenarios: sessions of chat turns, sent at a fixed concurrency,
+//! each turn's answer appended to the history the session's next turn
+//! sends.
 //!
 //! * `multi-turn` — conversations that grow their history turn by turn,
 //!   all opening with one shared system prompt (as an application's users
@@ -11,8 +11,9 @@
 //!   replica.
 //! * `mix` — both at once, interleaved.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -167,8 +168,11 @@ pub fn sessions(workload: Workload, options: &Options) -> Vec<Session> {
 }
 
 /// Sends `sessions` to `entries` (session `i` enters at `entries[i %
-/// len]`), `options.concurrency` sessions at a time, streaming; the
-/// summary covers every turn.
+/// len]`), `options.concurrency` turns at a time, streaming. Turns are
+/// taken from one queue: a session's next turn goes to the back once its
+/// answer is in, so other users' turns come between two of its own (as
+/// people chatting at once do) and no replica sees one conversation's
+/// turns back to back by accident. The summary covers every turn.
 pub async fn run(entries: &[String], options: &Options, sessions: Vec<Session>) -> Summary {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(options.concurrency)
@@ -176,32 +180,45 @@ pub async fn run(entries: &[String], options: &Options, sessions: Vec<Session>) 
         .unwrap_or_default();
     let sessions = Arc::new(sessions);
     let entries: Arc<Vec<String>> = Arc::new(entries.to_vec());
-    let next = Arc::new(AtomicUsize::new(0));
+    // (session, its messages so far); a session is in the queue or in flight.
+    let queue: VecDeque<(usize, Vec<Value>)> = (0..sessions.len())
+        .map(|i| {
+            (
+                i,
+                vec![json!({"role": "system", "content": sessions[i].system})],
+            )
+        })
+        .collect();
+    let queue = Arc::new(Mutex::new(queue));
+    let left = Arc::new(AtomicUsize::new(
+        sessions.iter().map(|s| s.turns.len()).sum(),
+    ));
     let started = Instant::now();
     let workers: Vec<_> = (0..options.concurrency.max(1))
         .map(|_| {
-            let (client, next, sessions, entries) = (
-                client.clone(),
-                next.clone(),
-                sessions.clone(),
-                entries.clone(),
-            );
-            let options = options.clone();
+            let (client, queue, left) = (client.clone(), queue.clone(), left.clone());
+            let (sessions, entries, options) = (sessions.clone(), entries.clone(), options.clone());
             tokio::spawn(async move {
                 let mut outcomes = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(session) = sessions.get(i) else {
-                        break;
+                while left.load(Ordering::Acquire) > 0 {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                    let Some((i, mut messages)) = next else {
+                        // Every pending turn is in flight; one will requeue.
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                        continue;
                     };
+                    let turn = messages.len() / 2;
+                    messages.push(json!({"role": "user", "content": sessions[i].turns[turn]}));
                     let url = &entries[i % entries.len().max(1)];
-                    let mut messages = vec![json!({"role": "system", "content": session.system})];
-                    for turn in &session.turns {
-                        messages.push(json!({"role": "user", "content": turn}));
-                        let body = request(&options, &messages);
-                        let outcome = one(&client, url, body).await;
-                        messages.push(json!({"role": "assistant", "content": outcome.text}));
-                        outcomes.push(outcome);
+                    let outcome = one(&client, url, request(&options, &messages)).await;
+                    messages.push(json!({"role": "assistant", "content": outcome.text}));
+                    outcomes.push(outcome);
+                    left.fetch_sub(1, Ordering::AcqRel);
+                    if turn + 1 < sessions[i].turns.len() {
+                        queue
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push_back((i, messages));
                     }
                 }
                 outcomes

@@ -85,13 +85,13 @@ struct Row {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_routing_beats_the_other_policies_and_stays_balanced() {
     let options = Options {
-        conversations: 8,
-        turns: 4,
+        conversations: 12,
+        turns: 3,
         users: 24,
         concurrency: 8,
         max_tokens: 4,
         system_sentences: 1,
-        user_words: 14,
+        user_words: 30,
         ..Options::default()
     };
     let mut rows = Vec::new();
