@@ -134,6 +134,7 @@ impl Summary {
 }
 
 /// Prints the table, with ratios against the first scenario.
+#[allow(clippy::print_stdout)] // the table is the load generator's output
 pub fn print(results: &[(String, Summary)]) {
     println!(
         "{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>6} {:>6}",
