@@ -146,14 +146,6 @@ async fn main() -> anyhow::Result<()> {
             .collect::<Option<_>>()
             .ok_or_else(|| anyhow::anyhow!("--scenario takes name=URL"))?
     };
-    println!(
-        "weir-loadgen: {} requests, concurrency {}, {} tokens, repeats {:.0} %, paraphrases {:.0} %\n",
-        args.requests,
-        args.concurrency,
-        args.max_tokens,
-        args.repeat_share * 100.0,
-        args.paraphrase_share * 100.0
-    );
     if let Some(workload) = args.workload {
         let options = scenarios::Options {
             model: args.model.clone(),
@@ -166,6 +158,14 @@ async fn main() -> anyhow::Result<()> {
             seed: args.seed,
             ..scenarios::Options::default()
         };
+        println!(
+            "weir-loadgen: {workload:?}, {} conversations x {} turns, {} users, concurrency {}, {} tokens\n",
+            options.conversations,
+            options.turns,
+            options.users,
+            options.concurrency,
+            options.max_tokens
+        );
         let mut results = Vec::new();
         for (name, url) in &scenarios {
             let entries: Vec<String> = url.split(',').map(str::to_owned).collect();
@@ -178,6 +178,14 @@ async fn main() -> anyhow::Result<()> {
         report::print(&results);
         return Ok(());
     }
+    println!(
+        "weir-loadgen: {} requests, concurrency {}, {} tokens, repeats {:.0} %, paraphrases {:.0} %\n",
+        args.requests,
+        args.concurrency,
+        args.max_tokens,
+        args.repeat_share * 100.0,
+        args.paraphrase_share * 100.0
+    );
     let mut results = Vec::new();
     for (name, url) in &scenarios {
         // Warm up connections and the model without touching the measured set.
