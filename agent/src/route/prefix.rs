@@ -9,13 +9,14 @@
 //! ```text
 //! cost = (P − C)                       prefill left after the cached prefix
 //!      + queued_prefill                prompt tokens it has yet to compute
-//!      + SEQ_TOKENS × sequences        running + waiting, estimated now
+//!      + 128 × sequences               running + waiting, estimated now
 //! ```
 //!
-//! A sequence in the batch is priced as [`SEQ_TOKENS`] prompt tokens: a
-//! decode step of one sequence costs the engine about as much as
-//! computing that many prompt tokens of a small batch, and each one delays
-//! a new request's first token by its share of every step.
+//! A sequence in the batch is priced as [`SEQ_TOKENS`] = 128 prompt
+//! tokens: each one shares every engine step with the new request and
+//! delays its first token by its share of them. The price decides how
+//! much cache a conversation leaves behind to avoid a busier replica: one
+//! more sequence is worth moving for a cached prefix under 128 tokens.
 //!
 //! # The balance guard (bounded load)
 //!
@@ -44,7 +45,7 @@ pub const LOAD_FACTOR: f64 = 1.25;
 /// The guard never calls a replica with fewer sequences than this loaded.
 pub const MIN_BOUND: usize = 2;
 /// Prompt tokens one running or waiting sequence is priced as.
-pub const SEQ_TOKENS: usize = 64;
+pub const SEQ_TOKENS: usize = 128;
 
 /// How requests are spread over a model's replicas.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -256,13 +257,14 @@ mod tests {
 
     #[test]
     fn load_outweighs_a_small_cache_advantage() {
-        // 64 cached tokens do not pay for 2 more sequences (128 tokens).
-        let r = vec![replica(0, 3, 64), replica(1, 1, 0)];
+        // A cached prefix worth less than the 2 more sequences loses.
+        let small = 2 * SEQ_TOKENS - 16;
+        let r = vec![replica(0, 3, small), replica(1, 1, 0)];
         assert_eq!(load_bound(&r), 4, "the guard is not what decides here");
-        assert_eq!(place(Policy::Prefix, &r, 7, Some(600), 0).0[0], 1);
-        // 512 cached tokens do.
-        let r = vec![replica(0, 3, 512), replica(1, 1, 0)];
-        assert_eq!(place(Policy::Prefix, &r, 7, Some(600), 0).0[0], 0);
+        assert_eq!(place(Policy::Prefix, &r, 7, Some(2000), 0).0[0], 1);
+        // One worth more wins.
+        let r = vec![replica(0, 3, 2 * SEQ_TOKENS + 16), replica(1, 1, 0)];
+        assert_eq!(place(Policy::Prefix, &r, 7, Some(2000), 0).0[0], 0);
     }
 
     #[test]
