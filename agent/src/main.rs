@@ -112,6 +112,18 @@ struct ServeArgs {
     /// keep-alive.
     #[arg(long, env = "WEIR_HEADER_TIMEOUT", default_value_t = 30)]
     header_timeout: u64,
+    /// Seconds a client has to send a request body once its headers came.
+    #[arg(long, env = "WEIR_BODY_TIMEOUT", default_value_t = 30)]
+    body_timeout: u64,
+    /// Seconds a request for a model with no ready replica (known from a
+    /// peer) is held before a 503, in standalone mode; cluster mode takes
+    /// each Model's `replicas.holdTimeoutSeconds`. 0 refuses at once.
+    #[arg(long, env = "WEIR_HOLD_TIMEOUT", default_value_t = 120)]
+    hold_timeout: u64,
+    /// Most requests held per model at once in standalone mode (cluster
+    /// mode: `replicas.maxHeldRequests`); more get a 503 at once.
+    #[arg(long, env = "WEIR_MAX_HELD_REQUESTS", default_value_t = 64)]
+    max_held_requests: usize,
 }
 
 impl ServeArgs {
@@ -121,7 +133,7 @@ impl ServeArgs {
             total: self.max_connections.unwrap_or(defaults.total),
             per_client: self.max_connections_per_client,
             header_read: std::time::Duration::from_secs(self.header_timeout.max(1)),
-            body_read: defaults.body_read,
+            body_read: std::time::Duration::from_secs(self.body_timeout.max(1)),
         }
     }
 }
@@ -262,6 +274,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         weir_agent::adaptive::spawn(model.clone(), gpu.clone());
     }
     let mut state = AppState::with(registry, gpu, args.api_key.clone());
+    state
+        .holds
+        .set_default(weir_agent::route::hold::HoldLimits {
+            timeout: std::time::Duration::from_secs(args.hold_timeout),
+            max_held: args.max_held_requests,
+        });
     start_routing(&args, &mut state, format!("http://{addr}"));
     if let Some(path) = &args.config {
         let ensembles = weir_agent::config::load_all(path)?

@@ -43,6 +43,9 @@ pub async fn signal() {
 /// cluster mode) and drains every model at once, each within `timeout`.
 pub async fn drain_all(state: &AppState, beat_now: Option<&Notify>, timeout: Duration) {
     state.ready.store(false, Ordering::Release);
+    // Held requests go on if a replica is ready now, else get a 503: none
+    // may keep the server waiting past the drain.
+    state.holds.close();
     let models: Vec<_> = state
         .models
         .read()

@@ -2,7 +2,8 @@
 //! that accepts and never answers, one that closes the connection at once,
 //! and one that dies in the middle of a stream. The forwarder tries the
 //! next replica while nothing has been passed on, and ends a broken stream
-//! with an OpenAI error event and `[DONE]`.
+//! with an OpenAI error event and `[DONE]`. A change of the peer table
+//! releases the requests held for the models it makes ready.
 
 use std::time::{Duration, Instant};
 
@@ -226,4 +227,37 @@ async fn a_replica_that_refuses_is_passed_over_and_the_last_refusal_passed_on() 
         "with no other replica the refusal is passed on"
     );
     assert!(relayed.headers.iter().any(|(n, _)| n == "retry-after"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_table_change_releases_the_requests_held_for_its_models() {
+    let state = weir_agent::http::AppState::new(weir_agent::models::ModelRegistry::default());
+    state.peers.declare(["m".to_owned(), "n".to_owned()].into());
+    let mut m = state.holds.hold("m").unwrap();
+    let mut n = state.holds.hold("n").unwrap();
+    // A rebuild (cluster mode) with a ready replica of `m` only.
+    state.peers.replace(vec![Peer {
+        url: "http://10.0.0.1:8080".into(),
+        models: vec!["m".into()],
+        ready: true,
+    }]);
+    let started = tokio::time::Instant::now();
+    m.released().await.unwrap();
+    assert_eq!(started.elapsed(), Duration::ZERO, "released at once");
+    assert_eq!(state.holds.held("n"), 1, "`n` still has no replica");
+    // A polled peer (standalone) that turns ready for `n`.
+    state.peers.upsert(Peer {
+        url: "http://10.0.0.2:8080".into(),
+        models: vec!["n".into()],
+        ready: true,
+    });
+    n.released().await.unwrap();
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert!(
+        state
+            .metrics
+            .encode()
+            .unwrap()
+            .contains("weir_requests_held{model_name=\"n\"} 0")
+    );
 }

@@ -1,5 +1,6 @@
 //! The HTTP server's limits, over real sockets: clients that send headers
-//! or bodies too slowly and idle keep-alive connections are cut; more
+//! or bodies too slowly, connections that never send a byte and idle
+//! keep-alive connections are cut; more
 //! connections than allowed from one address (or in total) are refused with
 //! a 503 in OpenAI's shape while others are still served; too many headers
 //! are a 431 with an OpenAI body.
@@ -89,6 +90,26 @@ async fn an_idle_keep_alive_connection_is_closed() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(closed, "the idle connection stayed open");
     assert!(started.elapsed() >= Duration::from_millis(700));
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_byte_is_closed() {
+    let addr = start(limits()).await;
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    let (answer, closed) = read_to_close(&mut silent, Duration::from_secs(5)).await;
+    assert!(closed, "a silent connection stayed open");
+    assert!(answer.is_empty(), "{answer}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // Half an HTTP/2 preface, then silence, is cut the same way.
+    let mut partial = TcpStream::connect(&addr).await.unwrap();
+    partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    assert!(read_to_close(&mut partial, Duration::from_secs(5)).await.1);
+    assert_eq!(health(&addr).await, 200, "others are still served");
 }
 
 #[tokio::test]

@@ -126,7 +126,9 @@ pub enum AutoscaleMetric {
     {"rule": "self.min <= self.max", "message": "replicas.min must not exceed replicas.max", "fieldPath": ".min"}
 ]))]
 pub struct ReplicaPolicy {
-    /// Fewest replicas, also when idle.
+    /// Fewest replicas, also when idle. With 0 the Model scales to zero
+    /// after `scaleToZeroAfterSeconds` without requests, and back to one
+    /// when a request is held for it.
     #[serde(default = "default_min_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub min: u32,
@@ -162,6 +164,23 @@ pub struct ReplicaPolicy {
     #[serde(default)]
     #[schemars(range(min = 0, max = 1000))]
     pub max_unavailable: u32,
+    /// With `min: 0`: how long the Model must see no request (none
+    /// finishing, running, waiting or held on any agent) before it scales
+    /// to zero. Ignored when `min` is above 0.
+    #[serde(default = "default_scale_to_zero_after")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub scale_to_zero_after_seconds: u32,
+    /// How long an agent holds a request for this Model while no replica
+    /// is ready (scaled to zero, loading, moving); past it the request is
+    /// answered 503 with `Retry-After`. 0 refuses at once.
+    #[serde(default = "default_hold_timeout")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub hold_timeout_seconds: u32,
+    /// Most requests one agent holds for this Model at once; more are
+    /// answered 503 with `Retry-After` at once.
+    #[serde(default = "default_max_held")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub max_held_requests: u32,
 }
 
 impl Default for ReplicaPolicy {
@@ -175,6 +194,9 @@ impl Default for ReplicaPolicy {
             scale_up_stabilization_seconds: default_scale_up_window(),
             scale_down_stabilization_seconds: default_scale_down_window(),
             max_unavailable: 0,
+            scale_to_zero_after_seconds: default_scale_to_zero_after(),
+            hold_timeout_seconds: default_hold_timeout(),
+            max_held_requests: default_max_held(),
         }
     }
 }
@@ -196,6 +218,15 @@ fn default_scale_up_window() -> u32 {
 }
 fn default_scale_down_window() -> u32 {
     300
+}
+fn default_scale_to_zero_after() -> u32 {
+    600
+}
+fn default_hold_timeout() -> u32 {
+    120
+}
+fn default_max_held() -> u32 {
+    64
 }
 
 /// Observed state of a Model.

@@ -1,6 +1,7 @@
 //! Support for Weir's end-to-end tests: repository paths, YAML fixtures and
 //! access to a real cluster when `KUBECONFIG` names one.
 
+pub mod chaos;
 pub mod process;
 
 use std::path::{Path, PathBuf};

@@ -42,8 +42,8 @@ impl Agent {
         Self::start_on(free_port(), args)
     }
 
-    /// [`start`](Self::start) on `port` (chosen beforehand, so that agents
-    /// can name each other as peers).
+    /// Starts `weir-agent serve` with `args` on `port` (a restart keeps
+    /// its URL) and waits until `/ready` answers 200 (at most a minute).
     pub fn start_on(port: u16, args: &[&str]) -> Self {
         let url = format!("http://127.0.0.1:{port}");
         let child = Command::new(binary("weir-agent"))
@@ -51,7 +51,10 @@ impl Agent {
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_E2E_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -77,17 +80,24 @@ impl Agent {
 
     /// Asks the process to stop as the kubelet does (SIGTERM).
     pub fn terminate(&self) {
-        self.signal("TERM");
+        signal(self.child.id(), "TERM");
     }
 
-    /// Sends signal `name` (`TERM`, `STOP`, `CONT`, ...) to the process.
-    pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{name} failed: {status}");
+    /// Sends the process `sig` (`STOP`, `CONT`, `KILL`, ...).
+    pub fn signal(&self, sig: &str) {
+        signal(self.child.id(), sig);
+    }
+
+    /// Its resident memory in bytes (`VmRSS` of `/proc/PID/status`).
+    pub fn resident_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the agent's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS in kB")
+            * 1024
     }
 
     /// Waits up to `limit` for the process to exit; its status, if it did.
@@ -114,6 +124,67 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Sends `sig` to process `pid` with `kill`.
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{sig} {pid} failed: {status}");
+}
+
+/// A `redis-server` on a free loopback port, without persistence; killed
+/// on drop.
+pub struct Redis {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Redis {
+    /// Starts it and waits until it accepts connections (at most 10 s).
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--bind", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends the process `sig`.
+    pub fn signal(&self, sig: &str) {
+        signal(self.child.id(), sig);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

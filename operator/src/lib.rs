@@ -13,6 +13,7 @@ pub mod leader;
 pub mod metrics;
 pub mod placement;
 pub mod reweight;
+pub mod scale_zero;
 pub mod scrape;
 pub mod taints;
 pub mod weights;

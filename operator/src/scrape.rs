@@ -91,6 +91,9 @@ pub struct ModelFigures {
     pub running: f64,
     /// `vllm:kv_cache_usage_perc` (0..1).
     pub kv_usage: f64,
+    /// `weir_requests_held`: requests an agent holds until a replica of
+    /// the model is ready (what scales a Model from zero).
+    pub held: f64,
     /// Finished requests that succeeded (`weir_requests_total{outcome="success"}`).
     pub successes: f64,
     /// Finished requests that failed (other outcomes).
@@ -179,6 +182,7 @@ pub fn parse(text: &str) -> BTreeMap<String, ModelFigures> {
             "vllm:num_requests_waiting" => f.waiting = value,
             "vllm:num_requests_running" => f.running = value,
             "vllm:kv_cache_usage_perc" => f.kv_usage = value,
+            "weir_requests_held" => f.held = value,
             "weir_requests_total" if labels.get("outcome") == Some(&"success") => {
                 f.successes += value
             }
@@ -242,6 +246,7 @@ vllm:e2e_request_latency_seconds_bucket{le="0.5",model_name="llama"} 60
 vllm:e2e_request_latency_seconds_bucket{le="1.0",model_name="llama"} 100
 vllm:e2e_request_latency_seconds_bucket{le="+Inf",model_name="llama"} 100
 vllm:num_requests_waiting{model_name="qwen"} 0
+weir_requests_held{model_name="sleepy"} 4
 # EOF
 "#;
 
@@ -257,6 +262,7 @@ vllm:num_requests_waiting{model_name="qwen"} 0
         assert_eq!(llama.e2e.count, 100.0);
         assert_eq!(llama.e2e.buckets.len(), 4);
         assert_eq!(m["qwen"].waiting, 0.0);
+        assert_eq!((m["sleepy"].held, m["llama"].held), (4.0, 0.0));
     }
 
     #[test]

@@ -224,6 +224,13 @@ pub fn model_status(
     let generation = model.metadata.generation;
     let (ok, reason, message) = match problem {
         Some((reason, message)) => (false, reason.to_owned(), message),
+        // Idle at zero is healthy: the next request is held and scales it up.
+        None if desired == 0 && ready == 0 && model.spec.replicas.min == 0 => (
+            true,
+            "ScaledToZero".to_owned(),
+            "scaled to zero while idle; the next request is held until a replica is ready"
+                .to_owned(),
+        ),
         None if ready >= desired.max(1) => (
             true,
             "ReplicasReady".to_owned(),
@@ -387,5 +394,23 @@ mod tests {
             Some(("PolicyNotFound", "x".into())),
         );
         assert_eq!(s3.common.conditions[0].reason, "PolicyNotFound");
+    }
+
+    #[test]
+    fn a_min_zero_model_at_zero_is_ready_scaled_to_zero() {
+        let now = Timestamp::now();
+        let limit = Duration::from_secs(30);
+        let mut m = model(M);
+        m.spec.replicas.min = 0;
+        let s = model_status(&m, 0, &[], &BTreeMap::new(), now, limit, None);
+        let c = &s.common.conditions[0];
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "ScaledToZero")
+        );
+        // With min 1, no replica is a problem.
+        m.spec.replicas.min = 1;
+        let s = model_status(&m, 0, &[], &BTreeMap::new(), now, limit, None);
+        assert_eq!(s.common.conditions[0].reason, "ReplicasNotReady");
     }
 }

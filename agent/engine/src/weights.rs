@@ -1,9 +1,8 @@
 //! Weights of a model: the safetensors of a Hugging Face directory (one
 //! `model.safetensors` or shards listed in `model.safetensors.index.json`,
 //! memory-mapped, read as bf16, f16 or f32) or a GGUF file (see
-//! [`crate::gguf`]: quantized tensors dequantized to f32 at load unless
-//! [`QuantizedWeights::Keep`] is asked for, which serves Q4_0, Q4_1 and
-//! Q8_0 as their stored blocks), checked against the shape the model
+//! [`crate::gguf`]: quantized tensors kept as their stored blocks by
+//! default, see [`QuantizedWeights`]), checked against the shape the model
 //! expects.
 
 use std::borrow::Cow;
@@ -24,42 +23,59 @@ pub enum WeightDtype {
     F16,
     /// IEEE single.
     F32,
-    /// Blocks of a quantized GGML type as a GGUF file stores them
-    /// (Q4_0, Q4_1 or Q8_0; rows are whole blocks).
-    Ggml(crate::gguf::GgmlType),
+    /// Blocks of a quantized GGML type as a GGUF file stores them (rows
+    /// are whole blocks), and how the CPU backend multiplies by them.
+    Ggml(crate::gguf::GgmlType, BlockArithmetic),
 }
 
-/// How a GGUF file's Q4_0, Q4_1 and Q8_0 tensors reach the backend.
+/// How the CPU backend computes `x · Wᵀ` on quantized blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockArithmetic {
+    /// Rows of `W` dequantized a tile at a time with the GGUF reference
+    /// arithmetic, then f32 products: the same numbers as weights
+    /// dequantized at load, bit for bit. Every quantized type.
+    F32,
+    /// Activations rounded to 8 bits per 32-element block and integer
+    /// block sums, as llama.cpp does (Q4_0, Q4_1, Q8_0 only).
+    Q8,
+}
+
+/// How a GGUF file's quantized tensors reach the backend.
 ///
-/// The default is the exact path: rounding activations to 8 bits (as
-/// llama.cpp does) changes SmolLM2-135M's greedy answers after 5 tokens —
-/// its chat answer to "capital of France" is no longer Paris — so keeping
-/// blocks is opt-in until that is measured against llama.cpp itself.
+/// The default keeps them as stored (a Q4_1 model stays at 4.5 bits a
+/// weight) with exact f32 arithmetic. Rounding activations to 8 bits as
+/// llama.cpp does ([`BlocksQ8`](Self::BlocksQ8)) is faster but changes
+/// SmolLM2-135M's greedy answers after 5 tokens (its chat answer to
+/// "capital of France" is no longer Paris), so it is opt-in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum QuantizedWeights {
-    /// As stored blocks ([`WeightDtype::Ggml`]): the CPU backend multiplies
-    /// them directly, activations rounded to 8 bits per block (a fifth of
-    /// the memory, 1.7–3.8× faster).
-    Keep,
-    /// Dequantized to f32 at load: exact arithmetic on the stored values,
-    /// four to seven times the memory.
+    /// As stored blocks, every quantized type, multiplied in f32
+    /// ([`BlockArithmetic::F32`]): the numbers of
+    /// [`Dequantize`](Self::Dequantize) at the memory of the file.
     #[default]
+    Blocks,
+    /// Q4_0, Q4_1 and Q8_0 as stored blocks with 8-bit activations
+    /// ([`BlockArithmetic::Q8`]); other types as [`Blocks`](Self::Blocks).
+    BlocksQ8,
+    /// Dequantized to f32 at load: four to seven times the memory.
     Dequantize,
 }
 
 impl QuantizedWeights {
-    /// [`Keep`](Self::Keep) when the environment variable
-    /// `WEIR_GGUF_BLOCKS` is `1` or `true`, else
-    /// [`Dequantize`](Self::Dequantize).
+    /// From `WEIR_GGUF_WEIGHTS`: `q8` is [`BlocksQ8`](Self::BlocksQ8),
+    /// `f32` is [`Dequantize`](Self::Dequantize), anything else (or unset)
+    /// [`Blocks`](Self::Blocks).
     pub fn from_env() -> Self {
-        match std::env::var("WEIR_GGUF_BLOCKS").as_deref() {
-            Ok("1" | "true") => Self::Keep,
-            _ => Self::Dequantize,
+        match std::env::var("WEIR_GGUF_WEIGHTS").as_deref() {
+            Ok("q8") => Self::BlocksQ8,
+            Ok("f32") => Self::Dequantize,
+            _ => Self::Blocks,
         }
     }
 }
 
-/// The quantized types served as blocks under [`QuantizedWeights::Keep`].
+/// The quantized types with 8-bit activation kernels
+/// ([`QuantizedWeights::BlocksQ8`]).
 pub const BLOCK_TYPES: [crate::gguf::GgmlType; 3] = [
     crate::gguf::GgmlType::Q4_0,
     crate::gguf::GgmlType::Q4_1,
@@ -96,7 +112,7 @@ impl TensorView<'_> {
                 .chunks_exact(2)
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            WeightDtype::Ggml(ty) => {
+            WeightDtype::Ggml(ty, _) => {
                 let mut out = vec![0f32; self.shape.iter().product()];
                 crate::gguf::dequant::dequantize(ty, &self.data, &mut out);
                 out
@@ -281,8 +297,11 @@ impl Weights {
             GgmlType::F32 => WeightDtype::F32,
             GgmlType::F16 => WeightDtype::F16,
             GgmlType::BF16 => WeightDtype::BF16,
-            ty if BLOCK_TYPES.contains(&ty) && self.quantized == QuantizedWeights::Keep => {
-                WeightDtype::Ggml(ty)
+            ty if self.quantized == QuantizedWeights::BlocksQ8 && BLOCK_TYPES.contains(&ty) => {
+                WeightDtype::Ggml(ty, BlockArithmetic::Q8)
+            }
+            ty if self.quantized != QuantizedWeights::Dequantize => {
+                WeightDtype::Ggml(ty, BlockArithmetic::F32)
             }
             ty => {
                 let mut values = vec![0f32; shape.iter().product()];

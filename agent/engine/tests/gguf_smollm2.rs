@@ -170,14 +170,34 @@ fn prompt_logits_delta(model: &LlamaModel<CpuBackend>) -> (f32, bool) {
     (worst, same_top)
 }
 
+/// The default path keeps the file's blocks and multiplies in f32: its
+/// logits are those of the weights dequantized at load, bit for bit, and
+/// match transformers; its greedy tokens and chat answer are the golden
+/// ones.
 #[test]
 fn logits_greedy_tokens_and_chat_answer_match_transformers() {
     let Some(path) = model_path() else { return };
     let g = golden();
-    let model = load(&path, QuantizedWeights::Dequantize);
+    let model = load(&path, QuantizedWeights::Blocks);
     let (worst, _) = prompt_logits_delta(&model);
     assert!(worst <= TOLERANCE, "max |Δ| {worst} > {TOLERANCE}");
     let prompt = ids(&g["prompt_ids"]);
+    let dequantized = load(&path, QuantizedWeights::Dequantize);
+    let logits = |m: &LlamaModel<CpuBackend>| {
+        let mut cache = m.alloc_kv_cache(prompt.len().div_ceil(16), 16).unwrap();
+        let table: Vec<u32> = (0..prompt.len().div_ceil(16) as u32).collect();
+        let mut layout = BatchLayout::default();
+        layout.push_seq(&prompt, 0, &table, 16, true);
+        m.forward(&layout, &mut cache).unwrap()
+    };
+    let (kept, widened) = (logits(&model), logits(&dequantized));
+    assert!(
+        kept.iter()
+            .zip(&widened)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "blocks in f32 differ from weights dequantized at load"
+    );
+    drop(dequantized);
 
     let started = Instant::now();
     let tokens = greedy(&model, &prompt, 16);
@@ -195,13 +215,13 @@ fn logits_greedy_tokens_and_chat_answer_match_transformers() {
     assert!(text.contains("Paris"), "{text:?}");
 }
 
-/// The default path keeps Q4_1 blocks and rounds activations to 8 bits:
-/// close to exact arithmetic, not equal to it.
+/// The 8-bit activation path keeps Q4_1 blocks and rounds activations to
+/// 8 bits as llama.cpp does: close to exact arithmetic, not equal to it.
 #[test]
 fn quantized_path_stays_within_quantization_noise_of_transformers() {
     let Some(path) = model_path() else { return };
     let g = golden();
-    let model = load(&path, QuantizedWeights::Keep);
+    let model = load(&path, QuantizedWeights::BlocksQ8);
     let (worst, same_top) = prompt_logits_delta(&model);
     assert!(
         worst <= QUANT_TOLERANCE,

@@ -55,6 +55,15 @@ pub enum ApiError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// The model exists but no replica became ready in time, or too many
+    /// requests are held for it already (503, code `model_unavailable`).
+    #[error("{message}")]
+    ModelUnavailable {
+        /// Why.
+        message: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// The model is being taken out of service on this agent (503, with
     /// `x-weir-draining` so a forwarding peer tries another replica).
     #[error("{0}")]
@@ -84,7 +93,9 @@ impl ApiError {
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable { .. } | Self::Draining(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::ModelUnavailable { .. } | Self::Draining(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -100,7 +111,9 @@ impl ApiError {
             Self::Unauthorized(_) => "authentication_error",
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => "not_found_error",
             Self::Overloaded { .. } => "rate_limit_error",
-            Self::Unavailable { .. } | Self::Draining(_) => "service_unavailable_error",
+            Self::Unavailable { .. } | Self::ModelUnavailable { .. } | Self::Draining(_) => {
+                "service_unavailable_error"
+            }
             Self::Internal(_) => "internal_error",
         }
     }
@@ -112,6 +125,7 @@ impl ApiError {
             Self::RequestTimeout(_) => Some("request_timeout"),
             Self::HeadersTooLarge(_) => Some("request_header_fields_too_large"),
             Self::Overloaded { .. } => Some("rate_limit_exceeded"),
+            Self::ModelUnavailable { .. } => Some("model_unavailable"),
             _ => None,
         }
     }
@@ -134,9 +148,9 @@ impl ApiError {
     /// How long a client should wait before retrying, for 429 and 503.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Overloaded { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::Overloaded { retry_after, .. }
+            | Self::Unavailable { retry_after, .. }
+            | Self::ModelUnavailable { retry_after, .. } => Some(*retry_after),
             Self::Draining(_) => Some(Duration::from_secs(1)),
             _ => None,
         }

@@ -18,6 +18,7 @@ use weir_crds::{Model, ModelEnsemble, NodeAgent};
 
 use crate::http::AppState;
 use crate::route::ensemble::Ensemble;
+use crate::route::hold::HoldLimits;
 use crate::route::peers::Peer;
 
 /// Peers from NodeAgents: every other agent whose heartbeat is younger than
@@ -77,7 +78,8 @@ where
     reader
 }
 
-/// The peer table and the models that exist, from the stores now.
+/// The peer table, the models that exist and their hold limits, from the
+/// stores now.
 fn refresh_peers(state: &AppState, me: &str, agents: &Store<NodeAgent>, models: &Store<Model>) {
     state.peers.replace(peers_from(
         &agents.state(),
@@ -85,13 +87,17 @@ fn refresh_peers(state: &AppState, me: &str, agents: &Store<NodeAgent>, models: 
         Timestamp::now(),
         Duration::from_secs(45),
     ));
-    state.peers.declare(
+    let models = models.state();
+    let served = |m: &Model| m.spec.served_name.clone().unwrap_or_else(|| m.name_any());
+    state.holds.configure(
         models
-            .state()
             .iter()
-            .map(|m| m.spec.served_name.clone().unwrap_or_else(|| m.name_any()))
+            .map(|m| (served(m), HoldLimits::of(&m.spec.replicas)))
             .collect(),
     );
+    state
+        .peers
+        .declare(models.iter().map(|m| served(m)).collect());
 }
 
 /// Keeps `state.peers` and `state.ensembles` current until the process

@@ -386,6 +386,10 @@ async fn apply(config: &ClusterConfig, state: &AppState, states: &ModelStates, a
                     drop(models);
                     set_state(states, &name, ModelState::phase(ModelPhase::Ready));
                     tracing::info!(model = %name, "loaded");
+                    // Requests held here for it go to this replica now; a
+                    // heartbeat at once tells peers holding requests too.
+                    state.holds.release(&name);
+                    config.beat_now.notify_one();
                 }
                 Ok(Err(e)) => set_state(
                     states,

@@ -170,14 +170,17 @@ pub async fn serve(
             }
         };
         let _ = socket.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(socket), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let (builder, router, watcher) = (builder.clone(), router.clone(), graceful.watcher());
+        let header_read = limits.header_read;
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = connection.await {
+            if !first_bytes(&socket, header_read).await {
+                tracing::debug!(client = %addr, "connection sent no request in time");
+                return;
+            }
+            let service = TowerToHyperService::new(router);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(client = %addr, error = %e, "connection ended");
             }
         });
@@ -185,6 +188,31 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// Waits until a new connection has sent enough to tell its protocol
+/// (a first byte that is not the HTTP/2 preface's, or the whole preface);
+/// `false` if it closed or sent nothing within `limit`. hyper's header
+/// timeout starts only once a request begins, and its protocol detection
+/// reads without a deadline, so a client that connects and stays silent
+/// would otherwise hold its connection forever.
+async fn first_bytes(socket: &TcpStream, limit: Duration) -> bool {
+    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let wait = async {
+        let mut buf = [0u8; 24];
+        loop {
+            let n = socket.peek(&mut buf).await?;
+            if n == 0 {
+                return Ok::<bool, std::io::Error>(false);
+            }
+            if buf[..n] != PREFACE[..n] || n == PREFACE.len() {
+                return Ok(true);
+            }
+            // Part of the preface so far: peek returns at once, so pause.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    matches!(tokio::time::timeout(limit, wait).await, Ok(Ok(true)))
 }
 
 /// Answers a connection over the limits with a 503 and closes it.

@@ -36,6 +36,7 @@ use crate::pipeline;
 use crate::route::Routing;
 use crate::route::ensemble::EnsembleTable;
 use crate::route::forward;
+use crate::route::hold::HoldQueues;
 use crate::route::peers::PeerTable;
 
 /// State shared by every handler.
@@ -60,6 +61,9 @@ pub struct AppState {
     pub peers: Arc<PeerTable>,
     /// Ensembles by public name.
     pub ensembles: Arc<EnsembleTable>,
+    /// Requests held for models without a ready replica; released by peer
+    /// table changes and by models loading here.
+    pub holds: Arc<HoldQueues>,
     /// Pooled keep-alive client for forwarding.
     pub http: reqwest::Client,
     /// How requests are placed on replicas, and peers' KV summaries.
@@ -75,16 +79,24 @@ impl AppState {
     /// State over `models` with a GPU monitor and an optional API key.
     pub fn with(models: ModelRegistry, gpu: Arc<GpuMonitor>, api_key: Option<String>) -> Self {
         let models = Arc::new(RwLock::new(models));
+        let metrics = Metrics::new(models.clone(), gpu.clone());
+        let holds = Arc::new(HoldQueues::new(metrics.held.clone()));
+        let peers = Arc::new(PeerTable::default());
+        let release = holds.clone();
+        peers.on_change(move |table| {
+            release.release_where(|m| !table.serving(m).is_empty());
+        });
         Self {
-            metrics: Metrics::new(models.clone(), gpu.clone()),
+            metrics,
             models,
             ready: Arc::new(AtomicBool::new(true)),
             gpu,
             api_key: api_key.map(Arc::from),
             cluster: false,
             synced: Arc::new(AtomicBool::new(true)),
-            peers: Arc::default(),
+            peers,
             ensembles: Arc::default(),
+            holds,
             http: reqwest::Client::builder()
                 .pool_idle_timeout(std::time::Duration::from_secs(20))
                 .connect_timeout(std::time::Duration::from_secs(2))
@@ -101,6 +113,7 @@ impl AppState {
             metrics: &self.metrics,
             peers: &self.peers,
             ensembles: &self.ensembles,
+            holds: &self.holds,
             http: &self.http,
             routing: &self.routing,
         }

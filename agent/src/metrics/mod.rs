@@ -12,7 +12,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -115,6 +115,9 @@ pub struct Metrics {
     pub route_decisions: Family<RouteLabel, Counter>,
     /// Fresh KV summaries of peers (per peer and model).
     pub kv_summaries: prometheus_client::metrics::gauge::Gauge,
+    /// Requests held for a model without a ready replica
+    /// ([`crate::route::hold`]).
+    pub held: Family<ModelLabel, Gauge>,
     /// Smoothed latency per (ensemble, member), for `BestOf`.
     member_ewma: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), f64>>>,
 }
@@ -188,6 +191,7 @@ impl Metrics {
             ensemble_latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             route_decisions: Family::default(),
             kv_summaries: Default::default(),
+            held: Family::default(),
             member_ewma: Arc::default(),
         };
         registry.register(
@@ -284,6 +288,11 @@ impl Metrics {
             "weir_ensemble_member_latency_seconds",
             "Ensemble member latency",
             m.ensemble_latency.clone(),
+        );
+        registry.register(
+            "weir_requests_held",
+            "Requests held until a replica of their model is ready",
+            m.held.clone(),
         );
         registry.register_collector(Box::new(EngineCollector { models, gpu }));
         Self {

@@ -3,7 +3,8 @@
 //! reads them in order:
 //!
 //! 1. resolve the target: an ensemble, a model served here, or a peer
-//!    ([`target`]); an ensemble tries its members ([`ensemble`]), each
+//!    ([`target`]), held first while the model has no ready replica
+//!    ([`hold`]); an ensemble tries its members ([`ensemble`]), each
 //!    through the rest of this pipeline; a peer gets the request as it came
 //!    ([`crate::route::forward`]);
 //! 2. validate into an engine job ([`validate`]), the prompt shaped first
@@ -19,6 +20,7 @@
 //! and the headers that say where they came from.
 
 pub mod ensemble;
+pub mod hold;
 pub mod measure;
 pub mod placement;
 pub mod prompt;
@@ -41,6 +43,7 @@ use crate::metrics::{Metrics, ModelLabel, OutcomeLabel, TierLabel};
 use crate::models::{ModelRegistry, ServedEncoder, ServedModel};
 use crate::route::ensemble::EnsembleTable;
 use crate::route::forward::Relayed;
+use crate::route::hold::HoldQueues;
 use crate::route::peers::PeerTable;
 use semantic_cache::Probe;
 use target::{GenerationRequest, Target};
@@ -103,6 +106,8 @@ pub struct Context<'a> {
     pub peers: &'a PeerTable,
     /// Ensembles by public name.
     pub ensembles: &'a EnsembleTable,
+    /// Requests held for models without a ready replica.
+    pub holds: &'a HoldQueues,
     /// Pooled keep-alive client for peers and external members.
     pub http: &'a reqwest::Client,
     /// Placement on replicas and peers' KV summaries.
@@ -194,7 +199,7 @@ impl Outcome {
 
 /// Answers one generation request, every step in order.
 pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, ApiError> {
-    let (model, request) = match target::resolve(ctx, &incoming)? {
+    let (model, request) = match hold::resolve(ctx, &incoming).await? {
         Target::Ensemble(e) => return ensemble::serve(ctx, &e, &incoming).await,
         Target::Peer(request) => return to_peer(ctx, &request, incoming).await,
         Target::Local(model, request) => (model, request),

@@ -8,7 +8,11 @@
 //! as after any failure before a byte came back; after the head, a gap of
 //! [`IDLE_TIMEOUT`] between chunks ends the answer (SSE keep-alives come
 //! every 15 s). A stream that breaks or stalls ends with an OpenAI error
-//! event and `[DONE]`, never a truncated body.
+//! event and `[DONE]`, never a truncated body. While waiting for a head, a
+//! peer that the peer table marks not ready (its poll or heartbeat failed:
+//! a stopped or hung process) is given up at once and the next replica
+//! tried, so a hung peer costs a whole-answer request one poll period, not
+//! the whole head timeout.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -135,7 +139,11 @@ pub async fn to_replicas(
         }
         let counter = table.counter(url);
         counter.fetch_add(1, Ordering::AcqRel);
-        let failure = match tokio::time::timeout(head_timeout, request.send()).await {
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(head_timeout, request.send()) => answer.map(|r| r.map_err(Failed)),
+            () = went_unready(table, url) => Ok(Err(Unready)),
+        };
+        let failure = match answer {
             // Refused before any work (draining, overloaded, failing):
             // another replica may answer; if none does, the refusal is passed on.
             Ok(Ok(answer)) if matches!(answer.status().as_u16(), 429 | 503) => {
@@ -144,7 +152,8 @@ pub async fn to_replicas(
                 why
             }
             Ok(Ok(answer)) => return Ok(relay(answer, Some(counter))),
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(Unready)) => "marked not ready while answering".to_owned(),
+            Ok(Err(Failed(e))) => e.to_string(),
             Err(_) => format!("no answer within {head_timeout:?}"),
         };
         counter.fetch_sub(1, Ordering::AcqRel);
@@ -158,6 +167,24 @@ pub async fn to_replicas(
         model,
         &format!("no replica could be reached ({last_error})"),
     ))
+}
+
+/// Why a peer gave no head: its request failed, or the peer table marked
+/// it not ready meanwhile.
+enum HeadError {
+    Failed(reqwest::Error),
+    Unready,
+}
+use HeadError::{Failed, Unready};
+
+/// How often a peer's readiness is looked at while its head is awaited.
+const READY_CHECK: Duration = Duration::from_millis(250);
+
+/// Resolves once the peer table no longer has `url` ready.
+async fn went_unready(table: &PeerTable, url: &str) {
+    while table.is_ready(url) {
+        tokio::time::sleep(READY_CHECK).await;
+    }
 }
 
 fn no_replica(model: &str, why: &str) -> ApiError {

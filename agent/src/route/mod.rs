@@ -6,9 +6,12 @@
 //! prefix with bounded load as the fallback. A connection failure retries
 //! the next replica; a request already forwarded once is never forwarded
 //! again.
+//! A model that exists without a ready replica has its requests held here
+//! until one is ready ([`hold`]).
 
 pub mod ensemble;
 pub mod forward;
+pub mod hold;
 pub mod peers;
 pub mod prefix;
 pub mod summary;

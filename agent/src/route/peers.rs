@@ -6,7 +6,8 @@
 //! which models exist without a ready replica (declared by Model objects in
 //! cluster mode, or seen on a peer in the last [`SEEN_FOR`]), so that a
 //! request for one is told to retry (503) rather than that it does not
-//! exist (404).
+//! exist (404), or held until one is ([`super::hold`]): every rebuild or
+//! update of the table runs the hook set with [`PeerTable::on_change`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
@@ -36,6 +37,19 @@ pub struct PeerTable {
     in_flight: RwLock<BTreeMap<String, Arc<std::sync::atomic::AtomicUsize>>>,
     declared: RwLock<BTreeSet<String>>,
     seen: RwLock<BTreeMap<String, Instant>>,
+    on_change: RwLock<ChangeHook>,
+}
+
+/// What runs after every change of the table (releasing held requests).
+#[derive(Default)]
+struct ChangeHook(Option<Box<Hook>>);
+
+type Hook = dyn Fn(&PeerTable) + Send + Sync;
+
+impl std::fmt::Debug for ChangeHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "hook" } else { "none" })
+    }
 }
 
 impl PeerTable {
@@ -44,6 +58,8 @@ impl PeerTable {
         self.saw(&peers);
         let mut table = self.peers.write().unwrap_or_else(|p| p.into_inner());
         *table = peers.into_iter().map(|p| (p.url.clone(), p)).collect();
+        drop(table);
+        self.changed();
     }
 
     /// Sets one peer's entry (standalone polling).
@@ -53,6 +69,20 @@ impl PeerTable {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(peer.url.clone(), peer);
+        self.changed();
+    }
+
+    /// Runs `hook` after every later change of the table (replacing the
+    /// hook set before).
+    pub fn on_change(&self, hook: impl Fn(&PeerTable) + Send + Sync + 'static) {
+        *self.on_change.write().unwrap_or_else(|p| p.into_inner()) =
+            ChangeHook(Some(Box::new(hook)));
+    }
+
+    fn changed(&self) {
+        if let Some(hook) = &self.on_change.read().unwrap_or_else(|p| p.into_inner()).0 {
+            hook(self);
+        }
     }
 
     fn saw(&self, peers: &[Peer]) {
@@ -93,6 +123,15 @@ impl PeerTable {
             .filter(|p| p.ready && p.models.iter().any(|m| m == model))
             .cloned()
             .collect()
+    }
+
+    /// Whether the peer at `url` is in the table and ready.
+    pub fn is_ready(&self, url: &str) -> bool {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(url)
+            .is_some_and(|p| p.ready)
     }
 
     /// Every model some ready peer serves.

@@ -42,6 +42,7 @@ use tokio::sync::{Mutex, RwLock};
 use weir_crds::{BatchPolicy, CachePolicy, Model, ModelEnsemble, NodeAgent};
 
 use crate::autoscale::ScaleState;
+use crate::scale_zero::IdleState;
 use crate::scrape::{self, ModelFigures};
 use crate::world;
 
@@ -107,8 +108,11 @@ pub struct Context {
     /// term's writes (authoritative over a store that may lag them). Its
     /// lock serializes placement decisions.
     placing: Mutex<BTreeMap<String, Vec<String>>>,
-    /// Autoscaler state and current decision, per Model.
-    scale: Mutex<HashMap<String, (ScaleState, u32)>>,
+    /// Autoscaler state, current decision and idleness, per Model.
+    scale: Mutex<HashMap<String, (ScaleState, u32, IdleState)>>,
+    /// Fired when a collection finds requests held somewhere, so that
+    /// every Model is reconciled at once (a Model at zero scales to one).
+    held: tokio::sync::watch::Sender<u64>,
     /// Per ensemble: when it was last reweighted and the figures then.
     reweights: Reweights,
     /// Consecutive failures per object, for backoff.
@@ -135,6 +139,7 @@ impl Context {
             collections: AtomicU64::new(0),
             placing: Mutex::default(),
             scale: Mutex::default(),
+            held: tokio::sync::watch::channel(0).0,
             reweights: Mutex::default(),
             failures: std::sync::Mutex::default(),
         }
@@ -311,6 +316,7 @@ fn controllers(ctx: &Arc<Context>, changes: &Changes) -> Vec<Task> {
             Controller::new(Api::<Model>::all(client.clone()), wc())
                 .with_config(config())
                 .reconcile_all_on(watch::on(&changes.world))
+                .reconcile_all_on(watch::on(&ctx.held))
                 .run(model::reconcile, error_policy, ctx.clone()),
         )),
         Box::pin(drain(
@@ -338,8 +344,12 @@ async fn collect_forever(ctx: Arc<Context>) {
         let agents = ctx.caches.agents.state();
         let now = Timestamp::now();
         let figures = collect(&ctx, &agents, now).await;
+        let held = figures.values().any(|f| f.held > 0.0);
         ctx.history.write().await.push(now, figures.clone());
         *ctx.figures.write().await = figures;
+        if held {
+            ctx.held.send_modify(|n| *n += 1);
+        }
         ctx.collections.fetch_add(1, Ordering::AcqRel);
         ctx.prune().await;
     }
@@ -371,6 +381,7 @@ pub async fn collect(
                     t.waiting += f.waiting;
                     t.running += f.running;
                     t.kv_usage += f.kv_usage;
+                    t.held += f.held;
                     t.successes += f.successes;
                     t.failures += f.failures;
                     t.e2e.add(&f.e2e);

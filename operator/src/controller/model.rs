@@ -35,6 +35,7 @@ use weir_crds::{BatchPolicy, CachePolicy, Model, NodeAgent};
 use super::{Context, Error, observe};
 use crate::autoscale;
 use crate::placement::{self, ModelDemand, NodeView};
+use crate::scale_zero::{self, ZeroChange};
 use crate::scrape::ModelFigures;
 use crate::{apply, drain, world};
 
@@ -137,34 +138,56 @@ fn demand(model: &Model, replicas: u32, weights: u64) -> ModelDemand {
 }
 
 /// The replica count for `model` now: its autoscaler runs on the collected
-/// figures (`decide`), or, for the other Models placed alongside it, their
-/// last decision stands.
+/// figures, then the scale-to-zero rule (`decide`, with the move to or from
+/// zero for its event); or, for the other Models placed alongside it, their
+/// last decision stands. A `min: 0` Model starts from the count its status
+/// shows, so that an operator restart does not wake every idle Model.
 async fn replicas(
     ctx: &Context,
     model: &Model,
     replicas_now: usize,
     figures: &BTreeMap<String, ModelFigures>,
     decide: bool,
-) -> u32 {
+) -> (u32, Option<ZeroChange>) {
     let policy = &model.spec.replicas;
-    let start = policy.min.max(1).min(policy.max);
-    let mut scale = ctx.scale.lock().await;
-    let slot = scale
-        .entry(key(model))
-        .or_insert_with(|| (autoscale::ScaleState::default(), start));
-    if !decide {
-        return slot.1;
+    let mut start = policy.min.max(1).min(policy.max);
+    if policy.min == 0
+        && let Some(status) = &model.status
+    {
+        start = status.desired_replicas.min(policy.max);
     }
-    let observed = figures
-        .get(&world::served_name(model))
+    let mut scale = ctx.scale.lock().await;
+    let slot = scale.entry(key(model)).or_insert_with(|| {
+        (
+            autoscale::ScaleState::default(),
+            start,
+            scale_zero::IdleState::default(),
+        )
+    });
+    if !decide {
+        return (slot.1, None);
+    }
+    let served = figures.get(&world::served_name(model));
+    let observed = served
         .filter(|_| replicas_now > 0)
         .map(|f| match policy.metric {
             weir_crds::model::AutoscaleMetric::QueueDepth => f.waiting / replicas_now as f64,
             weir_crds::model::AutoscaleMetric::KvCacheUsage => f.kv_usage / replicas_now as f64,
         });
     let now = std::time::Instant::now();
-    slot.1 = autoscale::desired_replicas(policy, slot.1, observed, &mut slot.0, now);
-    slot.1
+    let autoscaled = match slot.1 {
+        0 => 0,
+        current => autoscale::desired_replicas(
+            &scale_zero::autoscaler_policy(policy),
+            current,
+            observed,
+            &mut slot.0,
+            now,
+        ),
+    };
+    let (n, change) = scale_zero::decide(policy, slot.1, autoscaled, served, &mut slot.2, now);
+    slot.1 = n;
+    (n, change)
 }
 
 /// Current assignments (Model key → nodes): the NodeAgent specs as cached,
@@ -204,6 +227,8 @@ struct Decision {
     entry: Option<AssignedModel>,
     placed: placement::Placed,
     problem: Option<(String, String)>,
+    /// A move to or from zero made now.
+    zero: Option<ZeroChange>,
 }
 
 async fn decide(
@@ -236,6 +261,7 @@ async fn decide(
         entry: None,
         placed: placement::Placed::default(),
         problem: None,
+        zero: None,
     };
     let all: Vec<&Model> = others.iter().map(|m| m.as_ref()).chain([model]).collect();
     for &m in &all {
@@ -255,10 +281,11 @@ async fn decide(
         match world::resolve_policies(m, &caches, &batches) {
             Ok((cache, batch)) => {
                 let now_placed = current.get(&key(m)).map_or(0, Vec::len);
-                let n = replicas(ctx, m, now_placed, &figures, mine).await;
+                let (n, zero) = replicas(ctx, m, now_placed, &figures, mine).await;
                 demands.push(demand(m, n, ctx.weights.of(m, &reported).await));
                 if mine {
                     decision.replicas = n;
+                    decision.zero = zero;
                     decision.entry = Some(world::assignment(m, cache, batch));
                 }
             }
@@ -413,7 +440,13 @@ async fn write_status(
     }
     let result = apply::model_status(&ctx.client, model, &status).await;
     ctx.metrics.record("Model", &result);
-    if result? {
+    let changed = result?;
+    if let Some(zero) = &d.zero {
+        let (reason, note) = zero.event(&world::served_name(model));
+        tracing::info!(model = %key(model), reason, "{note}");
+        apply::event(&ctx.client, model, false, reason, note).await;
+    }
+    if changed {
         if let Some(alarm) = performance_event(was_alert, status.performance.as_ref()) {
             let (warning, reason, message) = alarm;
             apply::event(&ctx.client, model, warning, reason, message).await;

@@ -235,7 +235,9 @@ pub(crate) fn encode(values: &[f32], dtype: WeightDtype) -> (Dtype, Vec<u8>) {
                 .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
                 .collect(),
         ),
-        WeightDtype::Ggml(ty) => panic!("test models are safetensors; {} is GGUF-only", ty.name()),
+        WeightDtype::Ggml(ty, _) => {
+            panic!("test models are safetensors; {} is GGUF-only", ty.name())
+        }
     }
 }
 
@@ -404,7 +406,7 @@ fn config_json(spec: &TinyModelSpec, vocab: usize, bos: Option<u32>, eos: &[u32]
         "bos_token_id": bos,
         "eos_token_id": eos,
         "torch_dtype": match spec.dtype {
-            WeightDtype::F32 | WeightDtype::Ggml(_) => "float32",
+            WeightDtype::F32 | WeightDtype::Ggml(..) => "float32",
             WeightDtype::BF16 => "bfloat16",
             WeightDtype::F16 => "float16",
         },

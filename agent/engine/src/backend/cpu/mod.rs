@@ -2,10 +2,10 @@
 //! reference the CUDA backend is checked against, and it runs everywhere,
 //! CI included.
 //!
-//! Weights are f32 ([`CpuWeight::Dense`]), or, for a GGUF file's Q4_0,
-//! Q4_1 and Q8_0 tensors, the stored blocks ([`CpuWeight::Quant`],
-//! multiplied by the kernels of [`quant`] on the instruction set [`simd`]
-//! detects). The f32 product is written here rather than taken from a BLAS
+//! Weights are f32 ([`CpuWeight::Dense`]), or, for a GGUF file's quantized
+//! tensors, the stored blocks ([`CpuWeight::Quant`], multiplied by the
+//! kernels of [`quant`]: in f32 on rows dequantized a tile at a time, or
+//! with 8-bit activations on the instruction set [`simd`] detects). The f32 product is written here rather than taken from a BLAS
 //! crate: decode (few rows) is bound by reading the weights, and a
 //! row-parallel dot-product kernel reads each weight row once per step.
 
@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::{AttentionShape, Backend, BatchLayout, KvCacheShape, RopeTable, SampleResults};
 use crate::error::{EngineError, Result};
 use crate::sampler::{BatchRow, Sampler};
-use crate::weights::{TensorView, WeightDtype};
+use crate::weights::{BlockArithmetic, TensorView, WeightDtype};
 use quant::QuantMatrix;
 use simd::Isa;
 
@@ -153,8 +153,8 @@ impl Backend for CpuBackend {
     }
 
     fn load_weight(&self, view: &TensorView<'_>) -> Result<CpuWeight> {
-        if let (WeightDtype::Ggml(ty), [rows, cols]) = (view.dtype, view.shape.as_slice()) {
-            let q = QuantMatrix::new(ty, *rows, *cols, view.data.to_vec())
+        if let (WeightDtype::Ggml(ty, arith), [rows, cols]) = (view.dtype, view.shape.as_slice()) {
+            let q = QuantMatrix::new(ty, arith, *rows, *cols, view.data.to_vec())
                 .map_err(|e| shape_err("load_weight", e))?;
             return Ok(CpuWeight::Quant(q));
         }
@@ -243,7 +243,10 @@ impl Backend for CpuBackend {
                     ));
                 }
                 let bias = bias.map(|b| b.data.as_slice());
-                return Ok(quant::matmul(x, q, bias, Isa::detect()));
+                return Ok(match q.arithmetic() {
+                    BlockArithmetic::Q8 => quant::matmul(x, q, bias, Isa::detect()),
+                    BlockArithmetic::F32 => quant::matmul_f32(x, q, bias),
+                });
             }
         };
         if w.cols != x.cols {

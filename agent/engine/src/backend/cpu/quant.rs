@@ -1,7 +1,14 @@
-//! Weights kept in the block format a GGUF file stores them in (Q4_0, Q4_1,
-//! Q8_0) and the matrix product `x · Wᵀ` on them.
+//! Weights kept in the block format a GGUF file stores them in, and the
+//! matrix product `x · Wᵀ` on them, in one of two arithmetics
+//! ([`BlockArithmetic`]).
 //!
-//! As in llama.cpp (`ggml_vec_dot_q4_1_q8_1` and friends), each row of `x`
+//! [`matmul_f32`] (every quantized type): each task dequantizes a tile of
+//! weight rows with the GGUF reference arithmetic into a buffer that stays
+//! in cache and takes the same f32 dot products the dense path takes, so
+//! its results equal those of weights dequantized at load bit for bit,
+//! while memory holds only the blocks.
+//!
+//! [`matmul`] (Q4_0, Q4_1, Q8_0): as in llama.cpp (`ggml_vec_dot_q4_1_q8_1` and friends), each row of `x`
 //! is first rounded to 8 bits per 32-element block ([`Q8Rows`]: a scale
 //! `d = max|x| / 127`, the rounded values and `d · Σq`), so that a block's
 //! dot product is an integer sum scaled once. The scalar kernel
@@ -17,9 +24,10 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::CpuTensor;
 use super::simd::Isa;
+use super::{CpuTensor, dot};
 use crate::gguf::GgmlType;
+use crate::weights::BlockArithmetic;
 
 /// Elements per block of every type here.
 pub const QK: usize = 32;
@@ -33,23 +41,38 @@ const TILE_ROWS: usize = 16;
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantMatrix {
     ty: GgmlType,
+    arith: BlockArithmetic,
     rows: usize,
     cols: usize,
     blocks: Vec<u8>,
 }
 
 impl QuantMatrix {
-    /// Wraps `blocks` of `ty` as a `rows × cols` matrix; errors name what
-    /// does not fit (an unsupported type, columns not whole blocks, a
-    /// length that is not `rows` rows).
-    pub fn new(ty: GgmlType, rows: usize, cols: usize, blocks: Vec<u8>) -> Result<Self, String> {
-        if !crate::weights::BLOCK_TYPES.contains(&ty) {
-            return Err(format!("{} weights are not kept quantized", ty.name()));
+    /// Wraps `blocks` of `ty` as a `rows × cols` matrix multiplied with
+    /// `arith`; errors name what does not fit (a type `arith` has no
+    /// kernel for, columns not whole blocks, a length that is not `rows`
+    /// rows).
+    pub fn new(
+        ty: GgmlType,
+        arith: BlockArithmetic,
+        rows: usize,
+        cols: usize,
+        blocks: Vec<u8>,
+    ) -> Result<Self, String> {
+        let fits = match arith {
+            BlockArithmetic::Q8 => crate::weights::BLOCK_TYPES.contains(&ty),
+            BlockArithmetic::F32 => ty.block_elems() > 1,
+        };
+        if !fits {
+            return Err(format!("{} weights have no {arith:?} kernel", ty.name()));
         }
-        if !cols.is_multiple_of(QK) {
-            return Err(format!("{cols} columns are not whole {QK}-element blocks"));
+        if !cols.is_multiple_of(ty.block_elems()) {
+            return Err(format!(
+                "{cols} columns are not whole {}-element blocks",
+                ty.block_elems()
+            ));
         }
-        let want = rows * cols / QK * ty.block_bytes();
+        let want = rows * cols / ty.block_elems() * ty.block_bytes();
         if blocks.len() != want {
             return Err(format!(
                 "{} bytes for {rows}×{cols} {} (want {want})",
@@ -59,6 +82,7 @@ impl QuantMatrix {
         }
         Ok(Self {
             ty,
+            arith,
             rows,
             cols,
             blocks,
@@ -68,6 +92,11 @@ impl QuantMatrix {
     /// The stored type.
     pub fn ty(&self) -> GgmlType {
         self.ty
+    }
+
+    /// How products with it are computed.
+    pub fn arithmetic(&self) -> BlockArithmetic {
+        self.arith
     }
 
     /// Output features.
@@ -87,7 +116,7 @@ impl QuantMatrix {
 
     /// The blocks of row `j`.
     pub fn row(&self, j: usize) -> &[u8] {
-        let len = self.cols / QK * self.ty.block_bytes();
+        let len = self.cols / self.ty.block_elems() * self.ty.block_bytes();
         &self.blocks[j * len..][..len]
     }
 
@@ -210,6 +239,47 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
     acc
 }
 
+/// `x · wᵀ (+ bias)` in f32: each task dequantizes [`TILE_ROWS`] weight
+/// rows (the GGUF reference arithmetic) and takes the dense path's dot
+/// products with them, so the result equals the product with weights
+/// dequantized at load, bit for bit.
+pub fn matmul_f32(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>) -> CpuTensor {
+    let (m, n, k) = (x.rows, w.rows, w.cols);
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(TILE_ROWS * m.max(1))
+        .enumerate()
+        .for_each(|(t, tile)| {
+            let j0 = t * TILE_ROWS;
+            let mut rows = vec![0f32; tile.len() / m.max(1) * k];
+            for (jj, row) in rows.chunks_exact_mut(k).enumerate() {
+                w.dequantize_row(j0 + jj, row);
+            }
+            for ((jj, col), row) in tile
+                .chunks_exact_mut(m)
+                .enumerate()
+                .zip(rows.chunks_exact(k))
+            {
+                let b = bias.map_or(0.0, |b| b[j0 + jj]);
+                for (i, o) in col.iter_mut().enumerate() {
+                    *o = dot(x.row(i), row) + b;
+                }
+            }
+        });
+    transpose_into(&out_t, m, n)
+}
+
+/// The `[m, n]` tensor of a transposed `[n, m]` result.
+fn transpose_into(out_t: &[f32], m: usize, n: usize) -> CpuTensor {
+    let mut out = CpuTensor::zeros(m, n);
+    for (i, row) in out.data.chunks_exact_mut(n.max(1)).enumerate().take(m) {
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = out_t[j * m + i];
+        }
+    }
+    out
+}
+
 /// `x · wᵀ (+ bias)` with `x` rounded per block, on the kernels of `isa`.
 pub fn matmul(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>, isa: Isa) -> CpuTensor {
     let (m, n) = (x.rows, w.rows);
@@ -229,14 +299,13 @@ pub fn matmul(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>, isa: Isa) ->
                 }
                 i += r;
             }
+            if let Some(bias) = bias {
+                for (jj, col) in tile.chunks_exact_mut(m).enumerate() {
+                    col.iter_mut().for_each(|o| *o += bias[j0 + jj]);
+                }
+            }
         });
-    let mut out = CpuTensor::zeros(m, n);
-    for (i, row) in out.data.chunks_exact_mut(n.max(1)).enumerate().take(m) {
-        for (j, o) in row.iter_mut().enumerate() {
-            *o = out_t[j * m + i] + bias.map_or(0.0, |b| b[j]);
-        }
-    }
-    out
+    transpose_into(&out_t, m, n)
 }
 
 #[cfg(test)]
@@ -257,17 +326,36 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Byte offsets of the f16 scales (and minimums) in a block of `ty`.
+    fn f16_fields(ty: GgmlType) -> &'static [usize] {
+        match ty {
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q2_K => &[80, 82],
+            GgmlType::Q3_K => &[108],
+            GgmlType::Q6_K => &[208],
+            _ => &[0],
+        }
+    }
+
     /// Random blocks of `ty` with scales of about 0.01 (and minimums of
-    /// about −0.08 for Q4_1).
-    pub(crate) fn random_matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> QuantMatrix {
+    /// about −0.08 where the type has them), multiplied with `arith`.
+    pub(crate) fn random_matrix_with(
+        ty: GgmlType,
+        arith: BlockArithmetic,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+    ) -> QuantMatrix {
         let bb = ty.block_bytes();
-        let mut blocks = noise(seed, rows * cols / QK * bb);
+        let mut blocks = noise(seed, rows * cols / ty.block_elems() * bb);
         for (i, b) in blocks.chunks_exact_mut(bb).enumerate() {
-            let d = f16::from_f32(0.005 + 0.01 * (i % 7) as f32);
-            b[..2].copy_from_slice(&d.to_le_bytes());
-            if ty == GgmlType::Q4_1 {
-                let m = f16::from_f32(-0.08 + 0.01 * (i % 5) as f32);
-                b[2..4].copy_from_slice(&m.to_le_bytes());
+            for (f, &at) in f16_fields(ty).iter().enumerate() {
+                let v = if f == 0 {
+                    0.005 + 0.01 * (i % 7) as f32
+                } else {
+                    -0.08 + 0.01 * (i % 5) as f32
+                };
+                b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
             }
             if ty == GgmlType::Q8_0 {
                 // llama.cpp rounds Q8_0 to −127..=127.
@@ -276,7 +364,12 @@ pub(crate) mod tests {
                     .for_each(|v| *v = (*v as i8).max(-127) as u8);
             }
         }
-        QuantMatrix::new(ty, rows, cols, blocks).unwrap()
+        QuantMatrix::new(ty, arith, rows, cols, blocks).unwrap()
+    }
+
+    /// [`random_matrix_with`] for the 8-bit activation kernels.
+    pub(crate) fn random_matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> QuantMatrix {
+        random_matrix_with(ty, BlockArithmetic::Q8, rows, cols, seed)
     }
 
     pub(crate) fn random_x(rows: usize, cols: usize, seed: u64) -> CpuTensor {
@@ -383,11 +476,58 @@ pub(crate) mod tests {
         }
     }
 
+    /// The f32 product on blocks against the dense product on the same
+    /// weights dequantized: equal bit for bit, for every quantized type,
+    /// batch sizes around the tile and row-group edges, with a bias.
+    #[test]
+    fn f32_block_product_equals_the_dense_product_bit_for_bit() {
+        use GgmlType::*;
+        let backend = super::super::CpuBackend;
+        for ty in [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K] {
+            let (rows, cols) = (37, 512);
+            let w = random_matrix_with(ty, BlockArithmetic::F32, rows, cols, 5);
+            let mut dense = vec![0f32; rows * cols];
+            for (j, row) in dense.chunks_exact_mut(cols).enumerate() {
+                w.dequantize_row(j, row);
+            }
+            assert!(dense.iter().all(|v| v.is_finite()), "{ty:?}");
+            let dense = super::super::CpuWeight::Dense(CpuTensor {
+                rows,
+                cols,
+                data: dense,
+            });
+            let bias: Vec<f32> = (0..rows).map(|j| j as f32 / 8.0).collect();
+            let bias_w = super::super::CpuWeight::Dense(CpuTensor {
+                rows: 1,
+                cols: rows,
+                data: bias.clone(),
+            });
+            for m in [0, 1, 5, 17] {
+                let x = random_x(m, cols, 3 + m as u64);
+                let got = matmul_f32(&x, &w, Some(&bias));
+                let want =
+                    crate::backend::Backend::linear(&backend, &x, &dense, Some(&bias_w)).unwrap();
+                assert_eq!((got.rows, got.cols), (m, rows));
+                let same = got
+                    .data
+                    .iter()
+                    .zip(&want.data)
+                    .all(|(g, e)| g.to_bits() == e.to_bits());
+                assert!(same, "{ty:?} m {m}");
+            }
+        }
+    }
+
     #[test]
     fn matrices_that_do_not_fit_are_refused() {
-        assert!(QuantMatrix::new(GgmlType::Q4_1, 2, 33, vec![0; 40]).is_err());
-        assert!(QuantMatrix::new(GgmlType::Q4_1, 2, 32, vec![0; 39]).is_err());
-        assert!(QuantMatrix::new(GgmlType::Q4_K, 1, 256, vec![0; 144]).is_err());
-        assert!(QuantMatrix::new(GgmlType::Q8_0, 2, 32, vec![0; 68]).is_ok());
+        let q8 = BlockArithmetic::Q8;
+        let f32 = BlockArithmetic::F32;
+        assert!(QuantMatrix::new(GgmlType::Q4_1, q8, 2, 33, vec![0; 40]).is_err());
+        assert!(QuantMatrix::new(GgmlType::Q4_1, q8, 2, 32, vec![0; 39]).is_err());
+        assert!(QuantMatrix::new(GgmlType::Q4_K, q8, 1, 256, vec![0; 144]).is_err());
+        assert!(QuantMatrix::new(GgmlType::Q4_K, f32, 1, 256, vec![0; 144]).is_ok());
+        assert!(QuantMatrix::new(GgmlType::Q4_K, f32, 1, 128, vec![0; 72]).is_err());
+        assert!(QuantMatrix::new(GgmlType::F16, f32, 1, 32, vec![0; 64]).is_err());
+        assert!(QuantMatrix::new(GgmlType::Q8_0, q8, 2, 32, vec![0; 68]).is_ok());
     }
 }

@@ -284,7 +284,14 @@ mod tests {
         let mut blocks = w.row(0).to_vec();
         let m = super::super::quant::half_at(&blocks, 2);
         blocks[2..4].copy_from_slice(&half::f16::from_f32(m + 1.0).to_le_bytes());
-        w = QuantMatrix::new(GgmlType::Q4_1, 1, 32, blocks).unwrap();
+        w = QuantMatrix::new(
+            GgmlType::Q4_1,
+            crate::weights::BlockArithmetic::Q8,
+            1,
+            32,
+            blocks,
+        )
+        .unwrap();
         let delta = (super::super::quant::half_at(w.row(0), 2) - m) * a.row(0).s[0];
         for (isa, b) in Isa::available().iter().zip(before) {
             let mut o = [0f32];

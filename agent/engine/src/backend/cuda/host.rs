@@ -30,7 +30,7 @@ pub fn weight_to_bf16(view: &TensorView<'_>) -> Vec<u16> {
             .chunks_exact(2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
             .collect(),
-        WeightDtype::F16 | WeightDtype::F32 | WeightDtype::Ggml(_) => {
+        WeightDtype::F16 | WeightDtype::F32 | WeightDtype::Ggml(..) => {
             view.to_f32().into_iter().map(bf16_bits).collect()
         }
     }
