@@ -111,6 +111,19 @@ struct ServeArgs {
     /// Connections open at once from one client address.
     #[arg(long, env = "WEIR_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 1024)]
     max_connections_per_client: usize,
+    /// How requests are placed on a model's replicas: `prefix` (lowest
+    /// uncached prefill plus load, from the KV summaries peers publish),
+    /// `hash` (rendezvous hashing of the prompt's start), `least-load` or
+    /// `round-robin`.
+    #[arg(long, env = "WEIR_ROUTING_POLICY", default_value = "prefix")]
+    routing_policy: weir_agent::route::Policy,
+    /// Milliseconds between two polls of a peer's KV summary.
+    #[arg(long, env = "WEIR_KV_SUMMARY_INTERVAL_MS", default_value_t = 250)]
+    kv_summary_interval_ms: u64,
+    /// Milliseconds a peer's KV summary is trusted without a new report;
+    /// after that the request is placed by hashing.
+    #[arg(long, env = "WEIR_KV_SUMMARY_TTL_MS", default_value_t = 2000)]
+    kv_summary_ttl_ms: u64,
     /// Seconds a client has to send request headers; also the longest idle
     /// keep-alive.
     #[arg(long, env = "WEIR_HEADER_TIMEOUT", default_value_t = 30)]
@@ -139,6 +152,24 @@ impl ServeArgs {
             body_read: std::time::Duration::from_secs(self.body_timeout.max(1)),
         }
     }
+}
+
+/// Placement on replicas for an agent reached at `self_url`, polling its
+/// peers' KV summaries.
+fn start_routing(args: &ServeArgs, state: &mut AppState, self_url: String) {
+    let options = weir_agent::route::summary::SummaryOptions {
+        interval: std::time::Duration::from_millis(args.kv_summary_interval_ms.max(10)),
+        ttl: std::time::Duration::from_millis(args.kv_summary_ttl_ms.max(10)),
+    };
+    let routing = weir_agent::route::Routing::new(args.routing_policy, options, self_url);
+    weir_agent::route::summary::poll(
+        state.peers.clone(),
+        routing.summaries.clone(),
+        state.http.clone(),
+        state.api_key.clone(),
+        state.metrics.kv_summaries.clone(),
+    );
+    state.routing = Arc::new(routing);
 }
 
 fn default_cache() -> PathBuf {
@@ -276,6 +307,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.secrets_dir.clone(),
         );
     }
+    start_routing(&args, &mut state, format!("http://{addr}"));
     if let Some(path) = &args.config {
         let ensembles = weir_agent::config::load_all(path)?
             .ensembles
@@ -354,6 +386,7 @@ async fn serve_cluster(args: ServeArgs) -> anyhow::Result<()> {
         beat_now: Arc::default(),
     };
     tracing::info!(node = %config.node_name, endpoint = %config.endpoint, "cluster mode");
+    start_routing(&args, &mut state, config.endpoint.clone());
     let stop = {
         let (state, beat_now, timeout) =
             (state.clone(), config.beat_now.clone(), config.drain_timeout);

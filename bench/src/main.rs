@@ -8,18 +8,17 @@
 
 #![allow(clippy::print_stdout)] // the report is the program's output
 
-mod report;
-mod workload;
+use weir_bench::request::one;
+use weir_bench::{report, scenarios, workload};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use report::{Outcome, Summary};
+use report::Summary;
 
 /// Command line.
 #[derive(Parser, Debug)]
@@ -61,71 +60,25 @@ struct Args {
     /// Seed of the prompt mix.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-}
-
-async fn one(client: &reqwest::Client, url: &str, body: Value) -> Outcome {
-    let started = Instant::now();
-    let response = match client
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-    {
-        Ok(r) => r,
-        Err(_) => return Outcome::failed(0, started.elapsed()),
-    };
-    let status = response.status().as_u16();
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let (tier, coalesced) = (header("x-weir-cache"), header("x-weir-coalesced").is_some());
-    if status != 200 {
-        return Outcome::failed(status, started.elapsed());
-    }
-    let mut outcome = Outcome {
-        status,
-        tier,
-        coalesced,
-        ..Outcome::default()
-    };
-    let mut last = None;
-    let mut buffer = String::new();
-    let mut chunks = response.bytes_stream();
-    while let Some(Ok(chunk)) = chunks.next().await {
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            if data == "[DONE]" {
-                continue;
-            }
-            let Ok(value) = serde_json::from_str::<Value>(data) else {
-                continue;
-            };
-            if let Some(tokens) = value["usage"]["completion_tokens"].as_u64() {
-                outcome.tokens = tokens;
-            }
-            if value["choices"][0]["delta"]["content"]
-                .as_str()
-                .is_some_and(|t| !t.is_empty())
-            {
-                let now = Instant::now();
-                match last {
-                    None => outcome.ttft = Some(now - started),
-                    Some(prev) => outcome.gaps.push(now - prev),
-                }
-                last = Some(now);
-            }
-        }
-    }
-    outcome.e2e = started.elapsed();
-    outcome
+    /// A routing scenario instead of the prompt mix: `multi-turn`
+    /// (conversations growing their history behind one system prompt),
+    /// `shared-prompt` (single turns behind one long system prompt) or
+    /// `mix`. The URL may list several agents, comma-separated: sessions
+    /// enter at each in turn.
+    #[arg(long)]
+    workload: Option<scenarios::Workload>,
+    /// Conversations of `multi-turn` and `mix`.
+    #[arg(long, default_value_t = 16)]
+    conversations: usize,
+    /// Turns per conversation.
+    #[arg(long, default_value_t = 4)]
+    turns: usize,
+    /// Single-turn users of `shared-prompt` and `mix`.
+    #[arg(long, default_value_t = 64)]
+    users: usize,
+    /// Sentences of the shared system prompt.
+    #[arg(long, default_value_t = 8)]
+    system_sentences: usize,
 }
 
 async fn run(args: &Args, url: &str, prompts: &[(String, workload::Origin)]) -> Summary {
@@ -193,6 +146,38 @@ async fn main() -> anyhow::Result<()> {
             .collect::<Option<_>>()
             .ok_or_else(|| anyhow::anyhow!("--scenario takes name=URL"))?
     };
+    if let Some(workload) = args.workload {
+        let options = scenarios::Options {
+            model: args.model.clone(),
+            conversations: args.conversations,
+            turns: args.turns,
+            users: args.users,
+            concurrency: args.concurrency,
+            max_tokens: args.max_tokens,
+            system_sentences: args.system_sentences,
+            seed: args.seed,
+            ..scenarios::Options::default()
+        };
+        println!(
+            "weir-loadgen: {workload:?}, {} conversations x {} turns, {} users, concurrency {}, {} tokens\n",
+            options.conversations,
+            options.turns,
+            options.users,
+            options.concurrency,
+            options.max_tokens
+        );
+        let mut results = Vec::new();
+        for (name, url) in &scenarios {
+            let entries: Vec<String> = url.split(',').map(str::to_owned).collect();
+            let sessions = scenarios::sessions(workload, &options);
+            results.push((
+                name.clone(),
+                scenarios::run(&entries, &options, sessions).await,
+            ));
+        }
+        report::print(&results);
+        return Ok(());
+    }
     println!(
         "weir-loadgen: {} requests, concurrency {}, {} tokens, repeats {:.0} %, paraphrases {:.0} %\n",
         args.requests,

@@ -1,5 +1,6 @@
 //! Per-request outcomes and the summary table.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -21,6 +22,10 @@ pub struct Outcome {
     pub e2e: Duration,
     /// Completion tokens (from the usage chunk).
     pub tokens: u64,
+    /// `x-weir-replica` header: the agent whose engine answered.
+    pub replica: Option<String>,
+    /// The answer's text.
+    pub text: String,
 }
 
 impl Outcome {
@@ -82,6 +87,8 @@ pub struct Summary {
     pub cache_hits: f64,
     /// Share answered by joining a generation in flight.
     pub coalesced: f64,
+    /// Requests answered per replica (`x-weir-replica`).
+    pub replicas: BTreeMap<String, usize>,
 }
 
 impl Summary {
@@ -104,11 +111,30 @@ impl Summary {
                 .count() as f64
                 / n,
             coalesced: ok.iter().filter(|o| o.coalesced).count() as f64 / n,
+            replicas: ok.iter().fold(BTreeMap::new(), |mut m, o| {
+                if let Some(r) = &o.replica {
+                    *m.entry(r.clone()).or_insert(0) += 1;
+                }
+                m
+            }),
         }
+    }
+
+    /// The largest replica's share over the mean share (1.0: even), over
+    /// `replicas` replicas (at least those seen).
+    pub fn max_over_mean_share(&self, replicas: usize) -> f64 {
+        let total: usize = self.replicas.values().sum();
+        let n = replicas.max(self.replicas.len()).max(1);
+        let most = self.replicas.values().copied().max().unwrap_or(0);
+        if total == 0 {
+            return 0.0;
+        }
+        most as f64 / (total as f64 / n as f64)
     }
 }
 
 /// Prints the table, with ratios against the first scenario.
+#[allow(clippy::print_stdout)] // the table is the load generator's output
 pub fn print(results: &[(String, Summary)]) {
     println!(
         "{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>6} {:>6}",
@@ -140,6 +166,14 @@ pub fn print(results: &[(String, Summary)]) {
             s.coalesced * 100.0
         );
     }
+    for (name, s) in results.iter().filter(|(_, s)| !s.replicas.is_empty()) {
+        let shares: Vec<String> = s
+            .replicas
+            .iter()
+            .map(|(r, n)| format!("{r} {:.0}%", 100.0 * *n as f64 / s.ok.max(1) as f64))
+            .collect();
+        println!("{name} replica shares: {}", shares.join(", "));
+    }
     if let Some((base_name, base)) = results.first() {
         for (name, s) in results.iter().skip(1) {
             let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
@@ -169,6 +203,8 @@ mod tests {
                 gaps: vec![ms(2)],
                 e2e: ms(i * 2),
                 tokens: 10,
+                replica: Some(format!("r{}", i % 3 == 0)),
+                text: String::new(),
             })
             .chain(std::iter::once(Outcome::failed(429, ms(1))))
             .collect();
@@ -184,5 +220,9 @@ mod tests {
         assert!(
             (s.cache_hits - 25.0 / 101.0).abs() < 1e-9 && (s.coalesced - 10.0 / 101.0).abs() < 1e-9
         );
+        // 33 of 100 on one replica, 67 on the other; over 2 the mean is 50.
+        assert_eq!(s.replicas.get("rtrue"), Some(&33));
+        assert!((s.max_over_mean_share(2) - 67.0 / 50.0).abs() < 1e-9);
+        assert!((s.max_over_mean_share(4) - 67.0 / 25.0).abs() < 1e-9);
     }
 }

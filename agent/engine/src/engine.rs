@@ -214,19 +214,20 @@ impl EngineHandle {
         B::Weight: Send,
         B::Rope: Send,
     {
-        let scheduler = Scheduler::new(
+        let mut scheduler = Scheduler::new(
             options.scheduler.clone(),
             options.num_blocks,
             options.block_size,
         )
         .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        scheduler.record_kv_events();
         let cache = model.alloc_kv_cache(options.num_blocks, options.block_size)?;
         // The vocabulary must be one the sampler can index.
         Sampler::new(model.config().vocab_size)
             .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(options.queue_capacity.max(1));
         let stats = Arc::new(EngineStats::default());
-        stats.update_from(&scheduler);
+        stats.update_from(&mut scheduler);
         let eos = model.config().eos_token_ids.clone();
         let grammars = Arc::new(GrammarCompiler::new(
             tokenizer.clone(),
@@ -391,7 +392,7 @@ impl<B: Backend> Worker<B> {
             if !self.live.is_empty() {
                 self.step();
             }
-            self.stats.update_from(&self.scheduler);
+            self.stats.update_from(&mut self.scheduler);
         }
     }
 
@@ -415,7 +416,7 @@ impl<B: Backend> Worker<B> {
                 let _ = self
                     .scheduler
                     .set_limits(max_num_seqs, max_num_batched_tokens);
-                self.stats.update_from(&self.scheduler);
+                self.stats.update_from(&mut self.scheduler);
             }
         }
     }

@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use thiserror::Error;
 
+pub use events::{KvChanges, KvEvent, KvSummary};
+
 /// Index of one KV block, `0..num_blocks`.
 pub type BlockId = u32;
 
@@ -204,6 +206,8 @@ pub struct KvBlockPool {
     queries: u64,
     hits: u64,
     evictions: u64,
+    /// Cache additions and evictions not yet taken, when recording.
+    events: Option<Vec<KvEvent>>,
 }
 
 impl KvBlockPool {
@@ -238,6 +242,7 @@ impl KvBlockPool {
             queries: 0,
             hits: 0,
             evictions: 0,
+            events: None,
         })
     }
 
@@ -298,6 +303,24 @@ impl KvBlockPool {
     /// Prompt tokens found in the prefix cache so far.
     pub fn prefix_cache_hits(&self) -> u64 {
         self.hits
+    }
+
+    /// Starts recording cache additions and evictions for
+    /// [`take_events`](Self::take_events); the caller must take them
+    /// regularly (the engine does after every step).
+    pub fn record_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// The cache additions and evictions since the last call, in order.
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn note(&mut self, event: KvEvent) {
+        if let Some(events) = &mut self.events {
+            events.push(event);
+        }
     }
 
     /// Cached blocks evicted to make room so far.
@@ -404,6 +427,7 @@ impl KvBlockPool {
         b.cached = false;
         if let Some(content) = b.content.take() {
             self.cache.remove(&content.hash);
+            self.note(KvEvent::Removed(content.hash));
         }
         self.evictions += 1;
         Some(block)
@@ -465,6 +489,7 @@ impl KvBlockPool {
                     tokens: tokens.into(),
                 };
                 self.cache.insert(hash, entry);
+                self.note(KvEvent::Stored(hash));
                 self.blocks[block as usize].cached = true;
                 uid
             }
@@ -541,6 +566,7 @@ impl KvBlockPool {
             self.blocks[entry.block as usize].cached = false;
         }
         self.cache.clear();
+        self.note(KvEvent::Cleared);
         while let Some((_, block)) = self.evictable.pop_first() {
             let b = &mut self.blocks[block as usize];
             b.free_tick = None;
@@ -566,5 +592,6 @@ fn runs(blocks: &[BlockId]) -> Vec<(BlockId, u32)> {
 }
 
 mod audit;
+pub mod events;
 #[cfg(test)]
 mod tests;

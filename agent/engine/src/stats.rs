@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::kv_pool::KvSummary;
 use crate::scheduler::Scheduler;
 
 /// Counters and gauges of one engine (names follow vLLM's metrics).
@@ -21,6 +22,8 @@ pub struct EngineStats {
     max_num_seqs: AtomicU64,
     max_num_batched_tokens: AtomicU64,
     last_batch_size: AtomicU64,
+    prefill_queued: AtomicU64,
+    kv: KvSummary,
 }
 
 /// A consistent-enough copy of the counters.
@@ -52,11 +55,16 @@ pub struct StatsSnapshot {
     pub max_num_batched_tokens: u64,
     /// Sequences in the latest step.
     pub last_batch_size: u64,
+    /// Prompt tokens of live requests not computed yet.
+    pub prefill_queued: u64,
 }
 
 impl EngineStats {
-    /// Copies the scheduler's gauges and counters.
-    pub(crate) fn update_from(&self, scheduler: &Scheduler) {
+    /// Copies the scheduler's gauges and counters, and folds its pool's
+    /// cache events into [`kv_summary`](Self::kv_summary).
+    pub(crate) fn update_from(&self, scheduler: &mut Scheduler) {
+        self.kv.set_block_size(scheduler.block_size());
+        self.kv.apply(scheduler.take_kv_events());
         let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
         set(&self.running, scheduler.num_running() as u64);
         set(&self.waiting, scheduler.num_waiting() as u64);
@@ -71,6 +79,10 @@ impl EngineStats {
         set(&self.prefix_hits, scheduler.prefix_cache_hits());
         set(&self.prefix_queries, scheduler.prefix_cache_queries());
         set(&self.preemptions, scheduler.num_preemptions());
+        set(
+            &self.prefill_queued,
+            scheduler.num_prefill_tokens_queued() as u64,
+        );
         set(&self.max_num_seqs, scheduler.config().max_num_seqs as u64);
         set(
             &self.max_num_batched_tokens,
@@ -106,6 +118,13 @@ impl EngineStats {
             max_num_seqs: get(&self.max_num_seqs),
             max_num_batched_tokens: get(&self.max_num_batched_tokens),
             last_batch_size: get(&self.last_batch_size),
+            prefill_queued: get(&self.prefill_queued),
         }
+    }
+
+    /// The block hashes the engine's prefix cache holds (bounded), for
+    /// routers.
+    pub fn kv_summary(&self) -> &KvSummary {
+        &self.kv
     }
 }

@@ -11,6 +11,7 @@ pub mod chat;
 pub mod embeddings;
 pub mod error;
 pub mod extract;
+pub mod kv;
 pub mod listen;
 pub mod models;
 pub mod probes;
@@ -36,6 +37,7 @@ use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
 use crate::models::{ModelRegistry, ServedEncoder};
 use crate::pipeline;
+use crate::route::Routing;
 use crate::route::ensemble::EnsembleTable;
 use crate::route::forward;
 use crate::route::hold::HoldQueues;
@@ -76,6 +78,8 @@ pub struct AppState {
     pub peer_token: Option<Arc<str>>,
     /// Bearer token `/metrics` needs, if set.
     pub metrics_token: Option<Arc<str>>,
+    /// How requests are placed on replicas, and peers' KV summaries.
+    pub routing: Arc<Routing>,
 }
 
 impl AppState {
@@ -114,6 +118,7 @@ impl AppState {
             limiter: Default::default(),
             peer_token: None,
             metrics_token: None,
+            routing: Arc::default(),
         }
     }
 
@@ -129,6 +134,7 @@ impl AppState {
             tenants: &self.tenants,
             limiter: &self.limiter,
             peer_token: self.peer_token.as_deref(),
+            routing: &self.routing,
         }
     }
 
@@ -189,6 +195,7 @@ pub fn router(state: AppState) -> Router {
         .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/weir/report", get(report::report))
+        .route("/v1/weir/kv", get(kv::kv_summary))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,

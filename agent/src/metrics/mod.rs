@@ -112,6 +112,10 @@ pub struct Metrics {
     pub ensemble_requests: Family<MemberOutcome, Counter>,
     /// Ensemble member latency (to the answer's headers when streaming).
     pub ensemble_latency: Family<MemberKey, Histogram>,
+    /// Placements of requests on replicas, by policy, basis and where.
+    pub route_decisions: Family<RouteLabel, Counter>,
+    /// Fresh KV summaries of peers (per peer and model).
+    pub kv_summaries: prometheus_client::metrics::gauge::Gauge,
     /// Requests held for a model without a ready replica
     /// ([`crate::route::hold`]).
     pub held: Family<ModelLabel, Gauge>,
@@ -119,6 +123,20 @@ pub struct Metrics {
     pub tenants: tenants::TenantMetrics,
     /// Smoothed latency per (ensemble, member), for `BestOf`.
     member_ewma: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), f64>>>,
+}
+
+/// Model, routing policy, basis (`policy` or `hash-fallback`) and where
+/// the request went (`here` or `peer`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// Served model name.
+    pub model_name: String,
+    /// `prefix`, `hash`, `least-load` or `round-robin`.
+    pub policy: String,
+    /// `policy` or `hash-fallback`.
+    pub basis: String,
+    /// `here` or `peer`.
+    pub replica: String,
 }
 
 /// Ensemble and member.
@@ -174,10 +192,22 @@ impl Metrics {
             }),
             ensemble_requests: Family::default(),
             ensemble_latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            route_decisions: Family::default(),
+            kv_summaries: Default::default(),
             held: Family::default(),
             member_ewma: Arc::default(),
             tenants: tenants::TenantMetrics::default(),
         };
+        registry.register(
+            "weir_route_decisions",
+            "Requests placed on a replica, by routing policy, basis and where",
+            m.route_decisions.clone(),
+        );
+        registry.register(
+            "weir_kv_summaries_fresh",
+            "Peer KV summaries (per peer and model) fresh enough to route by",
+            m.kv_summaries.clone(),
+        );
         registry.register(
             "vllm:time_to_first_token_seconds",
             "Time to first token",

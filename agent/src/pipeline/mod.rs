@@ -24,6 +24,7 @@
 pub mod ensemble;
 pub mod hold;
 pub mod measure;
+pub mod placement;
 pub mod prompt;
 pub mod response_cache;
 pub mod semantic_cache;
@@ -45,7 +46,7 @@ use crate::generate::{self, GenEvent, GenStream, Generation, Job};
 use crate::metrics::{Metrics, ModelLabel, OutcomeLabel, TierLabel};
 use crate::models::{ModelRegistry, ServedEncoder, ServedModel};
 use crate::route::ensemble::EnsembleTable;
-use crate::route::forward::{self, Relayed};
+use crate::route::forward::Relayed;
 use crate::route::hold::HoldQueues;
 use crate::route::peers::PeerTable;
 use semantic_cache::Probe;
@@ -119,6 +120,8 @@ pub struct Context<'a> {
     pub limiter: &'a crate::tenants::limits::Limiter,
     /// The token peers send one another, if set.
     pub peer_token: Option<&'a str>,
+    /// Placement on replicas and peers' KV summaries.
+    pub routing: &'a crate::route::Routing,
 }
 
 impl Context<'_> {
@@ -225,6 +228,12 @@ pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, 
         GenerationRequest::Chat(r) => validate::chat_job(model, priority, r, shaping)?,
         GenerationRequest::Completion(r) => validate::completion_job(model, priority, r, shaping)?,
     };
+    if let Some(relayed) = placement::elsewhere(ctx, &model, &job, &request, &incoming).await {
+        return Ok(Outcome {
+            reply: Reply::Relayed(relayed),
+            headers: Vec::new(),
+        });
+    }
     let label = ModelLabel {
         model_name: model.name.clone(),
     };
@@ -262,6 +271,9 @@ pub async fn generate(ctx: &Context<'_>, incoming: Incoming) -> Result<Outcome, 
         headers.extend(grant.usage.headers());
         events = tenant::hold(events, grant, ctx.metrics.tenants.clone());
     }
+    if !ctx.routing.self_url.is_empty() {
+        headers.push((crate::route::REPLICA_HEADER, ctx.routing.self_url.clone()));
+    }
     if dropped > 0 {
         headers.push((DROPPED_TURNS_HEADER, dropped.to_string()));
     }
@@ -284,20 +296,7 @@ async fn to_peer(
     request: &GenerationRequest,
     incoming: Incoming,
 ) -> Result<Outcome, ApiError> {
-    let prefix = crate::route::prefix_hash(&request.routing_prefix());
-    let path = incoming.kind.path();
-    let headers = forward::with_peer_token(&incoming.headers, ctx.peer_token);
-    let relayed = forward::to_peer(
-        ctx.http,
-        ctx.peers,
-        request.model(),
-        path,
-        &headers,
-        incoming.body,
-        prefix,
-        forward::head_timeout(request.stream()),
-    )
-    .await?;
+    let relayed = placement::to_peer(ctx, request, incoming).await?;
     Ok(Outcome {
         reply: Reply::Relayed(relayed),
         headers: Vec::new(),

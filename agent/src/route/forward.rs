@@ -39,9 +39,10 @@ const PASS: [&str; 6] = [
     crate::tenants::PEER_TOKEN_HEADER,
 ];
 /// Answer headers passed back from a peer or an external endpoint.
-const KEEP: [&str; 10] = [
+const KEEP: [&str; 11] = [
     "content-type",
     "retry-after",
+    super::REPLICA_HEADER,
     "x-weir-cache",
     "x-weir-coalesced",
     "x-ratelimit-limit-requests",
@@ -118,10 +119,40 @@ pub async fn to_peer(
         .iter()
         .map(|p| (p.url.clone(), table.counter(&p.url).load(Ordering::Acquire)))
         .collect();
+    let ordered = super::order(prefix, &loads)
+        .into_iter()
+        .map(|i| replicas[i].clone())
+        .collect();
+    to_replicas(
+        client,
+        table,
+        model,
+        path,
+        headers,
+        body,
+        ordered,
+        head_timeout,
+    )
+    .await
+}
+
+/// Forwards `body` to `replicas` in the order given, as [`to_peer`] does
+/// after choosing them.
+#[allow(clippy::too_many_arguments)]
+pub async fn to_replicas(
+    client: &reqwest::Client,
+    table: &PeerTable,
+    model: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+    replicas: Vec<Peer>,
+    head_timeout: Duration,
+) -> Result<Relayed, ApiError> {
     let mut last_error = String::new();
     let mut refused = None;
-    for i in super::order(prefix, &loads) {
-        let url = &replicas[i].url;
+    for replica in &replicas {
+        let url = &replica.url;
         let mut request = client
             .post(format!("{url}{path}"))
             .body(body.clone())

@@ -1,9 +1,11 @@
-//! Routing: any agent accepts a request for any model served anywhere. A
-//! model held here is served here; a model held by peers is forwarded to
-//! one of their ready replicas, chosen by rendezvous hashing of the prompt
-//! prefix with bounded load, so that shared prefixes meet their cached KV
-//! blocks without overloading one replica. A connection failure retries the
-//! next replica; a request already forwarded once is never forwarded again.
+//! Routing: any agent accepts a request for any model served anywhere,
+//! and places it on one of the model's ready replicas (this agent among
+//! them when it serves the model) by the agent's [`Policy`]: by default the
+//! lowest cost of uncached prefill plus load, from the KV summaries peers
+//! publish ([`summary`], [`prefix`]), with rendezvous hashing of the prompt
+//! prefix with bounded load as the fallback. A connection failure retries
+//! the next replica; a request already forwarded once is never forwarded
+//! again.
 //! A model that exists without a ready replica has its requests held here
 //! until one is ready ([`hold`]).
 
@@ -11,11 +13,138 @@ pub mod ensemble;
 pub mod forward;
 pub mod hold;
 pub mod peers;
+pub mod prefix;
+pub mod summary;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use prefix::{Basis, Policy};
+use prefix::{Candidate, LOAD_FACTOR};
 
 /// Header marking a request forwarded by another agent.
 pub const FORWARDED: &str = "x-weir-forwarded";
-/// Load bound factor: no replica takes more than this times its fair share.
-const LOAD_FACTOR: f64 = 1.25;
+/// Header naming the agent (its URL) whose engine answered.
+pub const REPLICA_HEADER: &str = "x-weir-replica";
+
+/// How this agent places requests on a model's replicas.
+#[derive(Debug, Default)]
+pub struct Routing {
+    /// The policy.
+    pub policy: Policy,
+    /// Peers' KV summaries.
+    pub summaries: Arc<summary::KvSummaries>,
+    /// This agent's URL as its peers know it (its identity in the hash and
+    /// in [`REPLICA_HEADER`]); empty when unknown.
+    pub self_url: String,
+    turn: AtomicUsize,
+}
+
+/// This agent's own replica of a model, as a candidate.
+pub struct Here<'a> {
+    /// Its engine's counters and KV summary.
+    pub stats: &'a weir_engine::stats::EngineStats,
+    /// Requests admitted and not finished (some not in the engine yet).
+    pub outstanding: usize,
+}
+
+/// Where a request goes: replicas in the order to try them (`None` is this
+/// agent), and what the order was based on.
+pub struct Placement {
+    /// The replicas in order.
+    pub order: Vec<Option<peers::Peer>>,
+    /// The rule that produced it.
+    pub basis: Basis,
+}
+
+impl Routing {
+    /// Routing by `policy` with these summary timings.
+    pub fn new(policy: Policy, options: summary::SummaryOptions, self_url: String) -> Self {
+        Self {
+            policy,
+            summaries: Arc::new(summary::KvSummaries::new(options)),
+            self_url,
+            turn: AtomicUsize::new(0),
+        }
+    }
+
+    /// Orders `here` (when this agent serves `model`) and the ready peers
+    /// serving it for a request with prefix hash `key` and, when known,
+    /// prompt tokens `prompt`.
+    pub fn place(
+        &self,
+        table: &peers::PeerTable,
+        model: &str,
+        key: u64,
+        prompt: Option<&[u32]>,
+        here: Option<Here<'_>>,
+    ) -> Placement {
+        let peers = table.serving(model);
+        let mut hashes: Vec<(usize, Vec<weir_engine::kv_pool::BlockHash>)> = Vec::new();
+        let mut hashes_for = |block_size: usize| -> Vec<weir_engine::kv_pool::BlockHash> {
+            let Some(tokens) = prompt else {
+                return Vec::new();
+            };
+            if let Some((_, h)) = hashes.iter().find(|(bs, _)| *bs == block_size) {
+                return h.clone();
+            }
+            let h = prefix::block_hashes(tokens, block_size);
+            hashes.push((block_size, h.clone()));
+            h
+        };
+        let mut candidates = Vec::with_capacity(peers.len() + 1);
+        let mut slots = Vec::with_capacity(peers.len() + 1);
+        if let Some(here) = &here {
+            let s = here.stats.snapshot();
+            let kv = here.stats.kv_summary();
+            let bs = kv.block_size();
+            candidates.push(Candidate {
+                url: self.self_url.clone(),
+                seqs: ((s.running + s.waiting) as usize).max(here.outstanding),
+                prefill_queued: s.prefill_queued as usize,
+                cached: Some(kv.leading_held(&hashes_for(bs)) * bs),
+            });
+            slots.push(None);
+        }
+        for peer in peers {
+            let in_flight = table.counter(&peer.url).load(Ordering::Acquire);
+            let known = self.summaries.with_fresh(&peer.url, model, |kv| {
+                let h = hashes_for(kv.block_size);
+                let cached = prefix::cached_tokens(&h, kv.block_size, |x| kv.holds(x));
+                (kv.load, kv.seqs_now(in_flight), cached)
+            });
+            let candidate = match known {
+                Some((load, seqs, cached)) => Candidate {
+                    url: peer.url.clone(),
+                    seqs,
+                    prefill_queued: load.prefill_queued as usize,
+                    cached: Some(cached),
+                },
+                None => Candidate {
+                    url: peer.url.clone(),
+                    seqs: in_flight,
+                    prefill_queued: 0,
+                    cached: None,
+                },
+            };
+            candidates.push(candidate);
+            slots.push(Some(peer));
+        }
+        tracing::debug!(model, ?candidates, "placing a request");
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let (order, basis) = prefix::place(
+            self.policy,
+            &candidates,
+            key,
+            prompt.map(<[u32]>::len),
+            turn,
+        );
+        Placement {
+            order: order.into_iter().map(|i| slots[i].clone()).collect(),
+            basis,
+        }
+    }
+}
 
 /// 64-bit FNV-1a: stable across processes and versions, unlike std's hasher.
 pub fn stable_hash(bytes: &[u8]) -> u64 {

@@ -333,3 +333,26 @@ fn audit_detects_broken_bookkeeping() {
     p.blocks[a[0] as usize].refs = 0;
     assert!(matches!(p.audit(), Err(KvPoolError::Inconsistent(_))));
 }
+
+#[test]
+fn recorded_events_follow_what_the_cache_can_find() {
+    let mut pool = KvBlockPool::new(2, 2, true).unwrap();
+    assert!(pool.take_events().is_empty(), "not recording yet");
+    pool.record_events();
+    let a = pool.allocate(1).unwrap();
+    let ha = pool.register_full_block(a[0], None, &[1, 2]).unwrap();
+    assert_eq!(pool.take_events(), vec![KvEvent::Stored(ha)]);
+    pool.release(&a).unwrap();
+    // Two fresh allocations: one fresh block, then the cached one is evicted.
+    let b = pool.allocate(2).unwrap();
+    assert_eq!(pool.take_events(), vec![KvEvent::Removed(ha)]);
+    pool.release(&b).unwrap();
+    let c = pool.allocate(1).unwrap();
+    let hc = pool.register_full_block(c[0], None, &[3, 4]).unwrap();
+    pool.reset_prefix_cache();
+    assert_eq!(
+        pool.take_events(),
+        vec![KvEvent::Stored(hc), KvEvent::Cleared]
+    );
+    assert!(pool.take_events().is_empty());
+}

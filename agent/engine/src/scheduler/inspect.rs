@@ -35,6 +35,31 @@ impl Scheduler {
         self.waiting_by_class
     }
 
+    /// Prompt tokens of live requests not computed yet (queued prefill
+    /// work; a decoding sequence counts nothing).
+    pub fn num_prefill_tokens_queued(&self) -> usize {
+        self.seqs
+            .values()
+            .map(|s| s.tokens.len().saturating_sub(s.num_computed + 1))
+            .sum()
+    }
+
+    /// Starts recording the pool's cache additions and evictions for
+    /// [`take_kv_events`](Self::take_kv_events).
+    pub fn record_kv_events(&mut self) {
+        self.pool.record_events();
+    }
+
+    /// The pool's cache additions and evictions since the last call.
+    pub fn take_kv_events(&mut self) -> Vec<crate::kv_pool::KvEvent> {
+        self.pool.take_events()
+    }
+
+    /// Tokens per KV block.
+    pub fn block_size(&self) -> usize {
+        self.pool.block_size()
+    }
+
     /// Share of KV blocks in use, in `[0, 1]`.
     pub fn kv_usage(&self) -> f64 {
         self.pool.usage()
