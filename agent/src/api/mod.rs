@@ -4,8 +4,8 @@
 pub mod error;
 pub mod extract;
 pub mod responses;
-pub mod tokenize;
 pub mod structured;
+pub mod tokenize;
 pub mod tools;
 pub mod types;
 
