@@ -78,6 +78,7 @@ fn request(engine: &EngineHandle, i: usize, constrained: bool) -> GenerateReques
             ..Default::default()
         },
         max_tokens: NEW_TOKENS,
+        prompt_logprobs: None,
         stop: Vec::new(),
         stop_token_ids: Vec::new(),
         ignore_eos: true,
@@ -92,6 +93,7 @@ fn drain(mut stream: ResponseStream) -> Vec<u32> {
         match event {
             Event::Token(t) => tokens.push(t.token),
             Event::Finished { .. } => break,
+            Event::PromptLogprobs(_) => {}
             Event::Failed(e) => panic!("benchmark request failed: {e}"),
         }
     }

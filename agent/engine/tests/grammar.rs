@@ -47,6 +47,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Gen
         prompt,
         sampling,
         max_tokens,
+        prompt_logprobs: None,
         stop: Vec::new(),
         stop_token_ids: Vec::new(),
         ignore_eos: false,
@@ -89,6 +90,7 @@ fn collect(mut stream: ResponseStream) -> Outcome {
                 tokens.push(t.token);
                 text.push_str(&t.text);
             }
+            Event::PromptLogprobs(_) => panic!("no prompt scores were asked for"),
             Event::Finished {
                 text: tail, reason, ..
             } => {

@@ -58,6 +58,7 @@ fn request(prompt: &[u32], max_tokens: usize, prompt_logprobs: Option<usize>) ->
         },
         max_tokens,
         prompt_logprobs,
+        grammar: None,
         stop: Vec::new(),
         stop_token_ids: Vec::new(),
         ignore_eos: true,
