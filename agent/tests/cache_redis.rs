@@ -4,38 +4,13 @@
 //! back on its port the cache uses it again.
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use weir_agent::cache::{CacheKey, ResponseCache, Tier};
 use weir_crds::cache_policy::{RedisCacheSpec, ResponseCacheSpec, WriteMode};
 use weir_crds::common::SecretKeyRef;
-
-struct Redis(Child);
-
-impl Redis {
-    fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/test.sh installs it from Debian's packages)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self(child)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use weir_e2e::process::Redis;
 
 fn spec(mode: WriteMode) -> ResponseCacheSpec {
     let mut s = ResponseCacheSpec::default();
@@ -75,7 +50,7 @@ async fn l2_survives_restarts_and_outages() {
         .unwrap()
         .port();
     let url = format!("redis://127.0.0.1:{port}");
-    let redis = Redis::start(port);
+    let redis = Redis::start_on(port);
     let big = vec![b'x'; 10_000];
 
     let first = ResponseCache::new(&spec(WriteMode::WriteThrough), Some(url.clone())).unwrap();
@@ -119,7 +94,7 @@ async fn l2_survives_restarts_and_outages() {
     );
 
     // Redis returns on the same port: after the open period L2 is used again.
-    let _redis = Redis::start(port);
+    let _redis = Redis::start_on(port);
     second.put(key(3), b"back".to_vec().into()).await;
     eventually("L2 writes to resume", async || {
         second.put(key(3), b"back".to_vec().into()).await;
@@ -162,7 +137,7 @@ async fn a_new_cache_warms_its_l1_with_the_most_asked_answers() {
         .unwrap()
         .port();
     let url = format!("redis://127.0.0.1:{port}");
-    let _redis = Redis::start(port);
+    let _redis = Redis::start_on(port);
     let mut warm_spec = spec(WriteMode::WriteThrough);
     warm_spec.warm_on_start = true;
     warm_spec.popular_keys = 2;

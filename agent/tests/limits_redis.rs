@@ -3,53 +3,12 @@
 //! release script; a running slot is freed at release; with Redis killed
 //! both count locally against `limit / replicas` at once.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weir_agent::tenants::limits::{Limiter, Reason};
 use weir_crds::tenant::TenantLimits;
-
-struct Redis(Child);
-
-impl Redis {
-    fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--bind", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (Debian's redis-server package)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self(child)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use weir_e2e::process::{Redis, free_port};
 
 /// Waits until `check` holds (release runs in a spawned task).
 async fn eventually(mut check: impl AsyncFnMut() -> bool) {
@@ -63,7 +22,7 @@ async fn eventually(mut check: impl AsyncFnMut() -> bool) {
 #[tokio::test]
 async fn two_agents_share_exact_limits_in_redis() {
     let port = free_port();
-    let redis = Redis::start(port);
+    let redis = Redis::start_on(port);
     let url = format!("redis://127.0.0.1:{port}");
     let agents = [
         Limiter::new(Some(url.clone()), "t:"),
@@ -132,7 +91,7 @@ async fn two_agents_share_exact_limits_in_redis() {
 
     // Redis back on its port: counting returns to it once the breaker lets
     // a probe through (it was empty: a fresh tenant starts from zero).
-    let _redis = Redis::start(port);
+    let _redis = Redis::start_on(port);
     let back: Arc<str> = "back".into();
     let deadline = Instant::now() + Duration::from_secs(10);
     for agent in &agents {

@@ -146,9 +146,15 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Starts it and waits until it accepts connections (at most 10 s).
+    /// Starts it on a free port and waits until it accepts connections
+    /// (at most 10 s).
     pub fn start() -> Self {
-        let port = free_port();
+        Self::start_on(free_port())
+    }
+
+    /// Starts it on `port` (a restart keeps its URL) and waits until it
+    /// accepts connections (at most 10 s).
+    pub fn start_on(port: u16) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",
