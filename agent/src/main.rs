@@ -161,7 +161,12 @@ fn start_routing(args: &ServeArgs, state: &mut AppState, self_url: String) {
         interval: std::time::Duration::from_millis(args.kv_summary_interval_ms.max(10)),
         ttl: std::time::Duration::from_millis(args.kv_summary_ttl_ms.max(10)),
     };
-    let routing = weir_agent::route::Routing::new(args.routing_policy, options, self_url);
+    let mut routing = weir_agent::route::Routing::new(args.routing_policy, options, self_url);
+    routing.tokenizers = weir_agent::route::tokenizers::PeerTokenizers::fetching(
+        state.http.clone(),
+        state.api_key.clone(),
+        state.metrics.routing_tokenizers.clone(),
+    );
     weir_agent::route::summary::poll(
         state.peers.clone(),
         routing.summaries.clone(),

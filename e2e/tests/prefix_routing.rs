@@ -265,3 +265,82 @@ async fn a_stopped_agents_summary_expires_and_routing_falls_back_to_hashing() {
     wait_fresh(&front, 2.0, Duration::from_secs(5)).await;
     assert!(metric(&front, "weir_route_decisions", r#"basis="policy""#).await >= 4.0);
 }
+
+/// One chat turn to `url`: the answer's text and the replica that served it.
+async fn turn(
+    client: &reqwest::Client,
+    url: &str,
+    messages: &serde_json::Value,
+) -> (String, String) {
+    let body =
+        json!({"model": "weir-tiny", "max_tokens": 4, "temperature": 0, "messages": messages});
+    let r = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let replica = r.headers()["x-weir-replica"].to_str().unwrap().to_owned();
+    let v: serde_json::Value = r.json().await.unwrap();
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (text, replica)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_the_model_places_by_the_cached_prefix_with_a_fetched_tokenizer() {
+    // Two replicas of weir-tiny that do not know each other (each serves
+    // what it is sent), and a front agent serving another model only.
+    let args = ["--kv-summary-interval-ms", "100"];
+    let replicas = [Agent::start(&args), Agent::start(&args)];
+    let dir = tempfile::tempdir().unwrap();
+    let own = dir.path().join("own");
+    weir_engine::testmodel::write_tiny_model(&own, &weir_engine::testmodel::TinyModelSpec::llama())
+        .unwrap();
+    let mut front_args = vec!["--model", own.to_str().unwrap(), "--served-name", "own"];
+    front_args.extend(args);
+    for r in &replicas {
+        front_args.extend(["--peer", r.url.as_str()]);
+    }
+    let front = Agent::start(&front_args);
+    wait_fresh(&front.url, 2.0, Duration::from_secs(20)).await;
+    let client = reqwest::Client::new();
+
+    // The first request is placed by hashing and starts the fetch.
+    let hello = json!([{"role": "user", "content": "hello there"}]);
+    turn(&client, &front.url, &hello).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&front.url, "weir_routing_tokenizers", "").await < 1.0 {
+        assert!(Instant::now() < deadline, "the tokenizer was not fetched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Each conversation's first turn goes straight to a chosen replica;
+    // its second turn, sent to the front agent, must follow the cached
+    // history there. Hashing would place the eight by their text alone
+    // (right by chance with probability 1/256).
+    for i in 0..8 {
+        let chosen = &replicas[i % 2].url;
+        let opening = format!(
+            "conversation {i}: tell me about the rivers, hills and old towns of region number {i}, \
+             and what people there cook in winter when the roads close"
+        );
+        let first = json!([{"role": "user", "content": opening}]);
+        let (answer, served) = turn(&client, chosen, &first).await;
+        assert_eq!(&served, chosen);
+        // Let the front agent's next poll see the new blocks.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let second = json!([
+            {"role": "user", "content": opening},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "and in summer?"}
+        ]);
+        let (_, served) = turn(&client, &front.url, &second).await;
+        assert_eq!(&served, chosen, "conversation {i} left its cached history");
+    }
+    let by_policy = metric(&front.url, "weir_route_decisions", r#"basis="policy""#).await;
+    assert!(by_policy >= 8.0, "{by_policy} placements by the cost");
+}

@@ -40,6 +40,21 @@ pub struct TextTokenizer {
     eos_token: Option<String>,
 }
 
+/// A tokenizer as data: `tokenizer.json`'s text, the chat template and
+/// the special tokens the template names. The same ids come out of
+/// [`TextTokenizer::from_portable`] as out of the tokenizer it was made of.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct PortableTokenizer {
+    /// The `tokenizers` serialization (`tokenizer.json`).
+    pub tokenizer: String,
+    /// The chat template, if any.
+    pub chat_template: Option<String>,
+    /// The BOS token string templates print.
+    pub bos_token: Option<String>,
+    /// The EOS token string templates print.
+    pub eos_token: Option<String>,
+}
+
 /// A special token in `tokenizer_config.json`: a string, or an object with
 /// a `content` field.
 fn token_string(value: Option<&Value>) -> Option<String> {
@@ -88,6 +103,35 @@ impl TextTokenizer {
             bos_token,
             eos_token,
         }
+    }
+
+    /// Everything needed to build this tokenizer again elsewhere (an
+    /// agent that routes a model's requests without its weights).
+    pub fn to_portable(&self) -> Result<PortableTokenizer> {
+        let tokenizer = self
+            .inner
+            .to_string(false)
+            .map_err(|e| EngineError::Tokenizer(format!("serializing the tokenizer: {e}")))?;
+        Ok(PortableTokenizer {
+            tokenizer,
+            chat_template: self.chat_template.clone(),
+            bos_token: self.bos_token.clone(),
+            eos_token: self.eos_token.clone(),
+        })
+    }
+
+    /// Builds a tokenizer from its [`PortableTokenizer`] form.
+    pub fn from_portable(portable: PortableTokenizer) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = portable
+            .tokenizer
+            .parse()
+            .map_err(|e| EngineError::Tokenizer(format!("a portable tokenizer: {e}")))?;
+        Ok(Self::from_parts(
+            inner,
+            portable.chat_template,
+            portable.bos_token,
+            portable.eos_token,
+        ))
     }
 
     /// Loads `tokenizer.json`, `tokenizer_config.json` (if present) and a

@@ -10,6 +10,8 @@
 
 #![allow(clippy::print_stdout)] // skip reasons and the register report are the output
 
+mod gguf_writer;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,8 +59,12 @@ fn limits(max_seqs: usize) -> StepLimits {
 }
 
 fn cuda_model(name: &str, graphs: bool) -> LlamaModel<CudaBackend> {
-    let dir = fixture(name);
-    let config = ModelConfig::from_dir(&dir).unwrap();
+    cuda_model_at(&fixture(name), graphs)
+}
+
+/// The model at `dir` (a directory or a GGUF file) on the device.
+fn cuda_model_at(dir: &std::path::Path, graphs: bool) -> LlamaModel<CudaBackend> {
+    let config = ModelConfig::from_dir(dir).unwrap();
     let options = CudaOptions {
         device: 0,
         limits: limits(32),
@@ -66,7 +72,7 @@ fn cuda_model(name: &str, graphs: bool) -> LlamaModel<CudaBackend> {
         kernel_cache: None,
     };
     let backend = CudaBackend::new(&config, options).unwrap();
-    LlamaModel::from_weights(config, &Weights::open(&dir).unwrap(), backend, MAX_LEN).unwrap()
+    LlamaModel::from_weights(config, &Weights::open(dir).unwrap(), backend, MAX_LEN).unwrap()
 }
 
 fn cpu_model(name: &str) -> LlamaModel<CpuBackend> {
@@ -120,6 +126,31 @@ fn logits_match_the_cpu_backend_through_prefill_chunks_and_decode() {
             let d = rel_diff(g, c);
             assert!(d < BF16_TOLERANCE, "{name} step {step}: relative Δ {d}");
         }
+    }
+}
+
+/// GGUF weights in quantized blocks (Q8_0 and Q4_0) are dequantized to
+/// bf16 at load: the device's logits stay within bf16 tolerance of the CPU
+/// backend's on the same file (which multiplies by the blocks).
+#[test]
+fn quantized_gguf_weights_on_the_device_match_the_cpu_backend() {
+    if skip() {
+        return;
+    }
+    use gguf_writer::model::{Stored, to_gguf};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tiny-llama-q8_0-q4_0.gguf");
+    std::fs::write(&path, to_gguf(&fixture("tiny-llama"), Stored::Quantized)).unwrap();
+    let ids = prompt(5, 200);
+    let gpu = stepwise(&cuda_model_at(&path, false), &ids, 120);
+    let cpu = stepwise(
+        &LlamaModel::load(&path, CpuBackend, MAX_LEN).unwrap(),
+        &ids,
+        120,
+    );
+    for (step, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+        let d = rel_diff(g, c);
+        assert!(d < BF16_TOLERANCE, "step {step}: relative Δ {d}");
     }
 }
 

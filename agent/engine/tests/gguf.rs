@@ -9,10 +9,11 @@ mod gguf_writer;
 
 use std::path::{Path, PathBuf};
 
-use gguf_writer::{Meta, RawTensor, f32_tensor, gguf_bytes};
+use gguf_writer::model::{Stored, to_gguf};
+use gguf_writer::{Meta, RawTensor, gguf_bytes};
 use weir_engine::backend::BatchLayout;
 use weir_engine::backend::cpu::CpuBackend;
-use weir_engine::config::{Architecture, ModelConfig, RopeScaling};
+use weir_engine::config::ModelConfig;
 use weir_engine::gguf::{GgufFile, dequant};
 use weir_engine::model::{LlamaModel, inv_freq};
 use weir_engine::tokenizer::TextTokenizer;
@@ -36,172 +37,6 @@ fn every_type_dequantizes_bit_for_bit_like_gguf_py() {
             .position(|(a, b)| a.to_bits() != b.to_bits());
         assert_eq!(bad, None, "{}: first differing element", ty.name());
     }
-}
-
-/// llama.cpp's converter order for Q/K rows (`LlamaModel.permute`).
-fn permute(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = values.len() / cols;
-    let (per_head, half) = (rows / heads, rows / heads / 2);
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for part in 0..2 {
-            for i in 0..half {
-                let src = h * per_head + part * half + i;
-                let dst = h * per_head + 2 * i + part;
-                out[dst * cols..][..cols].copy_from_slice(&values[src * cols..][..cols]);
-            }
-        }
-    }
-    out
-}
-
-fn tokenizer_meta(dir: &Path) -> Vec<(&'static str, Meta)> {
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
-            .unwrap();
-    let vocab = json["model"]["vocab"].as_object().unwrap();
-    let mut tokens = vec![String::new(); vocab.len()];
-    for (t, id) in vocab {
-        tokens[id.as_u64().unwrap() as usize] = t.clone();
-    }
-    let mut types = vec![1i32; tokens.len()];
-    for added in json["added_tokens"].as_array().unwrap() {
-        types[added["id"].as_u64().unwrap() as usize] = 3;
-    }
-    let merges = json["model"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| match m {
-            serde_json::Value::String(s) => s.clone(),
-            pair => format!(
-                "{} {}",
-                pair[0].as_str().unwrap(),
-                pair[1].as_str().unwrap()
-            ),
-        })
-        .collect();
-    let template = serde_json::from_str::<serde_json::Value>(
-        &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
-    )
-    .unwrap()["chat_template"]
-        .as_str()
-        .map(str::to_owned);
-    let mut kv = vec![
-        ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
-        ("tokenizer.ggml.pre", Meta::Str("gpt2".into())),
-        ("tokenizer.ggml.tokens", Meta::Strs(tokens)),
-        ("tokenizer.ggml.token_type", Meta::I32s(types)),
-        ("tokenizer.ggml.merges", Meta::Strs(merges)),
-        ("tokenizer.ggml.add_bos_token", Meta::Bool(false)),
-    ];
-    if let Some(t) = template {
-        kv.push(("tokenizer.chat_template", Meta::Str(t)));
-    }
-    kv
-}
-
-/// The Hugging Face directory `dir` written as an F32 GGUF file the way
-/// llama.cpp's converter lays it out.
-fn to_gguf(dir: &Path) -> Vec<u8> {
-    let c = ModelConfig::from_dir(dir).unwrap();
-    let weights = Weights::open(dir).unwrap();
-    let arch = match c.architecture {
-        Architecture::Llama => "llama",
-        Architecture::Mistral => "mistral",
-        Architecture::Qwen2 => "qwen2",
-    };
-    let permuted = c.architecture != Architecture::Qwen2;
-    let mut tensors: Vec<RawTensor> = Vec::new();
-    let mut add = |hf: &str| {
-        if !weights.contains(hf) {
-            return;
-        }
-        let view = weights.get_any(hf).unwrap();
-        let mut values = view.to_f32();
-        let heads = match hf.rsplit('.').nth(1) {
-            Some("q_proj") if permuted => Some(c.num_heads),
-            Some("k_proj") if permuted => Some(c.num_kv_heads),
-            _ => None,
-        };
-        if let Some(heads) = heads {
-            let cols = if view.shape.len() == 2 {
-                view.shape[1]
-            } else {
-                1
-            };
-            values = permute(&values, heads, cols);
-        }
-        let name = weir_engine::gguf::gguf_name(hf).unwrap();
-        tensors.push(f32_tensor(&name, &view.shape, &values));
-    };
-    for name in [
-        "model.embed_tokens.weight",
-        "model.norm.weight",
-        "lm_head.weight",
-    ] {
-        add(name);
-    }
-    for i in 0..c.num_layers {
-        for part in [
-            "input_layernorm.weight",
-            "post_attention_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight",
-            "self_attn.q_proj.bias",
-            "self_attn.k_proj.bias",
-            "self_attn.v_proj.bias",
-            "self_attn.o_proj.weight",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-        ] {
-            add(&format!("model.layers.{i}.{part}"));
-        }
-    }
-    if !matches!(c.rope_scaling, RopeScaling::None) {
-        let plain = inv_freq(&ModelConfig {
-            rope_scaling: RopeScaling::None,
-            ..c.clone()
-        });
-        let factors: Vec<f32> = plain
-            .iter()
-            .zip(inv_freq(&c))
-            .map(|(p, s)| (p / s) as f32)
-            .collect();
-        tensors.push(f32_tensor("rope_freqs.weight", &[factors.len()], &factors));
-    }
-    let key = |k: &str| -> &'static str { Box::leak(format!("{arch}.{k}").into_boxed_str()) };
-    let mut kv = vec![
-        ("general.architecture", Meta::Str(arch.into())),
-        (key("block_count"), Meta::U32(c.num_layers as u32)),
-        (
-            key("context_length"),
-            Meta::U32(c.max_position_embeddings as u32),
-        ),
-        (key("embedding_length"), Meta::U32(c.hidden_size as u32)),
-        (
-            key("feed_forward_length"),
-            Meta::U32(c.intermediate_size as u32),
-        ),
-        (key("attention.head_count"), Meta::U32(c.num_heads as u32)),
-        (
-            key("attention.head_count_kv"),
-            Meta::U32(c.num_kv_heads as u32),
-        ),
-        (key("rope.freq_base"), Meta::F32(c.rope_theta as f32)),
-        (
-            key("attention.layer_norm_rms_epsilon"),
-            Meta::F32(c.rms_norm_eps as f32),
-        ),
-        (key("vocab_size"), Meta::U32(c.vocab_size as u32)),
-    ];
-    if let Some(eos) = c.eos_token_ids.first() {
-        kv.push(("tokenizer.ggml.eos_token_id", Meta::U32(*eos)));
-    }
-    kv.extend(tokenizer_meta(dir));
-    gguf_bytes(&kv, &tensors)
 }
 
 fn write_temp(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
@@ -229,7 +64,7 @@ fn tiny_models_as_gguf_match_their_hugging_face_directories() {
     ];
     for name in ["tiny-llama", "tiny-qwen2"] {
         let dir = fixtures().join(name);
-        let (_tmp, path) = write_temp(&to_gguf(&dir));
+        let (_tmp, path) = write_temp(&to_gguf(&dir, Stored::F32));
         let hf_config = ModelConfig::from_dir(&dir).unwrap();
         let gguf_config = ModelConfig::from_dir(&path).unwrap();
         assert_eq!(gguf_config.architecture, hf_config.architecture, "{name}");
@@ -270,6 +105,53 @@ fn tiny_models_as_gguf_match_their_hugging_face_directories() {
     }
 }
 
+/// A model whose matrices are Q8_0 and Q4_0 blocks: the CPU backend
+/// multiplying by the blocks gives the logits of the same file dequantized
+/// at load, and stays near the f32 original (quantization noise only).
+#[test]
+fn quantized_tiny_model_keeps_its_blocks_and_matches_it_dequantized() {
+    use weir_engine::weights::QuantizedWeights;
+    let dir = fixtures().join("tiny-llama");
+    let (_tmp, path) = write_temp(&to_gguf(&dir, Stored::Quantized));
+    let file = GgufFile::open(&path).unwrap();
+    let types: std::collections::BTreeSet<&str> = file
+        .tensor_names()
+        .map(|n| file.tensor_info(n).unwrap().ty.name())
+        .collect();
+    assert!(
+        types.contains("Q8_0") && types.contains("Q4_0"),
+        "{types:?}"
+    );
+    let ids: Vec<u32> = (0..30).map(|i| 40 + (i * 37) % 290).collect();
+    let run = |quantized: QuantizedWeights| {
+        let config = ModelConfig::from_dir(&path).unwrap();
+        let weights = Weights::open(&path).unwrap().with_quantized(quantized);
+        let model = LlamaModel::from_weights(config, &weights, CpuBackend, 64).unwrap();
+        let mut cache = model.alloc_kv_cache(16, 4).unwrap();
+        let mut layout = BatchLayout::default();
+        let table: Vec<u32> = (0..16).collect();
+        layout.push_seq(&ids, 0, &table, 4, false);
+        layout.logits_rows = (0..ids.len() as u32).collect();
+        model.forward(&layout, &mut cache).unwrap()
+    };
+    let (blocks, dequantized) = (
+        run(QuantizedWeights::Blocks),
+        run(QuantizedWeights::Dequantize),
+    );
+    let scale = dequantized.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let rel =
+        |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+    // Only the order of f32 additions may differ.
+    assert!(
+        rel(&blocks, &dequantized) < 1e-4,
+        "{}",
+        rel(&blocks, &dequantized)
+    );
+    let original = logits(&dir, &ids);
+    let noise = rel(&blocks, &original);
+    assert!(noise > 0.0 && noise < 0.2, "quantization noise {noise}");
+}
+
 fn load_error(bytes: &[u8]) -> String {
     let (_tmp, path) = write_temp(bytes);
     let config = ModelConfig::from_dir(&path);
@@ -287,7 +169,7 @@ fn load_error(bytes: &[u8]) -> String {
 
 #[test]
 fn bad_files_fail_at_load_naming_the_problem() {
-    let good = to_gguf(&fixtures().join("tiny-qwen2"));
+    let good = to_gguf(&fixtures().join("tiny-qwen2"), Stored::F32);
     let e = load_error(b"GGML\x03\0\0\0");
     assert!(e.contains("not a GGUF file"), "{e}");
     let e = load_error(&good[..good.len() / 2]);

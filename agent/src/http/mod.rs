@@ -196,6 +196,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/weir/report", get(report::report))
         .route("/v1/weir/kv", get(kv::kv_summary))
+        .route("/v1/weir/tokenizer", get(kv::tokenizer))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,

@@ -116,6 +116,8 @@ pub struct Metrics {
     pub route_decisions: Family<RouteLabel, Counter>,
     /// Fresh KV summaries of peers (per peer and model).
     pub kv_summaries: prometheus_client::metrics::gauge::Gauge,
+    /// Tokenizers held for models only peers serve.
+    pub routing_tokenizers: prometheus_client::metrics::gauge::Gauge,
     /// Requests held for a model without a ready replica
     /// ([`crate::route::hold`]).
     pub held: Family<ModelLabel, Gauge>,
@@ -194,6 +196,7 @@ impl Metrics {
             ensemble_latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             route_decisions: Family::default(),
             kv_summaries: Default::default(),
+            routing_tokenizers: Default::default(),
             held: Family::default(),
             member_ewma: Arc::default(),
             tenants: tenants::TenantMetrics::default(),
@@ -207,6 +210,11 @@ impl Metrics {
             "weir_kv_summaries_fresh",
             "Peer KV summaries (per peer and model) fresh enough to route by",
             m.kv_summaries.clone(),
+        );
+        registry.register(
+            "weir_routing_tokenizers",
+            "Tokenizers held (without weights) for models only peers serve",
+            m.routing_tokenizers.clone(),
         );
         registry.register(
             "vllm:time_to_first_token_seconds",

@@ -14,7 +14,7 @@ use crate::metrics::RouteLabel;
 use crate::models::ServedModel;
 use crate::route::forward::{self, Relayed};
 use crate::route::peers::Peer;
-use crate::route::{Here, Placement, prefix_hash};
+use crate::route::{Here, Placement, Policy, prefix_hash};
 
 /// A peer's answer when the placement puts peers ahead of this agent and
 /// one of them takes the request; `None` to serve it here.
@@ -63,8 +63,9 @@ pub async fn elsewhere(
 }
 
 /// Forwards a request for a model only peers serve to the replica the
-/// policy puts first (the prompt's tokens are not known here: the prefix
-/// policy falls back to hashing).
+/// policy puts first. The prompt's tokens come from the model's tokenizer
+/// as fetched from a peer ([`crate::route::tokenizers`]); until it is
+/// here, the prefix policy falls back to hashing.
 pub async fn to_peer(
     ctx: &Context<'_>,
     request: &GenerationRequest,
@@ -80,7 +81,16 @@ pub async fn to_peer(
         let (h, b) = (&headers, incoming.body.clone());
         return forward::to_peer(ctx.http, ctx.peers, model, path, h, b, key, head).await;
     }
-    let placement = ctx.routing.place(ctx.peers, model, key, None, None);
+    let tokenizers = &ctx.routing.tokenizers;
+    let tokens = match ctx.routing.policy {
+        Policy::Prefix => tokenizers
+            .get(model, ctx.peers)
+            .and_then(|t| super::validate::routing_tokens(&t, request)),
+        _ => None,
+    };
+    let placement = ctx
+        .routing
+        .place(ctx.peers, model, key, tokens.as_deref(), None);
     count(ctx, model, &placement, false);
     let order = placement.order.into_iter().flatten().collect();
     forward::to_replicas(

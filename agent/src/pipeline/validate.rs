@@ -222,6 +222,32 @@ pub fn chat_prompt_ids(
         .map_err(|e| ApiError::invalid("messages", e.to_string()))
 }
 
+/// The prompt tokens `request` would have on a replica with `tokenizer`
+/// (its first prompt, unshaped), for placing it by its cached prefix
+/// where the model is not served; `None` when they cannot be made here
+/// (the replica will say why).
+pub fn routing_tokens(
+    tokenizer: &weir_engine::tokenizer::TextTokenizer,
+    request: &super::target::GenerationRequest,
+) -> Option<Vec<u32>> {
+    use super::target::GenerationRequest;
+    match request {
+        GenerationRequest::Chat(r) => {
+            let messages = chat_messages(r).ok()?;
+            let text = tokenizer
+                .apply_chat_template(&messages, true, r.tools.as_ref())
+                .ok()?;
+            tokenizer.encode(&text, false).ok()
+        }
+        GenerationRequest::Completion(r) => match &r.prompt {
+            Prompt::Text(t) => tokenizer.encode(t, true).ok(),
+            Prompt::Texts(ts) => tokenizer.encode(ts.first()?, true).ok(),
+            Prompt::Tokens(ids) => Some(ids.clone()),
+            Prompt::TokenLists(lists) => lists.first().cloned(),
+        },
+    }
+}
+
 /// A chat's messages as shaped, their prompt, the tokens the optimization
 /// saved (when it ran) and the turns dropped to fit the context.
 type ShapedChat = (Vec<ChatMessage>, Vec<u32>, Option<usize>, usize);

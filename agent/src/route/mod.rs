@@ -15,6 +15,7 @@ pub mod hold;
 pub mod peers;
 pub mod prefix;
 pub mod summary;
+pub mod tokenizers;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +35,8 @@ pub struct Routing {
     pub policy: Policy,
     /// Peers' KV summaries.
     pub summaries: Arc<summary::KvSummaries>,
+    /// Tokenizers of models only peers serve.
+    pub tokenizers: tokenizers::PeerTokenizers,
     /// This agent's URL as its peers know it (its identity in the hash and
     /// in [`REPLICA_HEADER`]); empty when unknown.
     pub self_url: String,
@@ -63,6 +66,7 @@ impl Routing {
         Self {
             policy,
             summaries: Arc::new(summary::KvSummaries::new(options)),
+            tokenizers: tokenizers::PeerTokenizers::default(),
             self_url,
             turn: AtomicUsize::new(0),
         }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses part of it
 
+pub mod model;
+
 /// A metadata value to write.
 pub enum Meta {
     U32(u32),
