@@ -1,18 +1,20 @@
-//! The AVX2 kernels (with FMA and F16C): each block is unpacked into
-//! 8-lane f32 registers, 32 weights at a time, with the operations of the
-//! GGUF reference in the same order (scale × quant, then the offset, no
-//! fused multiply-add), so the weights in the registers equal
-//! [`crate::gguf::dequant`]'s bit for bit; each register is then
-//! multiply-added into every activation row's accumulators. Only the
-//! summation order differs from the dequantize-then-dot product.
-//!
-//! Accumulators: four per row for one row, two per row for two to four
-//! rows, so that enough independent FMA chains hide the FMA latency.
+//! The AVX2 kernels (with FMA and F16C). Each block is unpacked in
+//! registers, 32 quants at a time, to f32 integers `q` (offsets such as
+//! Q5_0's −16 or Q6_K's −32 applied to the integers or folded into `m`);
+//! a group of 32 weights is then `w = d·q + m` with one or two scales `d`
+//! and offsets `m` (per 16 elements). Every activation row takes
+//! `d · Σ q·x` with FMA and, where the type has an offset, `m · Σ x` from
+//! the row's precomputed sums of 16 ([`super::Rows`]): the weights'
+//! arithmetic reassociated, so results agree with dequantize-then-dot to
+//! float rounding (relative to `Σ |w·x|`), not bit for bit. Each block is
+//! read once for all rows; two accumulators per row (the first and the
+//! second 16 of each group) hide the FMA latency.
 
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
 
+use super::Rows;
 use crate::gguf::GgmlType;
 use crate::gguf::dequant::{q3_k_scales, scale_min_k4};
 
@@ -23,28 +25,28 @@ pub fn available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-/// `out[r] = Σ w · xs[r]` over one weight row `w` (whole blocks of `ty`,
-/// a quantized type) and one to four activation rows as long as the row.
+/// `out[r] = Σ w · x[r]` over one weight row `w` (whole blocks of `ty`,
+/// a quantized type) and the one to four rows of `x`, as long as the row.
 ///
 /// # Panics
 /// When the processor lacks the features, `ty` is not block-quantized, or
 /// the lengths do not fit.
-pub fn dot_rows(ty: GgmlType, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+pub fn dot_rows(ty: GgmlType, w: &[u8], x: &Rows<'_>, out: &mut [f32]) {
     assert!(available(), "AVX2, FMA and F16C are required");
     let elems = w.len() / ty.block_bytes() * ty.block_elems();
-    assert!((1..=4).contains(&xs.len()) && out.len() == xs.len());
-    assert!(xs.iter().all(|x| x.len() == elems) && w.len().is_multiple_of(ty.block_bytes()));
+    assert!((1..=4).contains(&x.len()) && out.len() == x.len());
+    assert!(x.cols() == elems && w.len().is_multiple_of(ty.block_bytes()));
     macro_rules! go {
         ($kernel:ident) => {
             // SAFETY: the processor has AVX2, FMA and F16C, and every
-            // activation row holds as many values as `w` has weights
-            // (both asserted above).
+            // activation row holds as many values as `w` has weights, with
+            // a sum for each 16 (both asserted above).
             unsafe {
-                match xs.len() {
-                    1 => $kernel::<1, 4>(w, ptrs(xs), out),
-                    2 => $kernel::<2, 2>(w, ptrs(xs), out),
-                    3 => $kernel::<3, 2>(w, ptrs(xs), out),
-                    _ => $kernel::<4, 2>(w, ptrs(xs), out),
+                match x.len() {
+                    1 => $kernel::<1>(w, Acc::new(x), out),
+                    2 => $kernel::<2>(w, Acc::new(x), out),
+                    3 => $kernel::<3>(w, Acc::new(x), out),
+                    _ => $kernel::<4>(w, Acc::new(x), out),
                 }
             }
         };
@@ -64,40 +66,66 @@ pub fn dot_rows(ty: GgmlType, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
     }
 }
 
-fn ptrs<const M: usize>(xs: &[&[f32]]) -> [*const f32; M] {
-    std::array::from_fn(|r| xs[r].as_ptr())
-}
-
-/// `A` accumulators of eight lanes for each of `M` activation rows.
-struct Acc<const M: usize, const A: usize> {
-    v: [[__m256; A]; M],
+/// Two accumulators of eight lanes and an offset sum for each of `M`
+/// activation rows, and the rows' values and sums of 16.
+struct Acc<const M: usize> {
+    v: [[__m256; 2]; M],
+    mins: [f32; M],
     x: [*const f32; M],
+    sums: [*const f32; M],
 }
 
-impl<const M: usize, const A: usize> Acc<M, A> {
+impl<const M: usize> Acc<M> {
+    /// # Safety
+    /// The processor has AVX2 (the zeroed registers are AVX values).
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn new(x: [*const f32; M]) -> Self {
+    unsafe fn new(x: &Rows<'_>) -> Self {
+        // SAFETY: `_mm256_setzero_ps` needs AVX (the caller's contract).
+        let zero = unsafe { _mm256_setzero_ps() };
         Self {
-            v: [[_mm256_setzero_ps(); A]; M],
-            x,
+            v: [[zero; 2]; M],
+            mins: [0.0; M],
+            x: std::array::from_fn(|r| x.row(r).as_ptr()),
+            sums: std::array::from_fn(|r| x.sums(r).as_ptr()),
         }
     }
 
-    /// Adds `w` (32 weights) times activations `off..off + 32` of every row.
+    /// Adds 32 weights `w[e] = d[e / 16] · q[e] + m[e / 16]` (one scale
+    /// and offset for all 32 when `ONE_D`; `m` ignored unless `MIN`) times
+    /// activations `off..off + 32` of every row.
     ///
     /// # Safety
-    /// Every row holds at least `off + 32` values.
+    /// `off` is a multiple of 32 and every row holds at least `off + 32`
+    /// values.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn fma32(&mut self, off: usize, w: [__m256; 4]) {
+    unsafe fn add<const MIN: bool, const ONE_D: bool>(
+        &mut self,
+        off: usize,
+        q: [__m256; 4],
+        d: [f32; 2],
+        m: [f32; 2],
+    ) {
+        let d0 = _mm256_set1_ps(d[0]);
+        let d1 = if ONE_D { d0 } else { _mm256_set1_ps(d[1]) };
         for r in 0..M {
-            for (i, w) in w.iter().enumerate() {
-                // SAFETY: `off + 8i + 8 <= off + 32` values exist (the
-                // caller's contract).
-                let x = unsafe { _mm256_loadu_ps(self.x[r].add(off + 8 * i)) };
-                let a = &mut self.v[r][i % A];
-                *a = _mm256_fmadd_ps(*w, x, *a);
+            // SAFETY: values `off..off + 32` and sums `off / 16` and the
+            // next exist (the caller's contract).
+            let (x, s) = unsafe {
+                let p = self.x[r].add(off);
+                let x: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+                let s = self.sums[r].add(off / 16);
+                (x, [*s, *s.add(1)])
+            };
+            let t0 = _mm256_fmadd_ps(q[1], x[1], _mm256_mul_ps(q[0], x[0]));
+            let t1 = _mm256_fmadd_ps(q[3], x[3], _mm256_mul_ps(q[2], x[2]));
+            let acc = &mut self.v[r];
+            acc[0] = _mm256_fmadd_ps(d0, t0, acc[0]);
+            acc[1] = _mm256_fmadd_ps(d1, t1, acc[1]);
+            if MIN && ONE_D {
+                self.mins[r] += m[0] * (s[0] + s[1]);
+            } else if MIN {
+                self.mins[r] += m[0] * s[0] + m[1] * s[1];
             }
         }
     }
@@ -106,16 +134,42 @@ impl<const M: usize, const A: usize> Acc<M, A> {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn finish(self, out: &mut [f32]) {
-        for (o, v) in out.iter_mut().zip(&self.v) {
-            let mut s = v[0];
-            for a in &v[1..] {
-                s = _mm256_add_ps(s, *a);
-            }
+        for ((o, v), m) in out.iter_mut().zip(&self.v).zip(self.mins) {
+            let s = _mm256_add_ps(v[0], v[1]);
             let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            *o = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)));
+            *o = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h))) + m;
         }
     }
+}
+
+/// Bytes `at..at + 8` of `b` widened to eight i32, unsigned or signed.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load8<const SIGNED: bool>(b: &[u8], at: usize) -> __m256i {
+    let s = &b[at..at + 8];
+    // SAFETY: `s` holds the 8 bytes read; the load is unaligned.
+    let v = unsafe { _mm_loadl_epi64(s.as_ptr().cast()) };
+    if SIGNED {
+        _mm256_cvtepi8_epi32(v)
+    } else {
+        _mm256_cvtepu8_epi32(v)
+    }
+}
+
+/// The 32 nibbles of a small block's 16 bytes at `at`, as f32: low
+/// nibbles (elements 0..16), then high ones.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn nibbles_f32(b: &[u8], at: usize) -> [__m256; 4] {
+    let (v0, v1) = (load8::<false>(b, at), load8::<false>(b, at + 8));
+    let low = _mm256_set1_epi32(0x0F);
+    [
+        _mm256_cvtepi32_ps(_mm256_and_si256(v0, low)),
+        _mm256_cvtepi32_ps(_mm256_and_si256(v1, low)),
+        _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v0)),
+        _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v1)),
+    ]
 }
 
 /// Sixteen bytes of `b` from `at`.
@@ -127,12 +181,31 @@ fn load16(b: &[u8], at: usize) -> __m128i {
     unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
 }
 
-/// The f16 at byte `at` of `b`, widened.
+/// The four f16 at bytes `at..at + 8` of `b`, widened.
+///
+/// Written as assembly because the compiler narrows a conversion of which
+/// one lane is used to a 16-bit insert that merges into whatever register
+/// it picks, often an accumulator, chaining every block behind the
+/// previous one's FMA; the memory form here writes its whole register.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn f16(b: &[u8], at: usize) -> f32 {
-    let h = u16::from_le_bytes([b[at], b[at + 1]]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
+fn f16x4(b: &[u8], at: usize) -> [f32; 4] {
+    let s = &b[at..at + 8];
+    let v: __m128;
+    // SAFETY: the instruction reads the 8 bytes of `s` and writes `v`
+    // only; the processor has F16C (this function's features).
+    unsafe {
+        std::arch::asm!(
+            "vcvtph2ps {v}, qword ptr [{p}]",
+            v = out(xmm_reg) v,
+            p = in(reg) s.as_ptr(),
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    let mut out = [0f32; 4];
+    // SAFETY: a 16-byte unaligned store into a 16-byte array.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), v) };
+    out
 }
 
 #[inline]
@@ -151,30 +224,6 @@ fn widen(lo: __m128i, hi: __m128i) -> [__m256; 4] {
         to_f32(hi),
         to_f32(_mm_srli_si128::<8>(hi)),
     ]
-}
-
-/// `d · q`, the first 16 elements with `d[0]`, the others with `d[1]`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn scaled(q: [__m256; 4], d: [f32; 2]) -> [__m256; 4] {
-    let d = d.map(|d| _mm256_set1_ps(d));
-    std::array::from_fn(|i| _mm256_mul_ps(d[i / 2], q[i]))
-}
-
-/// `d · q + m`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn scaled_plus(q: [__m256; 4], d: f32, m: f32) -> [__m256; 4] {
-    let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
-    q.map(|q| _mm256_add_ps(_mm256_mul_ps(d, q), m))
-}
-
-/// `d · q − m`, the first 16 elements with `d[0], m[0]`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn scaled_minus(q: [__m256; 4], d: [f32; 2], m: [f32; 2]) -> [__m256; 4] {
-    let (d, m) = (d.map(|d| _mm256_set1_ps(d)), m.map(|m| _mm256_set1_ps(m)));
-    std::array::from_fn(|i| _mm256_sub_ps(_mm256_mul_ps(d[i / 2], q[i]), m[i / 2]))
 }
 
 /// Bytes `(v >> shift) & mask`.
@@ -227,97 +276,95 @@ fn fifth_bits(b: &[u8], at: usize) -> (__m128i, __m128i) {
     )
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn block_q4_0(b: &[u8]) -> [__m256; 4] {
-    let (lo, hi) = nibbles(b, 2);
-    let eight = _mm_set1_epi8(8);
-    let q = widen(_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight));
-    let d = f16(b, 0);
-    scaled(q, [d, d])
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn block_q4_1(b: &[u8]) -> [__m256; 4] {
-    let (lo, hi) = nibbles(b, 4);
-    scaled_plus(widen(lo, hi), f16(b, 0), f16(b, 2))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn block_q5_0(b: &[u8]) -> [__m256; 4] {
-    let (lo, hi) = nibbles(b, 6);
-    let (hlo, hhi) = fifth_bits(b, 2);
-    let sixteen = _mm_set1_epi8(16);
-    let lo = _mm_sub_epi8(_mm_or_si128(lo, hlo), sixteen);
-    let hi = _mm_sub_epi8(_mm_or_si128(hi, hhi), sixteen);
-    let d = f16(b, 0);
-    scaled(widen(lo, hi), [d, d])
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn block_q5_1(b: &[u8]) -> [__m256; 4] {
-    let (lo, hi) = nibbles(b, 8);
-    let (hlo, hhi) = fifth_bits(b, 4);
-    let q = widen(_mm_or_si128(lo, hlo), _mm_or_si128(hi, hhi));
-    scaled_plus(q, f16(b, 0), f16(b, 2))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn block_q8_0(b: &[u8]) -> [__m256; 4] {
-    let d = f16(b, 0);
-    scaled(widen(load16(b, 2), load16(b, 18)), [d, d])
-}
-
-/// A kernel over 32-element blocks of `$bytes` bytes unpacked by `$block`.
+/// A kernel over 32-element blocks of `$bytes` bytes: `$block(block)`
+/// gives the quants as f32, the scale and the offset (`$min`: whether
+/// there is one).
 macro_rules! small_kernel {
-    ($name:ident, $bytes:literal, $block:ident) => {
+    ($name:ident, $bytes:literal, $min:literal, $block:ident) => {
         /// # Safety
-        /// The processor has AVX2, FMA and F16C; every row of `x` holds
+        /// The processor has AVX2, FMA and F16C; every row of `acc` holds
         /// as many values as `w` has weights.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name<const M: usize, const A: usize>(
-            w: &[u8],
-            x: [*const f32; M],
-            out: &mut [f32],
-        ) {
-            let mut acc = Acc::<M, A>::new(x);
+        unsafe fn $name<const M: usize>(w: &[u8], mut acc: Acc<M>, out: &mut [f32]) {
             for (b, block) in w.chunks_exact($bytes).enumerate() {
+                let (q, d, m) = $block(block);
                 // SAFETY: block `b`'s 32 activations exist (the contract).
-                unsafe { acc.fma32(32 * b, $block(block)) };
+                unsafe { acc.add::<$min, true>(32 * b, q, [d; 2], [m; 2]) };
             }
             acc.finish(out);
         }
     };
 }
 
-small_kernel!(q4_0, 18, block_q4_0);
-small_kernel!(q4_1, 20, block_q4_1);
-small_kernel!(q5_0, 22, block_q5_0);
-small_kernel!(q5_1, 24, block_q5_1);
-small_kernel!(q8_0, 34, block_q8_0);
+/// `d · (q − 8)` as `d · q − 8d`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn block_q4_0(b: &[u8]) -> ([__m256; 4], f32, f32) {
+    let d = f16x4(b, 0)[0];
+    (nibbles_f32(b, 2), d, -8.0 * d)
+}
 
-/// A kernel over 256-element blocks of `$bytes` bytes; `$group(block, g)`
-/// unpacks elements `32g..32g + 32` of a block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn block_q4_1(b: &[u8]) -> ([__m256; 4], f32, f32) {
+    let [d, m, ..] = f16x4(b, 0);
+    (nibbles_f32(b, 4), d, m)
+}
+
+/// Nibbles and fifth bits of a Q5 block (`qh` at `at`, quants after it).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn five_bit_quants(b: &[u8], at: usize) -> [__m256; 4] {
+    let (lo, hi) = nibbles(b, at + 4);
+    let (hlo, hhi) = fifth_bits(b, at);
+    widen(_mm_or_si128(lo, hlo), _mm_or_si128(hi, hhi))
+}
+
+/// `d · (q − 16)` as `d · q − 16d`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn block_q5_0(b: &[u8]) -> ([__m256; 4], f32, f32) {
+    let d = f16x4(b, 0)[0];
+    (five_bit_quants(b, 2), d, -16.0 * d)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn block_q5_1(b: &[u8]) -> ([__m256; 4], f32, f32) {
+    let [d, m, ..] = f16x4(b, 0);
+    (five_bit_quants(b, 4), d, m)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn block_q8_0(b: &[u8]) -> ([__m256; 4], f32, f32) {
+    let q = std::array::from_fn(|i| _mm256_cvtepi32_ps(load8::<true>(b, 2 + 8 * i)));
+    (q, f16x4(b, 0)[0], 0.0)
+}
+
+small_kernel!(q4_0, 18, true, block_q4_0);
+small_kernel!(q4_1, 20, true, block_q4_1);
+small_kernel!(q5_0, 22, true, block_q5_0);
+small_kernel!(q5_1, 24, true, block_q5_1);
+small_kernel!(q8_0, 34, false, block_q8_0);
+
+/// A kernel over 256-element blocks of `$bytes` bytes: `$scales(block)`
+/// decodes a block's scales and offsets (`$min`: whether it has offsets;
+/// `$one_d`: one scale per 32 elements rather than 16), whose `group(block,
+/// g)` unpacks the quants of elements `32g..32g + 32`.
 macro_rules! k_kernel {
-    ($name:ident, $bytes:literal, $group:expr) => {
+    ($name:ident, $bytes:literal, $min:literal, $one_d:literal, $scales:expr) => {
         /// # Safety
         /// As for the small-block kernels.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name<const M: usize, const A: usize>(
-            w: &[u8],
-            x: [*const f32; M],
-            out: &mut [f32],
-        ) {
-            let mut acc = Acc::<M, A>::new(x);
+        unsafe fn $name<const M: usize>(w: &[u8], mut acc: Acc<M>, out: &mut [f32]) {
             for (b, block) in w.chunks_exact($bytes).enumerate() {
-                let unpack = $group(block);
+                let k = $scales(block);
                 for g in 0..8 {
+                    let (d, m) = ([k.d[2 * g], k.d[2 * g + 1]], [k.m[2 * g], k.m[2 * g + 1]]);
+                    let q = k.group(block, g);
                     // SAFETY: block `b`'s 256 activations exist.
-                    unsafe { acc.fma32(256 * b + 32 * g, unpack.group(block, g)) };
+                    unsafe { acc.add::<$min, $one_d>(256 * b + 32 * g, q, d, m) };
                 }
             }
             acc.finish(out);
@@ -325,7 +372,8 @@ macro_rules! k_kernel {
     };
 }
 
-/// Per-block state of a K-quant: its scales, decoded once per block.
+/// A K-quant block's scales `d` and offsets `m` per 16 elements (`w = d·q
+/// + m`), decoded once per block; `T` names the type.
 struct KScales<const T: u8> {
     d: [f32; 16],
     m: [f32; 16],
@@ -334,17 +382,17 @@ struct KScales<const T: u8> {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q2_k_scales(b: &[u8]) -> KScales<2> {
-    let (d, dmin) = (f16(b, 80), f16(b, 82));
+    let [.., d, dmin] = f16x4(b, 76);
     KScales {
         d: std::array::from_fn(|s| d * f32::from(b[s] & 0x0F)),
-        m: std::array::from_fn(|s| dmin * f32::from(b[s] >> 4)),
+        m: std::array::from_fn(|s| -(dmin * f32::from(b[s] >> 4))),
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q3_k_block_scales(b: &[u8]) -> KScales<3> {
-    let d = f16(b, 108);
+    let d = f16x4(b, 102)[3];
     KScales {
         d: q3_k_scales(&b[96..108]).map(|s| d * s),
         m: [0.0; 16],
@@ -356,18 +404,18 @@ fn q3_k_block_scales(b: &[u8]) -> KScales<3> {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q45_k_scales<const T: u8>(b: &[u8]) -> KScales<T> {
-    let (d, dmin) = (f16(b, 0), f16(b, 2));
+    let [d, dmin, ..] = f16x4(b, 0);
     let (sc, mn) = scale_min_k4(&b[4..16]);
     KScales {
         d: std::array::from_fn(|s| d * f32::from(sc[s / 2])),
-        m: std::array::from_fn(|s| dmin * f32::from(mn[s / 2])),
+        m: std::array::from_fn(|s| -(dmin * f32::from(mn[s / 2]))),
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q6_k_scales(b: &[u8]) -> KScales<6> {
-    let d = f16(b, 208);
+    let d = f16x4(b, 202)[3];
     KScales {
         d: std::array::from_fn(|s| d * f32::from(b[192 + s] as i8)),
         m: [0.0; 16],
@@ -380,14 +428,9 @@ impl KScales<2> {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn group(&self, b: &[u8], g: usize) -> [__m256; 4] {
         let (at, shift) = (16 + 32 * (g / 4), 2 * (g % 4) as u32);
-        let q = widen(
+        widen(
             bits(load16(b, at), shift, 3),
             bits(load16(b, at + 16), shift, 3),
-        );
-        scaled_minus(
-            q,
-            [self.d[2 * g], self.d[2 * g + 1]],
-            [self.m[2 * g], self.m[2 * g + 1]],
         )
     }
 }
@@ -402,7 +445,7 @@ impl KScales<3> {
             let low = bits(load16(b, at + off), shift, 3);
             _mm_sub_epi8(low, bit_to(load16(b, off), g, false, 4))
         };
-        scaled(widen(half(0), half(16)), [self.d[2 * g], self.d[2 * g + 1]])
+        widen(half(0), half(16))
     }
 }
 
@@ -412,11 +455,10 @@ impl KScales<4> {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn group(&self, b: &[u8], g: usize) -> [__m256; 4] {
         let (at, shift) = (16 + 32 * (g / 2), 4 * (g % 2) as u32);
-        let q = widen(
+        widen(
             bits(load16(b, at), shift, 0x0F),
             bits(load16(b, at + 16), shift, 0x0F),
-        );
-        scaled_minus(q, [self.d[2 * g]; 2], [self.m[2 * g]; 2])
+        )
     }
 }
 
@@ -430,11 +472,7 @@ impl KScales<5> {
             let low = bits(load16(b, at + off), shift, 0x0F);
             _mm_or_si128(low, bit_to(load16(b, 16 + off), g, true, 0x10))
         };
-        scaled_minus(
-            widen(half(0), half(16)),
-            [self.d[2 * g]; 2],
-            [self.m[2 * g]; 2],
-        )
+        widen(half(0), half(16))
     }
 }
 
@@ -452,12 +490,12 @@ impl KScales<6> {
             let q = _mm_or_si128(low, _mm_slli_epi16::<4>(high));
             _mm_sub_epi8(q, _mm_set1_epi8(32))
         };
-        scaled(widen(half(0), half(16)), [self.d[2 * g], self.d[2 * g + 1]])
+        widen(half(0), half(16))
     }
 }
 
-k_kernel!(q2_k, 84, q2_k_scales);
-k_kernel!(q3_k, 110, q3_k_block_scales);
-k_kernel!(q4_k, 144, q45_k_scales::<4>);
-k_kernel!(q5_k, 176, q45_k_scales::<5>);
-k_kernel!(q6_k, 210, q6_k_scales);
+k_kernel!(q2_k, 84, true, false, q2_k_scales);
+k_kernel!(q3_k, 110, false, false, q3_k_block_scales);
+k_kernel!(q4_k, 144, true, true, q45_k_scales::<4>);
+k_kernel!(q5_k, 176, true, true, q45_k_scales::<5>);
+k_kernel!(q6_k, 210, false, false, q6_k_scales);

@@ -8,11 +8,12 @@
 //! tile path does for larger batches.
 //!
 //! Guarantees: activations stay f32 (nothing is rounded to 8 bits), and
-//! the weights the kernels multiply equal the GGUF reference
-//! dequantization bit for bit; only the order of the f32 additions (eight
-//! lanes, several accumulators, FMA on AVX2) differs from the dense dot
-//! product, so results agree with the tile path to float rounding (the
-//! tests bound it at 1e-5 of `Σ|w·x|`), not bit for bit.
+//! the portable kernels multiply the GGUF reference's dequantized weights.
+//! The AVX2 kernels reassociate each weight's `d·q + m` as `d · Σ q·x +
+//! m · Σ x` per group of 16 or 32 (the sums of `x` precomputed once per
+//! product in [`Rows`]). Neither is bit-equal to the tile path: the order
+//! of the f32 additions differs, and results agree with it to float
+//! rounding (the tests bound the difference at 1e-5 of `Σ|w·x|`).
 //!
 //! Kernels: [`avx2`] (AVX2 + FMA + F16C, chosen when [`Isa::detect`] finds
 //! AVX2 or AVX-512, so `WEIR_CPU_ISA=scalar` selects the portable kernels)
@@ -37,26 +38,76 @@ pub const MAX_ROWS: usize = 4;
 /// Output features per rayon task.
 const TASK_ROWS: usize = 16;
 
-/// `out[r] = Σ w · xs[r]` for one weight row `w` (whole blocks of `ty`)
-/// and one to four activation rows `xs` as long as the row, on the AVX2
-/// kernels when `isa` is AVX2 or better and the processor has them, else
-/// on the portable ones.
-pub fn dot_rows(isa: Isa, ty: GgmlType, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+/// One to [`MAX_ROWS`] activation rows of equal length (a multiple of 16)
+/// and the sum of every 16 consecutive values of each, for the kernels
+/// that fold a block's offset into `m · Σ x`.
+pub struct Rows<'a> {
+    x: Vec<&'a [f32]>,
+    sums: Vec<f32>,
+}
+
+impl<'a> Rows<'a> {
+    /// Wraps `x` and sums it.
+    ///
+    /// # Panics
+    /// On zero or more than [`MAX_ROWS`] rows, rows of unequal lengths or
+    /// lengths that are not a multiple of 16.
+    pub fn new(x: Vec<&'a [f32]>) -> Self {
+        assert!((1..=MAX_ROWS).contains(&x.len()), "{} rows", x.len());
+        let cols = x[0].len();
+        assert!(cols.is_multiple_of(16) && x.iter().all(|r| r.len() == cols));
+        let sums = x
+            .iter()
+            .flat_map(|r| r.chunks_exact(16).map(|c| c.iter().sum::<f32>()))
+            .collect();
+        Self { x, sums }
+    }
+
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        self.x.len()
+    }
+
+    /// Never: a `Rows` holds at least one row.
+    pub fn is_empty(&self) -> bool {
+        self.x.is_empty()
+    }
+
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.x[0].len()
+    }
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &'a [f32] {
+        self.x[i]
+    }
+
+    /// Sums of 16 of row `i`.
+    pub fn sums(&self, i: usize) -> &[f32] {
+        let n = self.cols() / 16;
+        &self.sums[i * n..][..n]
+    }
+}
+
+/// `out[r] = Σ w · x.row(r)` for one weight row `w` (whole blocks of `ty`)
+/// as long as the rows, on the AVX2 kernels when `isa` is AVX2 or better
+/// and the processor has them, else on the portable ones.
+pub fn dot_rows(isa: Isa, ty: GgmlType, w: &[u8], x: &Rows<'_>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar && avx2::available() {
-        return avx2::dot_rows(ty, w, xs, out);
+        return avx2::dot_rows(ty, w, x, out);
     }
     let _ = isa;
-    portable::dot_rows(ty, w, xs, out)
+    portable::dot_rows(ty, w, &x.x, out)
 }
 
 /// `x · wᵀ (+ bias)` for `x` of one to [`MAX_ROWS`] rows, output features
 /// spread over rayon's threads [`TASK_ROWS`] at a time.
 pub fn matmul(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>, isa: Isa) -> CpuTensor {
     let (m, n) = (x.rows, w.rows());
-    assert!((1..=MAX_ROWS).contains(&m), "{m} rows");
     assert_eq!(x.cols, w.cols());
-    let xs: Vec<&[f32]> = (0..m).map(|i| x.row(i)).collect();
+    let rows = Rows::new((0..m).map(|i| x.row(i)).collect());
     let mut out_t = vec![0f32; n * m];
     out_t
         .par_chunks_mut(TASK_ROWS * m)
@@ -64,7 +115,7 @@ pub fn matmul(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>, isa: Isa) ->
         .for_each(|(t, tile)| {
             for (jj, col) in tile.chunks_exact_mut(m).enumerate() {
                 let j = t * TASK_ROWS + jj;
-                dot_rows(isa, w.ty(), w.row(j), &xs, col);
+                dot_rows(isa, w.ty(), w.row(j), &rows, col);
                 if let Some(bias) = bias {
                     col.iter_mut().for_each(|o| *o += bias[j]);
                 }
