@@ -239,8 +239,14 @@ fn logits_greedy_tokens_and_chat_answer_match_transformers() {
     let (kept, widened) = (logits(&model), logits(&dequantized));
     let last_row = max_delta(&kept, &widened);
     println!("max |Δ| of the prompt's logits, blocks vs dequantized at load: {last_row:.2e}");
-    assert!(last_row <= FUSED_TOLERANCE, "{last_row} > {FUSED_TOLERANCE}");
-    let (fused, widened) = (decode_steps(&model, &prompt), decode_steps(&dequantized, &prompt));
+    assert!(
+        last_row <= FUSED_TOLERANCE,
+        "{last_row} > {FUSED_TOLERANCE}"
+    );
+    let (fused, widened) = (
+        decode_steps(&model, &prompt),
+        decode_steps(&dequantized, &prompt),
+    );
     let worst = max_delta(&fused, &widened);
     println!("max |Δ| of decode logits, blocks vs dequantized at load: {worst:.2e}");
     assert!(worst <= FUSED_TOLERANCE, "{worst} > {FUSED_TOLERANCE}");

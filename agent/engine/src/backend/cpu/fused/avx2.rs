@@ -43,10 +43,10 @@ pub fn dot_rows(ty: GgmlType, w: &[u8], x: &Rows<'_>, out: &mut [f32]) {
             // a sum for each 16 (both asserted above).
             unsafe {
                 match x.len() {
-                    1 => $kernel::<1>(w, Acc::new(x), out),
-                    2 => $kernel::<2>(w, Acc::new(x), out),
-                    3 => $kernel::<3>(w, Acc::new(x), out),
-                    _ => $kernel::<4>(w, Acc::new(x), out),
+                    1 => $kernel::<1>(w, x, out),
+                    2 => $kernel::<2>(w, x, out),
+                    3 => $kernel::<3>(w, x, out),
+                    _ => $kernel::<4>(w, x, out),
                 }
             }
         };
@@ -76,12 +76,10 @@ struct Acc<const M: usize> {
 }
 
 impl<const M: usize> Acc<M> {
-    /// # Safety
-    /// The processor has AVX2 (the zeroed registers are AVX values).
     #[inline]
-    unsafe fn new(x: &Rows<'_>) -> Self {
-        // SAFETY: `_mm256_setzero_ps` needs AVX (the caller's contract).
-        let zero = unsafe { _mm256_setzero_ps() };
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn new(x: &Rows<'_>) -> Self {
+        let zero = _mm256_setzero_ps();
         Self {
             v: [[zero; 2]; M],
             mins: [0.0; M],
@@ -282,10 +280,11 @@ fn fifth_bits(b: &[u8], at: usize) -> (__m128i, __m128i) {
 macro_rules! small_kernel {
     ($name:ident, $bytes:literal, $min:literal, $block:ident) => {
         /// # Safety
-        /// The processor has AVX2, FMA and F16C; every row of `acc` holds
+        /// The processor has AVX2, FMA and F16C; every row of `x` holds
         /// as many values as `w` has weights.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name<const M: usize>(w: &[u8], mut acc: Acc<M>, out: &mut [f32]) {
+        unsafe fn $name<const M: usize>(w: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+            let mut acc = Acc::<M>::new(x);
             for (b, block) in w.chunks_exact($bytes).enumerate() {
                 let (q, d, m) = $block(block);
                 // SAFETY: block `b`'s 32 activations exist (the contract).
@@ -357,7 +356,8 @@ macro_rules! k_kernel {
         /// # Safety
         /// As for the small-block kernels.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name<const M: usize>(w: &[u8], mut acc: Acc<M>, out: &mut [f32]) {
+        unsafe fn $name<const M: usize>(w: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+            let mut acc = Acc::<M>::new(x);
             for (b, block) in w.chunks_exact($bytes).enumerate() {
                 let k = $scales(block);
                 for g in 0..8 {
