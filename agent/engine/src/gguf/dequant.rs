@@ -283,12 +283,7 @@ fn q2_k(b: &[u8], out: &mut [f32]) {
 fn q3_k(b: &[u8], out: &mut [f32]) {
     let (hmask, qs, packed) = (&b[..32], &b[32..96], &b[96..108]);
     let d = half_at(b, 108);
-    let mut scales = [0f32; 16];
-    for (s, scale) in scales.iter_mut().enumerate() {
-        let low = (packed[s % 8] >> (4 * (s / 8))) & 0x0F;
-        let high = (packed[8 + s % 4] >> (2 * (s / 4))) & 0x03;
-        *scale = f32::from((low | (high << 4)) as i8 - 32);
-    }
+    let scales = q3_k_scales(packed);
     for (j, o) in out.iter_mut().enumerate() {
         let dl = d * scales[j / 16];
         let low = (qs[32 * (j / 128) + j % 32] >> (2 * ((j / 32) % 4))) & 3;
@@ -297,8 +292,19 @@ fn q3_k(b: &[u8], out: &mut [f32]) {
     }
 }
 
+/// The sixteen signed 6-bit scales of a Q3_K block (its 12 packed bytes).
+pub(crate) fn q3_k_scales(packed: &[u8]) -> [f32; 16] {
+    let mut scales = [0f32; 16];
+    for (s, scale) in scales.iter_mut().enumerate() {
+        let low = (packed[s % 8] >> (4 * (s / 8))) & 0x0F;
+        let high = (packed[8 + s % 4] >> (2 * (s / 4))) & 0x03;
+        *scale = f32::from((low | (high << 4)) as i8 - 32);
+    }
+    scales
+}
+
 /// The eight 6-bit scales and minimums of a Q4_K/Q5_K block (12 bytes).
-fn scale_min_k4(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn scale_min_k4(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
     for i in 0..4 {
         let (d, m, md) = (packed[i], packed[4 + i], packed[8 + i]);

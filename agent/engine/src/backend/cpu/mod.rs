@@ -4,11 +4,14 @@
 //!
 //! Weights are f32 ([`CpuWeight::Dense`]), or, for a GGUF file's quantized
 //! tensors, the stored blocks ([`CpuWeight::Quant`], multiplied by the
-//! kernels of [`quant`]: in f32 on rows dequantized a tile at a time, or
-//! with 8-bit activations on the instruction set [`simd`] detects). The f32 product is written here rather than taken from a BLAS
-//! crate: decode (few rows) is bound by reading the weights, and a
-//! row-parallel dot-product kernel reads each weight row once per step.
+//! kernels of [`quant`]: in f32 on rows dequantized a tile at a time or,
+//! for one to four rows, on the fused kernels of [`fused`]; or with 8-bit
+//! activations on the instruction set [`simd`] detects). The f32 product
+//! is written here rather than taken from a BLAS crate: decode (few rows)
+//! is bound by reading the weights, and a row-parallel dot-product kernel
+//! reads each weight row once per step.
 
+pub mod fused;
 pub mod quant;
 pub mod simd;
 

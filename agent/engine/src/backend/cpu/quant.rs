@@ -2,11 +2,14 @@
 //! matrix product `x · Wᵀ` on them, in one of two arithmetics
 //! ([`BlockArithmetic`]).
 //!
-//! [`matmul_f32`] (every quantized type): each task dequantizes a tile of
-//! weight rows with the GGUF reference arithmetic into a buffer that stays
-//! in cache and takes the same f32 dot products the dense path takes, so
-//! its results equal those of weights dequantized at load bit for bit,
-//! while memory holds only the blocks.
+//! [`matmul_f32`] (every quantized type): for more than four activation
+//! rows ([`matmul_f32_tiled`]) each task dequantizes a tile of weight rows
+//! with the GGUF reference arithmetic into a buffer that stays in cache
+//! and takes the same f32 dot products the dense path takes, so its
+//! results equal those of weights dequantized at load bit for bit, while
+//! memory holds only the blocks. For one to four rows (decode) it takes
+//! the fused kernels of [`super::fused`], which unpack each block into
+//! registers for all rows at once and agree with the tiles to rounding.
 //!
 //! [`matmul`] (Q4_0, Q4_1, Q8_0): as in llama.cpp (`ggml_vec_dot_q4_1_q8_1` and friends), each row of `x`
 //! is first rounded to 8 bits per 32-element block ([`Q8Rows`]: a scale
@@ -121,44 +124,9 @@ impl QuantMatrix {
     }
 
     /// Row `j` dequantized into `out` (`cols` values), with the GGUF
-    /// reference arithmetic: the same expressions as
-    /// [`crate::gguf::dequant`], written per type over whole blocks for
-    /// Q4_0, Q4_1 and Q8_0 so that the compiler vectorizes them (the
-    /// reference goes through a function pointer per block and indexes
-    /// nibbles one at a time, several times slower).
+    /// reference arithmetic ([`super::fused::portable::dequantize`]).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
-        let row = self.row(j);
-        match self.ty {
-            GgmlType::Q4_0 => {
-                for (b, o) in row.chunks_exact(18).zip(out.chunks_exact_mut(QK)) {
-                    let d = half_at(b, 0);
-                    let (lo, hi) = o.split_at_mut(QK / 2);
-                    for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&b[2..18]) {
-                        *l = d * f32::from((q & 15) as i8 - 8);
-                        *h = d * f32::from((q >> 4) as i8 - 8);
-                    }
-                }
-            }
-            GgmlType::Q4_1 => {
-                for (b, o) in row.chunks_exact(20).zip(out.chunks_exact_mut(QK)) {
-                    let (d, m) = (half_at(b, 0), half_at(b, 2));
-                    let (lo, hi) = o.split_at_mut(QK / 2);
-                    for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&b[4..20]) {
-                        *l = d * f32::from(q & 15) + m;
-                        *h = d * f32::from(q >> 4) + m;
-                    }
-                }
-            }
-            GgmlType::Q8_0 => {
-                for (b, o) in row.chunks_exact(34).zip(out.chunks_exact_mut(QK)) {
-                    let d = half_at(b, 0);
-                    for (o, &q) in o.iter_mut().zip(&b[2..34]) {
-                        *o = f32::from(q as i8) * d;
-                    }
-                }
-            }
-            ty => crate::gguf::dequant::dequantize(ty, row, out),
-        }
+        super::fused::portable::dequantize(self.ty, self.row(j), out);
     }
 }
 
@@ -274,11 +242,21 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
     acc
 }
 
+/// `x · wᵀ (+ bias)` in f32: on the fused kernels of [`super::fused`] for
+/// one to four rows (equal to [`matmul_f32_tiled`] to float rounding),
+/// else [`matmul_f32_tiled`].
+pub fn matmul_f32(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>) -> CpuTensor {
+    if (1..=super::fused::MAX_ROWS).contains(&x.rows) {
+        return super::fused::matmul(x, w, bias, Isa::detect());
+    }
+    matmul_f32_tiled(x, w, bias)
+}
+
 /// `x · wᵀ (+ bias)` in f32: each task dequantizes [`TILE_ROWS`] weight
 /// rows (the GGUF reference arithmetic) and takes the dense path's dot
 /// products with them, so the result equals the product with weights
 /// dequantized at load, bit for bit.
-pub fn matmul_f32(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>) -> CpuTensor {
+pub fn matmul_f32_tiled(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>) -> CpuTensor {
     let (m, n, k) = (x.rows, w.rows, w.cols);
     let mut out_t = vec![0f32; n * m];
     out_t
@@ -305,7 +283,7 @@ pub fn matmul_f32(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>) -> CpuTe
 }
 
 /// The `[m, n]` tensor of a transposed `[n, m]` result.
-fn transpose_into(out_t: &[f32], m: usize, n: usize) -> CpuTensor {
+pub(super) fn transpose_into(out_t: &[f32], m: usize, n: usize) -> CpuTensor {
     let mut out = CpuTensor::zeros(m, n);
     for (i, row) in out.data.chunks_exact_mut(n.max(1)).enumerate().take(m) {
         for (j, o) in row.iter_mut().enumerate() {
@@ -513,7 +491,8 @@ pub(crate) mod tests {
 
     /// The f32 product on blocks against the dense product on the same
     /// weights dequantized: equal bit for bit, for every quantized type,
-    /// batch sizes around the tile and row-group edges, with a bias.
+    /// batch sizes around the tile and row-group edges, with a bias (one
+    /// to four rows take the fused kernels, checked in `fused::tests`).
     #[test]
     fn f32_block_product_equals_the_dense_product_bit_for_bit() {
         use GgmlType::*;
@@ -537,7 +516,7 @@ pub(crate) mod tests {
                 cols: rows,
                 data: bias.clone(),
             });
-            for m in [0, 1, 5, 17] {
+            for m in [0, 5, 17] {
                 let x = random_x(m, cols, 3 + m as u64);
                 let got = matmul_f32(&x, &w, Some(&bias));
                 let want =
