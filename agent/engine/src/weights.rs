@@ -33,7 +33,9 @@ pub enum WeightDtype {
 pub enum BlockArithmetic {
     /// Rows of `W` dequantized a tile at a time with the GGUF reference
     /// arithmetic, then f32 products: the same numbers as weights
-    /// dequantized at load, bit for bit. Every quantized type.
+    /// dequantized at load, bit for bit below 5 activation rows and within
+    /// rounding from 5 on (both go through `gemm` there, in different
+    /// splits). Every quantized type.
     F32,
     /// Activations rounded to 8 bits per 32-element block and integer
     /// block sums, as llama.cpp does (Q4_0, Q4_1, Q8_0 only).

@@ -25,8 +25,17 @@ use weir_engine::weights::{QuantizedWeights, Weights};
 
 /// Max |Δ| of a logit against transformers on the exact path (weights
 /// dequantized at load, f32 on both sides; what differs is summation order
-/// over 30 layers: measured 6.3e-5 on logits of magnitude ~20).
+/// over 30 layers: measured 6.3e-5 on logits of magnitude ~20 with dot
+/// products, 7.1e-5 with the `gemm` path from 5 rows).
 const TOLERANCE: f32 = 5e-4;
+
+/// Max |Δ| of a logit between the blocks path and weights dequantized at
+/// load: the same reference dequantization and f32 products, but from 5
+/// rows on both go through `gemm`, per panel of weight rows on blocks and
+/// in one call on dense weights, whose sums are ordered differently
+/// (measured 3.4e-5 on logits of magnitude ~20; with dot products alone
+/// the two were equal bit for bit).
+const BLOCKS_TOLERANCE: f32 = 1e-4;
 
 /// Max |Δ| of a logit against transformers on the quantized path (Q4_1
 /// blocks kept, activations rounded to 8 bits per block as llama.cpp does;
@@ -177,8 +186,8 @@ fn prompt_logits_delta(model: &LlamaModel<CpuBackend>) -> (f32, bool) {
 }
 
 /// The default path keeps the file's blocks and multiplies in f32: its
-/// logits are those of the weights dequantized at load, bit for bit, and
-/// match transformers; its greedy tokens and chat answer are the golden
+/// logits are those of the weights dequantized at load within
+/// [`BLOCKS_TOLERANCE`], and match transformers; its greedy tokens and chat answer are the golden
 /// ones.
 #[test]
 fn logits_greedy_tokens_and_chat_answer_match_transformers() {
@@ -197,11 +206,14 @@ fn logits_greedy_tokens_and_chat_answer_match_transformers() {
         m.forward(&layout, &mut cache).unwrap()
     };
     let (kept, widened) = (logits(&model), logits(&dequantized));
+    let gap = kept
+        .iter()
+        .zip(&widened)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    println!("max |Δ| of logits, blocks vs dequantized at load: {gap:.2e}");
     assert!(
-        kept.iter()
-            .zip(&widened)
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
-        "blocks in f32 differ from weights dequantized at load"
+        gap <= BLOCKS_TOLERANCE,
+        "blocks in f32 differ from weights dequantized at load by {gap}"
     );
     drop(dequantized);
 

@@ -5,11 +5,15 @@
 //! Weights are f32 ([`CpuWeight::Dense`]), or, for a GGUF file's quantized
 //! tensors, the stored blocks ([`CpuWeight::Quant`], multiplied by the
 //! kernels of [`quant`]: in f32 on rows dequantized a tile at a time, or
-//! with 8-bit activations on the instruction set [`simd`] detects). The f32 product is written here rather than taken from a BLAS
-//! crate: decode (few rows) is bound by reading the weights, and a
+//! with 8-bit activations on the instruction set [`simd`] detects). Below
+//! [`sgemm::GEMM_MIN_ROWS`] activation rows the f32 product is written
+//! here: decode (few rows) is bound by reading the weights, and a
 //! row-parallel dot-product kernel reads each weight row once per step.
+//! From there on (prefill, batched decode) it is compute-bound and goes
+//! through the `gemm` crate's blocked kernels ([`sgemm`]).
 
 pub mod quant;
+pub mod sgemm;
 pub mod simd;
 
 use rayon::prelude::*;
@@ -257,6 +261,9 @@ impl Backend for CpuBackend {
         }
         if x.rows == 0 {
             return Ok(CpuTensor::zeros(0, w.rows));
+        }
+        if x.rows >= sgemm::GEMM_MIN_ROWS {
+            return Ok(sgemm::linear(x, w, bias.map(|b| b.data.as_slice())));
         }
         // Transposed result: one output feature per task, so each weight row
         // is read once while every activation row stays in cache.

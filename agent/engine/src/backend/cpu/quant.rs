@@ -6,7 +6,12 @@
 //! weight rows with the GGUF reference arithmetic into a buffer that stays
 //! in cache and takes the same f32 dot products the dense path takes, so
 //! its results equal those of weights dequantized at load bit for bit,
-//! while memory holds only the blocks.
+//! while memory holds only the blocks. From [`GEMM_MIN_ROWS`] activation
+//! rows it hands over to [`super::sgemm::matmul_blocks`] (panels of
+//! dequantized rows through `gemm`), equal to the dense path within
+//! rounding.
+//!
+//! [`GEMM_MIN_ROWS`]: super::sgemm::GEMM_MIN_ROWS
 //!
 //! [`matmul`] (Q4_0, Q4_1, Q8_0): as in llama.cpp (`ggml_vec_dot_q4_1_q8_1` and friends), each row of `x`
 //! is first rounded to 8 bits per 32-element block ([`Q8Rows`]: a scale
@@ -277,8 +282,13 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
 /// `x · wᵀ (+ bias)` in f32: each task dequantizes [`TILE_ROWS`] weight
 /// rows (the GGUF reference arithmetic) and takes the dense path's dot
 /// products with them, so the result equals the product with weights
-/// dequantized at load, bit for bit.
+/// dequantized at load, bit for bit. From
+/// [`GEMM_MIN_ROWS`](super::sgemm::GEMM_MIN_ROWS) rows:
+/// [`super::sgemm::matmul_blocks`].
 pub fn matmul_f32(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>) -> CpuTensor {
+    if x.rows >= super::sgemm::GEMM_MIN_ROWS {
+        return super::sgemm::matmul_blocks(x, w, bias);
+    }
     let (m, n, k) = (x.rows, w.rows, w.cols);
     let mut out_t = vec![0f32; n * m];
     out_t
@@ -513,7 +523,8 @@ pub(crate) mod tests {
 
     /// The f32 product on blocks against the dense product on the same
     /// weights dequantized: equal bit for bit, for every quantized type,
-    /// batch sizes around the tile and row-group edges, with a bias.
+    /// the batch sizes of the tile path, with a bias (from
+    /// `GEMM_MIN_ROWS` both use `gemm`: see `sgemm`'s tests).
     #[test]
     fn f32_block_product_equals_the_dense_product_bit_for_bit() {
         use GgmlType::*;
@@ -537,7 +548,7 @@ pub(crate) mod tests {
                 cols: rows,
                 data: bias.clone(),
             });
-            for m in [0, 1, 5, 17] {
+            for m in [0, 1, 3, 4] {
                 let x = random_x(m, cols, 3 + m as u64);
                 let got = matmul_f32(&x, &w, Some(&bias));
                 let want =
