@@ -31,11 +31,10 @@ pub enum WeightDtype {
 /// How the CPU backend computes `x · Wᵀ` on quantized blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockArithmetic {
-    /// f32 activations, every quantized type. Rows of `W` dequantized a
-    /// tile at a time with the GGUF reference arithmetic, then f32
-    /// products (the same numbers as weights dequantized at load, bit for
-    /// bit); for one to four activation rows fused dequantize-and-dot
-    /// kernels instead, equal to them to float rounding.
+    /// f32 activations, every quantized type: fused dequantize-and-dot
+    /// kernels for one to four activation rows, panels of rows dequantized
+    /// with the GGUF reference arithmetic through `gemm` from five; equal
+    /// to weights dequantized at load to float rounding.
     F32,
     /// Activations rounded to 8 bits per 32-element block and integer
     /// block sums, as llama.cpp does (Q4_0, Q4_1, Q8_0 only).

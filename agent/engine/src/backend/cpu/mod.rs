@@ -4,15 +4,19 @@
 //!
 //! Weights are f32 ([`CpuWeight::Dense`]), or, for a GGUF file's quantized
 //! tensors, the stored blocks ([`CpuWeight::Quant`], multiplied by the
-//! kernels of [`quant`]: in f32 on rows dequantized a tile at a time or,
-//! for one to four rows, on the fused kernels of [`fused`]; or with 8-bit
-//! activations on the instruction set [`simd`] detects). The f32 product
-//! is written here rather than taken from a BLAS crate: decode (few rows)
-//! is bound by reading the weights, and a row-parallel dot-product kernel
-//! reads each weight row once per step.
+//! kernels of [`quant`]: in f32 — for one to four activation rows on the
+//! fused dequantize-and-dot kernels of [`fused`], from
+//! [`sgemm::GEMM_MIN_ROWS`] on panels of rows dequantized for the `gemm`
+//! crate — or with 8-bit activations on the instruction set [`simd`]
+//! detects). Dense f32 weights below [`sgemm::GEMM_MIN_ROWS`] rows take
+//! a row-parallel dot-product kernel written here: decode (few rows) is
+//! bound by reading the weights, and it reads each weight row once per
+//! step. From there on (prefill, batched decode) the product is
+//! compute-bound and goes through `gemm`'s blocked kernels ([`sgemm`]).
 
 pub mod fused;
 pub mod quant;
+pub mod sgemm;
 pub mod simd;
 
 use rayon::prelude::*;
@@ -260,6 +264,9 @@ impl Backend for CpuBackend {
         }
         if x.rows == 0 {
             return Ok(CpuTensor::zeros(0, w.rows));
+        }
+        if x.rows >= sgemm::GEMM_MIN_ROWS {
+            return Ok(sgemm::linear(x, w, bias.map(|b| b.data.as_slice())));
         }
         // Transposed result: one output feature per task, so each weight row
         // is read once while every activation row stays in cache.

@@ -2,14 +2,17 @@
 //! matrix product `x · Wᵀ` on them, in one of two arithmetics
 //! ([`BlockArithmetic`]).
 //!
-//! [`matmul_f32`] (every quantized type): for more than four activation
-//! rows ([`matmul_f32_tiled`]) each task dequantizes a tile of weight rows
-//! with the GGUF reference arithmetic into a buffer that stays in cache
-//! and takes the same f32 dot products the dense path takes, so its
-//! results equal those of weights dequantized at load bit for bit, while
-//! memory holds only the blocks. For one to four rows (decode) it takes
-//! the fused kernels of [`super::fused`], which unpack each block into
-//! registers for all rows at once and agree with the tiles to rounding.
+//! [`matmul_f32`] (every quantized type): for one to four activation rows
+//! (decode) the fused kernels of [`super::fused`], which unpack each block
+//! into registers for all rows at once; from [`GEMM_MIN_ROWS`] rows
+//! [`super::sgemm::matmul_blocks`] (panels of dequantized rows through
+//! `gemm`). Both agree with weights dequantized at load to float rounding.
+//! [`matmul_f32_tiled`] dequantizes a tile of weight rows with the GGUF
+//! reference arithmetic into a buffer that stays in cache and takes the
+//! dense path's dot products, equal to weights dequantized at load bit
+//! for bit (the reference the others are tested against).
+//!
+//! [`GEMM_MIN_ROWS`]: super::sgemm::GEMM_MIN_ROWS
 //!
 //! [`matmul`] (Q4_0, Q4_1, Q8_0): as in llama.cpp (`ggml_vec_dot_q4_1_q8_1` and friends), each row of `x`
 //! is first rounded to 8 bits per 32-element block ([`Q8Rows`]: a scale
@@ -243,11 +246,15 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
 }
 
 /// `x · wᵀ (+ bias)` in f32: on the fused kernels of [`super::fused`] for
-/// one to four rows (equal to [`matmul_f32_tiled`] to float rounding),
-/// else [`matmul_f32_tiled`].
+/// one to four rows, through [`super::sgemm::matmul_blocks`] from
+/// [`GEMM_MIN_ROWS`](super::sgemm::GEMM_MIN_ROWS) rows (both equal to
+/// [`matmul_f32_tiled`] to float rounding), else [`matmul_f32_tiled`].
 pub fn matmul_f32(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>) -> CpuTensor {
     if (1..=super::fused::MAX_ROWS).contains(&x.rows) {
         return super::fused::matmul(x, w, bias, Isa::detect());
+    }
+    if x.rows >= super::sgemm::GEMM_MIN_ROWS {
+        return super::sgemm::matmul_blocks(x, w, bias);
     }
     matmul_f32_tiled(x, w, bias)
 }
@@ -491,8 +498,11 @@ pub(crate) mod tests {
 
     /// The f32 product on blocks against the dense product on the same
     /// weights dequantized: equal bit for bit, for every quantized type,
-    /// batch sizes around the tile and row-group edges, with a bias (one
-    /// to four rows take the fused kernels, checked in `fused::tests`).
+    /// The tile product on blocks against the dense product on the same
+    /// weights dequantized: equal bit for bit, for every quantized type,
+    /// below `GEMM_MIN_ROWS` rows (where the dense path takes dot
+    /// products), with a bias. The fused kernels are checked in
+    /// `fused::tests`, the gemm path in `sgemm`'s tests.
     #[test]
     fn f32_block_product_equals_the_dense_product_bit_for_bit() {
         use GgmlType::*;
@@ -516,9 +526,9 @@ pub(crate) mod tests {
                 cols: rows,
                 data: bias.clone(),
             });
-            for m in [0, 5, 17] {
+            for m in [0, 1, 3, 4] {
                 let x = random_x(m, cols, 3 + m as u64);
-                let got = matmul_f32(&x, &w, Some(&bias));
+                let got = matmul_f32_tiled(&x, &w, Some(&bias));
                 let want =
                     crate::backend::Backend::linear(&backend, &x, &dense, Some(&bias_w)).unwrap();
                 assert_eq!((got.rows, got.cols), (m, rows));
