@@ -14,6 +14,7 @@
 //! step. From there on (prefill, batched decode) the product is
 //! compute-bound and goes through `gemm`'s blocked kernels ([`sgemm`]).
 
+pub mod attention;
 pub mod fused;
 pub mod quant;
 pub mod sgemm;
@@ -368,55 +369,12 @@ impl Backend for CpuBackend {
         batch: &BatchLayout,
         shape: AttentionShape,
     ) -> Result<CpuTensor> {
-        let AttentionShape {
-            num_heads,
-            num_kv_heads,
-            head_dim,
-        } = shape;
-        let group = num_heads / num_kv_heads;
-        let width = cache.slot_width();
-        let bs = cache.shape.block_size;
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let (keys, values) = (&cache.k[layer], &cache.v[layer]);
-        // One task per (row, head): the row's position bounds its context.
-        let mut row_seq = vec![0usize; q.rows];
-        for (s, seq) in batch.seqs.iter().enumerate() {
-            if seq.block_table.len() * bs < seq.context_len {
-                return Err(shape_err(
-                    "attention",
-                    format!("sequence {s} has too few blocks"),
-                ));
-            }
-            row_seq[seq.query_start..seq.query_start + seq.query_len].fill(s);
-        }
-        let mut out = CpuTensor::zeros(q.rows, num_heads * head_dim);
-        out.data
-            .par_chunks_exact_mut(head_dim)
-            .enumerate()
-            .for_each(|(task, out_head)| {
-                let (row, head) = (task / num_heads, task % num_heads);
-                let seq = &batch.seqs[row_seq[row]];
-                let pos = seq.context_len - seq.query_len + (row - seq.query_start);
-                let qh = &q.row(row)[head * head_dim..][..head_dim];
-                let kv_off = (head / group) * head_dim;
-                let slot = |t: usize| seq.block_table[t / bs] as usize * bs + t % bs;
-                let mut scores: Vec<f32> = (0..=pos)
-                    .map(|t| dot(qh, &keys[slot(t) * width + kv_off..][..head_dim]) * scale)
-                    .collect();
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in &mut scores {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                for (t, p) in scores.iter().enumerate() {
-                    let vh = &values[slot(t) * width + kv_off..][..head_dim];
-                    for (o, v) in out_head.iter_mut().zip(vh) {
-                        *o += p / sum * v;
-                    }
-                }
-            });
-        Ok(out)
+        let kv = attention::KvLayer {
+            keys: &cache.k[layer],
+            values: &cache.v[layer],
+            block_size: cache.shape.block_size,
+        };
+        attention::attention(q, kv, batch, shape, attention::CHUNK_MIN_ROWS)
     }
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {

@@ -42,9 +42,10 @@ pub struct GemmShape {
 }
 
 /// `out[i·ldo + j] = x[i·k ..] · w[j·k ..]` for `i < m`, `j < n`, plus the
-/// value already in `out` when `accumulate`; `x` and `w` are row-major and
-/// dense, `out` has row stride `ldo ≥ n`. `threads > 1` lets the crate split
-/// the product over rayon's pool.
+/// value already in `out` when `accumulate`; `x` (`[m, k]`) and `w`
+/// (`[n, k]`, read transposed) are row-major and dense, `out` has row
+/// stride `ldo ≥ n`. `threads > 1` lets the crate split the product over
+/// rayon's pool.
 ///
 /// # Panics
 ///
@@ -52,6 +53,53 @@ pub struct GemmShape {
 pub fn gemm_nt(
     x: &[f32],
     w: &[f32],
+    out: &mut [f32],
+    shape: GemmShape,
+    ldo: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    let rhs = RhsLayout {
+        col: shape.k,
+        row: 1,
+    };
+    gemm_strided(x, (w, rhs), out, shape, ldo, accumulate, threads);
+}
+
+/// As [`gemm_nt`] with `w` a row-major `[k, n]` matrix, not transposed:
+/// `out[i, j] = Σ_l x[i, l] · w[l, j]`.
+///
+/// # Panics
+///
+/// When a slice is too short for the shape, or `ldo < n`.
+pub fn gemm_nn(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    shape: GemmShape,
+    ldo: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    let rhs = RhsLayout {
+        col: 1,
+        row: shape.n,
+    };
+    gemm_strided(x, (w, rhs), out, shape, ldo, accumulate, threads);
+}
+
+/// Strides of the right operand `rhs[l, j]` (`l < k`, `j < n`) in `w`:
+/// `(k, 1)` for `[n, k]` read transposed, `(1, n)` for row-major `[k, n]`;
+/// either way every element lies below `n · k`.
+#[derive(Clone, Copy)]
+struct RhsLayout {
+    col: usize,
+    row: usize,
+}
+
+fn gemm_strided(
+    x: &[f32],
+    (w, rhs): (&[f32], RhsLayout),
     out: &mut [f32],
     shape: GemmShape,
     ldo: usize,
@@ -77,10 +125,10 @@ pub fn gemm_nt(
     };
     let (k_i, ldo_i) = (k as isize, ldo as isize);
     // SAFETY: the asserts above keep every element the strides reach in
-    // bounds: x[i, l] at i·k + l < m·k, w[j, l] (rhs[l, j]) at j·k + l <
-    // n·k, out[i, j] at i·ldo + j ≤ (m−1)·ldo + n − 1. `out` is borrowed
-    // mutably, so nothing else reads or writes it during the call, and it
-    // does not overlap `x` or `w` (shared borrows).
+    // bounds: x[i, l] at i·k + l < m·k, rhs[l, j] at j·col + l·row ≤ n·k − 1
+    // for both layouts, out[i, j] at i·ldo + j ≤ (m−1)·ldo + n − 1. `out` is
+    // borrowed mutably, so nothing else reads or writes it during the call,
+    // and it does not overlap `x` or `w` (shared borrows).
     #[allow(unsafe_code)]
     unsafe {
         gemm::gemm(
@@ -95,8 +143,8 @@ pub fn gemm_nt(
             1,
             k_i,
             w.as_ptr(),
-            k_i,
-            1,
+            rhs.col as isize,
+            rhs.row as isize,
             1.0,
             1.0,
             false,
@@ -214,9 +262,10 @@ mod tests {
 
     /// The crate's product against a naive triple loop (in f64), at sizes
     /// that are not multiples of its register tiles, with a row stride
-    /// wider than the output and with accumulation into it.
+    /// wider than the output, with accumulation into it, and with the
+    /// right operand transposed or not.
     #[test]
-    fn gemm_nt_matches_a_naive_product_at_odd_sizes() {
+    fn gemm_matches_a_naive_product_at_odd_sizes() {
         let mut worst = 0f64;
         for (m, n, k) in [
             (5, 7, 3),
@@ -227,19 +276,19 @@ mod tests {
         ] {
             let x = random_x(m, k, (m * n) as u64).data;
             let w = random_x(n, k, (n * k) as u64).data;
-            for (accumulate, threads) in [(false, 1), (true, 1), (false, 2)] {
+            // The same matrix stored `[k, n]`, for `gemm_nn`.
+            let wt: Vec<f32> = (0..k * n).map(|v| w[(v % n) * k + v / n]).collect();
+            let runs = [(false, 1, false), (true, 1, false), (false, 2, false)];
+            for (accumulate, threads, nn) in runs.into_iter().chain([(true, 1, true)]) {
                 let ldo = n + 3;
                 let mut out: Vec<f32> = (0..m * ldo).map(|v| v as f32 / 64.0).collect();
                 let before = out.clone();
-                gemm_nt(
-                    &x,
-                    &w,
-                    &mut out,
-                    GemmShape { m, n, k },
-                    ldo,
-                    accumulate,
-                    threads,
-                );
+                let shape = GemmShape { m, n, k };
+                if nn {
+                    gemm_nn(&x, &wt, &mut out, shape, ldo, accumulate, threads);
+                } else {
+                    gemm_nt(&x, &w, &mut out, shape, ldo, accumulate, threads);
+                }
                 for i in 0..m {
                     for j in 0..ldo {
                         let got = out[i * ldo + j];
@@ -272,9 +321,9 @@ mod tests {
         let out = linear(&x, &w, Some(&bias));
         assert_eq!((out.rows, out.cols), (m, n));
         for i in 0..m {
-            for j in 0..n {
-                let want = super::super::dot(x.row(i), w.row(j)) + bias[j];
-                let tol = 1e-6 * (abs_dot(x.row(i), w.row(j)) + bias[j].abs() + 1.0);
+            for (j, b) in bias.iter().enumerate() {
+                let want = super::super::dot(x.row(i), w.row(j)) + b;
+                let tol = 1e-6 * (abs_dot(x.row(i), w.row(j)) + b.abs() + 1.0);
                 assert!((out.data[i * n + j] - want).abs() <= tol, "({i}, {j})");
             }
         }
@@ -303,9 +352,9 @@ mod tests {
                         data: x.row(i).to_vec(),
                     };
                     let want = quant::matmul_f32_tiled(&xi, &w, Some(&bias));
-                    for j in 0..rows {
+                    for (j, b) in bias.iter().enumerate() {
                         w.dequantize_row(j, &mut deq);
-                        let scale = abs_dot(x.row(i), &deq) + bias[j].abs() + 1.0;
+                        let scale = abs_dot(x.row(i), &deq) + b.abs() + 1.0;
                         let err = (got.data[i * rows + j] - want.data[j]).abs() / scale;
                         worst = worst.max(err);
                         assert!(err < 1e-6, "{ty:?} m {m} ({i}, {j})");
