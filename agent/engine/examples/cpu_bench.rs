@@ -2,6 +2,9 @@
 //! f32 at load, kept as blocks multiplied in f32 (the default), and kept
 //! as blocks with 8-bit activations, in one run:
 //! `cargo run --release -p weir-engine --example cpu_bench -- --model FILE.gguf [--threads 2]`.
+//! Add `--decode-only q8|blocks|f32 [--steps N]` to run one path's decode
+//! at batch 1 alone (for a profiler). Everything runs on a worker of
+//! rayon's pool, as the engine's step loop does.
 //! Prints prefill tok/s of a 512-token prompt, decode tok/s at batch 1,
 //! total tok/s of 8 and 32 sequences decoding together, the resident size
 //! of each loaded model, and each path's ratio to the f32 one.
@@ -109,6 +112,20 @@ fn main() {
         weir_engine::backend::cpu::simd::Isa::detect()
     );
 
+    // `--decode-only q8|blocks|f32 [--steps N]`: one path's decode at batch
+    // 1 and nothing else, for a profiler.
+    if let Some(mode) = arg("--decode-only") {
+        let mode = match mode.as_str() {
+            "q8" => QuantizedWeights::BlocksQ8,
+            "f32" => QuantizedWeights::Dequantize,
+            _ => QuantizedWeights::Blocks,
+        };
+        let steps = arg("--steps").map_or(256, |s| s.parse().expect("--steps N"));
+        let (model, _) = load(&path, mode);
+        let tok_s = rayon::scope(|_| decode_tok_s(&model, 1, steps));
+        println!("decode b=1 tok/s {tok_s:.1}");
+        return;
+    }
     let modes = [
         QuantizedWeights::Dequantize,
         QuantizedWeights::Blocks,
@@ -117,13 +134,16 @@ fn main() {
     let mut results = Vec::new();
     for mode in modes {
         let (model, bytes) = load(&path, mode);
-        let r = [
-            bytes as f64 / 1048576.0,
-            prefill_tok_s(&model),
-            decode_tok_s(&model, 1, 64),
-            decode_tok_s(&model, 8, 32),
-            decode_tok_s(&model, 32, 16),
-        ];
+        // On a worker of the pool, as the engine's step loop runs.
+        let r = rayon::scope(|_| {
+            [
+                bytes as f64 / 1048576.0,
+                prefill_tok_s(&model),
+                decode_tok_s(&model, 1, 64),
+                decode_tok_s(&model, 8, 32),
+                decode_tok_s(&model, 32, 16),
+            ]
+        });
         results.push(r);
     }
     let names = [
