@@ -120,9 +120,14 @@ impl QuantMatrix {
         self.blocks.len()
     }
 
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_elems() * self.ty.block_bytes()
+    }
+
     /// The blocks of row `j`.
     pub fn row(&self, j: usize) -> &[u8] {
-        let len = self.cols / self.ty.block_elems() * self.ty.block_bytes();
+        let len = self.row_bytes();
         &self.blocks[j * len..][..len]
     }
 
@@ -311,12 +316,12 @@ pub fn matmul(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>, isa: Isa) ->
         .enumerate()
         .for_each(|(t, tile)| {
             let j0 = t * TILE_ROWS;
+            let n_rows = tile.len() / m;
+            let weights = &w.blocks[j0 * w.row_bytes()..][..n_rows * w.row_bytes()];
             let mut i = 0;
             while i < m {
                 let r = (m - i).min(4);
-                for (jj, col) in tile.chunks_exact_mut(m).enumerate() {
-                    isa.dot_rows(w.ty, w.row(j0 + jj), &a, i, &mut col[i..i + r]);
-                }
+                isa.dot_tile(w.ty, weights, &a, i, r, &mut tile[i..], m);
                 i += r;
             }
             if let Some(bias) = bias {

@@ -62,18 +62,48 @@ impl Isa {
     /// `out[r] = dot(w, a.row(first + r))` for `out.len()` (1 to 4) rows,
     /// `w` one weight row of `ty` blocks as long as `a`'s rows.
     pub fn dot_rows(self, ty: GgmlType, w: &[u8], a: &Q8Rows, first: usize, out: &mut [f32]) {
-        assert!((1..=4).contains(&out.len()) && first + out.len() <= a.rows());
-        assert_eq!(w.len(), a.row(first).d.len() * ty.block_bytes());
+        let rows = out.len();
+        self.dot_tile(ty, w, a, first, rows, out, rows);
+    }
+
+    /// [`dot_rows`](Self::dot_rows) for every weight row of `w` (whole
+    /// rows, back to back) against the `rows` (1 to 4) activation rows from
+    /// `first`: weight row `j` writes `out[j * stride..][..rows]`. The
+    /// processor is checked and the kernel chosen once for the whole tile.
+    ///
+    /// # Panics
+    /// On 0 or more than 4 rows, rows past `a`'s, `w` not whole rows, or
+    /// `out` too short.
+    #[allow(clippy::too_many_arguments)] // one tile's geometry
+    pub fn dot_tile(
+        self,
+        ty: GgmlType,
+        w: &[u8],
+        a: &Q8Rows,
+        first: usize,
+        rows: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        assert!((1..=4).contains(&rows) && first + rows <= a.rows() && rows <= stride);
+        let row_bytes = a.row(first).d.len() * ty.block_bytes();
+        assert!(row_bytes > 0 && w.len().is_multiple_of(row_bytes));
+        let n = w.len() / row_bytes;
+        assert!(n == 0 || out.len() >= (n - 1) * stride + rows);
         #[cfg(target_arch = "x86_64")]
         match self {
-            Self::Avx512Vnni if x86::has_vnni() => return x86::dot_rows_vnni(ty, w, a, first, out),
+            Self::Avx512Vnni if x86::has_vnni() => {
+                return x86::dot_tile_vnni(ty, w, row_bytes, a, first, rows, out, stride);
+            }
             Self::Avx2 | Self::Avx512Vnni if x86::has_avx2() => {
-                return x86::dot_rows_avx2(ty, w, a, first, out);
+                return x86::dot_tile_avx2(ty, w, row_bytes, a, first, rows, out, stride);
             }
             _ => {}
         }
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = dot_scalar(ty, w, a.row(first + r));
+        for (j, wr) in w.chunks_exact(row_bytes).enumerate() {
+            for (r, o) in out[j * stride..][..rows].iter_mut().enumerate() {
+                *o = dot_scalar(ty, wr, a.row(first + r));
+            }
         }
     }
 }
@@ -83,7 +113,7 @@ impl Isa {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::quant::{Q8Rows, QK};
+    use super::super::quant::{Q8Row, Q8Rows, QK};
     use crate::gguf::GgmlType;
 
     pub(super) fn has_avx2() -> bool {
@@ -116,26 +146,32 @@ mod x86 {
     /// Writes one kernel per instruction set: the body is the same, the
     /// `u8 × i8` multiply-sum differs.
     macro_rules! kernel {
-        ($entry:ident, $imp:ident, $features:literal, $mul_sum:ident) => {
+        ($entry:ident, $tile:ident, $imp:ident, $features:literal, $mul_sum:ident) => {
             /// Safe entry: the caller checked the processor; lengths were
-            /// checked by [`super::Isa::dot_rows`].
+            /// checked by [`super::Isa::dot_tile`].
+            #[allow(clippy::too_many_arguments)] // one tile's geometry
             pub(super) fn $entry(
                 ty: GgmlType,
                 w: &[u8],
+                row_bytes: usize,
                 a: &Q8Rows,
                 first: usize,
+                rows: usize,
                 out: &mut [f32],
+                stride: usize,
             ) {
                 macro_rules! go {
                     ($t:literal) => {
-                        match out.len() {
+                        match rows {
                             // SAFETY: the processor has the features (checked
-                            // by the caller); `w` holds as many blocks as the
-                            // activation rows `first..first + R`, which exist.
-                            1 => unsafe { $imp::<$t, 1>(w, a, first, out) },
-                            2 => unsafe { $imp::<$t, 2>(w, a, first, out) },
-                            3 => unsafe { $imp::<$t, 3>(w, a, first, out) },
-                            _ => unsafe { $imp::<$t, 4>(w, a, first, out) },
+                            // by the caller); `w` is whole rows of as many
+                            // blocks as the activation rows `first..first +
+                            // R`, which exist, and `out` holds every row's
+                            // results (checked by `dot_tile`).
+                            1 => unsafe { $tile::<$t, 1>(w, row_bytes, a, first, out, stride) },
+                            2 => unsafe { $tile::<$t, 2>(w, row_bytes, a, first, out, stride) },
+                            3 => unsafe { $tile::<$t, 3>(w, row_bytes, a, first, out, stride) },
+                            _ => unsafe { $tile::<$t, 4>(w, row_bytes, a, first, out, stride) },
                         }
                     };
                 }
@@ -146,24 +182,40 @@ mod x86 {
                 }
             }
 
+            /// Every weight row of `w` against `R` activation rows.
+            #[target_feature(enable = $features)]
+            unsafe fn $tile<const T: u8, const R: usize>(
+                w: &[u8],
+                row_bytes: usize,
+                a: &Q8Rows,
+                first: usize,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                let rows: [Q8Row<'_>; R] = std::array::from_fn(|r| a.row(first + r));
+                for (j, wr) in w.chunks_exact(row_bytes).enumerate() {
+                    // SAFETY: the caller's contract, per weight row.
+                    unsafe { $imp::<T, R>(wr, &rows, &mut out[j * stride..][..R]) };
+                }
+            }
+
             /// `T`: 0 Q4_0, 1 Q4_1, 2 Q8_0; `R` activation rows.
+            #[inline]
             #[target_feature(enable = $features)]
             unsafe fn $imp<const T: u8, const R: usize>(
                 w: &[u8],
-                a: &Q8Rows,
-                first: usize,
+                rows: &[Q8Row<'_>; R],
                 out: &mut [f32],
             ) {
                 let bb = [18usize, 20, 34][T as usize];
                 let nb = w.len() / bb;
-                let rows: [_; R] = std::array::from_fn(|r| a.row(first + r));
                 let mut acc = [_mm256_setzero_ps(); R];
                 let mut mins = [0f32; R];
                 let low = _mm_set1_epi8(0x0F);
                 for b in 0..nb {
                     // SAFETY: block `b` lies within `w` (b < nb); each
                     // activation row holds `nb` blocks of 32 values, scales
-                    // and sums (checked by `dot_rows`).
+                    // and sums (checked by `dot_tile`).
                     unsafe {
                         let wb = w.as_ptr().add(b * bb);
                         let scales =
@@ -209,9 +261,16 @@ mod x86 {
         };
     }
 
-    kernel!(dot_rows_avx2, dot_avx2, "avx2,fma,f16c", mul_sum_avx2);
     kernel!(
-        dot_rows_vnni,
+        dot_tile_avx2,
+        tile_avx2,
+        dot_avx2,
+        "avx2,fma,f16c",
+        mul_sum_avx2
+    );
+    kernel!(
+        dot_tile_vnni,
+        tile_vnni,
         dot_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         mul_sum_vnni
@@ -259,6 +318,41 @@ mod tests {
                                 "{isa:?} {ty:?}: {g} vs {e}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A tile of weight rows writes each row's results at its stride, equal
+    /// to the kernel run one weight row at a time, and nothing else.
+    #[test]
+    fn tiles_equal_their_rows_at_the_stride() {
+        for ty in crate::weights::BLOCK_TYPES {
+            let w: QuantMatrix = random_matrix(ty, 5, 256, 8);
+            let a = Q8Rows::quantize(&random_x(4, 256, 9));
+            for &isa in &Isa::available() {
+                for rows in 1..=4 {
+                    let stride = 6;
+                    let mut got = vec![-7f32; 5 * stride];
+                    isa.dot_tile(
+                        ty,
+                        &(0..5).flat_map(|j| w.row(j).to_vec()).collect::<Vec<u8>>(),
+                        &a,
+                        4 - rows,
+                        rows,
+                        &mut got,
+                        stride,
+                    );
+                    for j in 0..5 {
+                        let mut want = vec![0f32; rows];
+                        isa.dot_rows(ty, w.row(j), &a, 4 - rows, &mut want);
+                        assert_eq!(got[j * stride..][..rows], want[..], "{isa:?} {ty:?}");
+                        assert!(
+                            got[j * stride + rows..][..stride - rows]
+                                .iter()
+                                .all(|&v| v == -7.0)
+                        );
                     }
                 }
             }
