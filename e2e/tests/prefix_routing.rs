@@ -2,10 +2,11 @@
 //! mode, each agent naming the others as peers, all serving the built-in
 //! `weir-tiny`): on multi-turn chats the prefix policy beats rendezvous
 //! hashing, least-load and round-robin on prefix-cache hit rate and time to
-//! first token, measured in one run; a shared system prompt does not pile
-//! onto one replica; a stopped agent's summary expires, routing falls back
-//! to hashing and no request is lost. (Time to first token is asserted
-//! against hashing and least-load; against round-robin it is printed.)
+//! first token (against round-robin printed, not asserted), the four
+//! policies running at once on clusters of their own;
+//! a shared system prompt does not pile onto one replica; a stopped
+//! agent's summary expires, routing falls back to hashing and no request is
+//! lost.
 
 #![allow(clippy::print_stdout)] // the comparison table is the test's report
 
@@ -86,63 +87,77 @@ struct Row {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_routing_beats_the_other_policies_and_stays_balanced() {
     let options = Options {
-        conversations: 12,
+        conversations: 16,
         turns: 3,
         users: 24,
-        concurrency: 8,
+        concurrency: 4,
         max_tokens: 4,
         system_sentences: 1,
-        user_words: 30,
+        user_words: 40,
         ..Options::default()
     };
-    let mut rows = Vec::new();
-    let mut shared = None;
-    for (i, policy) in ["prefix", "hash", "least-load", "round-robin"]
-        .into_iter()
+    let policies = ["prefix", "hash", "least-load", "round-robin"];
+    // One cluster of four agents per policy, all started before any runs.
+    let clusters: Vec<Vec<Agent>> = policies
+        .iter()
+        .map(|policy| {
+            agents(
+                4,
+                &[
+                    "--routing-policy",
+                    policy,
+                    "--kv-summary-interval-ms",
+                    "100",
+                ],
+            )
+        })
+        .collect();
+    for cluster in &clusters {
+        wait_fresh(&cluster[0].url, 3.0, Duration::from_secs(30)).await;
+    }
+    // The four policies run at the same time, each on its own cluster and
+    // conversations (no answer cached before): whatever else loads the
+    // machine loads all four alike, so their times compare within the run.
+    let runs: Vec<_> = clusters
+        .iter()
         .enumerate()
-    {
-        let cluster = agents(
-            4,
-            &[
-                "--routing-policy",
-                policy,
-                "--kv-summary-interval-ms",
-                "100",
-            ],
-        );
-        wait_fresh(&cluster[0].url, 3.0, Duration::from_secs(20)).await;
-        // Each policy gets conversations of its own (no answer cached before).
-        let seeded = Options {
-            seed: 100 + i as u64,
-            ..options.clone()
-        };
-        let sessions = scenarios::sessions(Workload::MultiTurn, &seeded);
-        let entry = [cluster[0].url.clone()];
-        let summary = scenarios::run(&entry, &seeded, sessions).await;
+        .map(|(i, cluster)| {
+            let seeded = Options {
+                seed: 100 + i as u64,
+                ..options.clone()
+            };
+            let entry = [cluster[0].url.clone()];
+            tokio::spawn(async move {
+                let sessions = scenarios::sessions(Workload::MultiTurn, &seeded);
+                scenarios::run(&entry, &seeded, sessions).await
+            })
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for ((policy, cluster), run) in policies.into_iter().zip(&clusters).zip(runs) {
+        let summary = run.await.unwrap();
         assert_eq!(
             summary.ok, summary.requests,
             "{policy}: every turn answered"
         );
-        let hit_rate = hit_rate(&cluster).await;
-        if policy == "prefix" {
-            // A long shared system prompt this time.
-            let long = Options {
-                system_sentences: 6,
-                ..seeded.clone()
-            };
-            let singles = scenarios::sessions(Workload::SharedPrompt, &long);
-            let s = scenarios::run(&entry, &long, singles).await;
-            assert_eq!(s.ok, s.requests);
-            shared = Some(s);
-        }
         rows.push(Row {
             policy,
             summary,
-            hit_rate,
+            hit_rate: hit_rate(cluster).await,
         });
     }
+    // A long shared system prompt, alone on the prefix cluster.
+    let long = Options {
+        system_sentences: 6,
+        concurrency: 8,
+        seed: 200,
+        ..options.clone()
+    };
+    let singles = scenarios::sessions(Workload::SharedPrompt, &long);
+    let shared = scenarios::run(&[clusters[0][0].url.clone()], &long, singles).await;
+    assert_eq!(shared.ok, shared.requests);
     println!(
-        "multi-turn: {} conversations x {} turns, concurrency {}",
+        "multi-turn: {} conversations x {} turns, concurrency {} per policy, all four at once",
         options.conversations, options.turns, options.concurrency
     );
     println!(
@@ -171,10 +186,13 @@ async fn prefix_routing_beats_the_other_policies_and_stays_balanced() {
         );
     }
     // Time to first token: asserted against hashing and least-load, which
-    // lose conversations' caches *and* queue on some replicas. Round-robin
-    // is only printed: here four agents share two CPU cores, so its perfectly
-    // even spread of sequences is worth about as much as the prefill the
-    // cache saves, and its p50 comes out on either side of prefix's.
+    // lose conversations' caches or pile them up. Round-robin is printed
+    // only: here sixteen agents share two cores with a fair share each, so
+    // two requests on one replica take about twice as long, and
+    // round-robin, which never puts two together, lands within 10 % of
+    // prefix's p50 on either side (673 against 667 ms, 675 against 735 ms
+    // in two runs): the prefill a cache hit saves on the built-in model is
+    // about what that costs.
     for other in rows
         .iter()
         .filter(|r| matches!(r.policy, "hash" | "least-load"))
@@ -187,7 +205,6 @@ async fn prefix_routing_beats_the_other_policies_and_stays_balanced() {
             other.summary.ttft.p50
         );
     }
-    let shared = shared.unwrap();
     let ratio = shared.max_over_mean_share(4);
     println!(
         "shared system prompt ({} users): shares {:?}, max/mean {ratio:.2}",
