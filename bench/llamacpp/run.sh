@@ -56,12 +56,13 @@ until curl -sf "http://127.0.0.1:$wp/ready" >/dev/null; do sleep 0.5; done
 python3 - "$work" <<'PY'
 import json, sys
 work = sys.argv[1]
-weir = {}
+weir, weir_q8 = {}, {}
 for line in open(f"{work}/weir.txt"):
     parts = line.split()
     for key in ("prefill 512", "decode b=1", "decode 8 seqs", "decode 32 seqs"):
         if line.startswith(key):
-            weir[key] = float(parts[-4])  # the `blocks` column
+            weir[key] = float(parts[-4])  # the `blocks` column (the default)
+            weir_q8[key] = float(parts[-2])  # `blocks-q8` (WEIR_GGUF_WEIGHTS=q8)
 ref = {}
 for line in open(f"{work}/bench.jsonl"):
     if line.startswith("{"):
@@ -73,8 +74,9 @@ for line in open(f"{work}/batched.jsonl"):
         r = json.loads(line)
         if r["pl"] in (8, 32):
             ref[f"decode {r['pl']} seqs"] = r["speed_tg"]
-print(f"\n{'tok/s':<16} {'weir':>9} {'llama.cpp':>10} {'ratio':>6}")
+print(f"\n{'tok/s':<16} {'weir':>9} {'llama.cpp':>10} {'ratio':>6} {'weir-q8':>9} {'ratio':>6}")
 for key in ("prefill 512", "decode b=1", "decode 8 seqs", "decode 32 seqs"):
     w, l = weir.get(key, float("nan")), ref.get(key, float("nan"))
-    print(f"{key:<16} {w:>9.1f} {l:>10.1f} {w / l:>6.2f}")
+    q = weir_q8.get(key, float("nan"))
+    print(f"{key:<16} {w:>9.1f} {l:>10.1f} {w / l:>6.2f} {q:>9.1f} {q / l:>6.2f}")
 PY

@@ -15,14 +15,22 @@ pub const REPLICA_HEADER: &str = "x-weir-replica";
 /// and the replica that generated it are kept.
 pub async fn one(client: &reqwest::Client, url: &str, body: Value) -> Outcome {
     let started = Instant::now();
-    let response = match client
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-    {
+    let send = || {
+        client
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&body)
+            .send()
+    };
+    // A request that got no answer at all (typically sent on a kept-alive
+    // connection the server closed just then, as llama-server does after
+    // a few requests) is sent once more; the time counts from the first
+    // try, and a second failure is a failure.
+    let response = match send().await {
         Ok(r) => r,
-        Err(_) => return Outcome::failed(0, started.elapsed()),
+        Err(_) => match send().await {
+            Ok(r) => r,
+            Err(_) => return Outcome::failed(0, started.elapsed()),
+        },
     };
     let status = response.status().as_u16();
     let header = |name: &str| {
