@@ -251,11 +251,11 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
 }
 
 /// `x · wᵀ (+ bias)` in f32: on the fused kernels of [`super::fused`] for
-/// one to four rows, through [`super::sgemm::matmul_blocks`] from
-/// [`GEMM_MIN_ROWS`](super::sgemm::GEMM_MIN_ROWS) rows (both equal to
+/// one to [`MAX_FUSED_ROWS`](super::fused::MAX_FUSED_ROWS) rows, through
+/// [`super::sgemm::matmul_blocks`] for more (both equal to
 /// [`matmul_f32_tiled`] to float rounding), else [`matmul_f32_tiled`].
 pub fn matmul_f32(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>) -> CpuTensor {
-    if (1..=super::fused::MAX_ROWS).contains(&x.rows) {
+    if (1..=super::fused::MAX_FUSED_ROWS).contains(&x.rows) {
         return super::fused::matmul(x, w, bias, Isa::detect());
     }
     if x.rows >= super::sgemm::GEMM_MIN_ROWS {

@@ -94,7 +94,8 @@ fn kernels_read_every_field_of_a_single_block() {
     }
 }
 
-/// The whole product (tasks, a remainder task, bias) for one to four rows
+/// The whole product (tasks, a remainder task, bias, groups of four rows
+/// and a partial last group) for every row count the fused path takes
 /// against the tile path, on the detected kernels and the portable ones.
 #[test]
 fn matmul_f32_on_small_batches_matches_the_tile_path() {
@@ -107,7 +108,7 @@ fn matmul_f32_on_small_batches_matches_the_tile_path() {
             w.dequantize_row(j, row);
             row.iter_mut().for_each(|v| *v = v.abs());
         }
-        for m in 1..=MAX_ROWS {
+        for m in (1..=MAX_ROWS).chain([7, MAX_FUSED_ROWS]) {
             let x = random_x(m, cols, 3 + m as u64);
             let want = matmul_f32_tiled(&x, &w, Some(&bias));
             for isa in [Isa::Scalar, Isa::detect()] {
