@@ -4,10 +4,9 @@
 //!
 //! Weights are f32 ([`CpuWeight::Dense`]), or, for a GGUF file's quantized
 //! tensors, the stored blocks ([`CpuWeight::Quant`], multiplied by the
-//! kernels of [`quant`]: in f32 — for one to four activation rows on the
-//! fused dequantize-and-dot kernels of [`fused`], from
-//! [`sgemm::GEMM_MIN_ROWS`] on panels of rows dequantized for the `gemm`
-//! crate — or with 8-bit activations on the instruction set [`simd`]
+//! kernels of [`quant`]: in f32 — for up to [`fused::MAX_FUSED_ROWS`]
+//! activation rows on the fused dequantize-and-dot kernels of [`fused`],
+//! above that on panels of rows dequantized for the `gemm` crate — or with 8-bit activations on the instruction set [`simd`]
 //! detects). Dense f32 weights below [`sgemm::GEMM_MIN_ROWS`] rows take
 //! a row-parallel dot-product kernel written here: decode (few rows) is
 //! bound by reading the weights, and it reads each weight row once per

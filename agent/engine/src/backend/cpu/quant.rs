@@ -2,17 +2,18 @@
 //! matrix product `x · Wᵀ` on them, in one of two arithmetics
 //! ([`BlockArithmetic`]).
 //!
-//! [`matmul_f32`] (every quantized type): for one to four activation rows
-//! (decode) the fused kernels of [`super::fused`], which unpack each block
-//! into registers for all rows at once; from [`GEMM_MIN_ROWS`] rows
-//! [`super::sgemm::matmul_blocks`] (panels of dequantized rows through
-//! `gemm`). Both agree with weights dequantized at load to float rounding.
+//! [`matmul_f32`] (every quantized type): for one to [`MAX_FUSED_ROWS`]
+//! activation rows (decode and decode batches) the fused kernels of
+//! [`super::fused`], which unpack each block into registers once per
+//! group of four rows; above that [`super::sgemm::matmul_blocks`] (panels
+//! of dequantized rows through `gemm`). Both agree with weights
+//! dequantized at load to float rounding.
 //! [`matmul_f32_tiled`] dequantizes a tile of weight rows with the GGUF
 //! reference arithmetic into a buffer that stays in cache and takes the
 //! dense path's dot products, equal to weights dequantized at load bit
 //! for bit (the reference the others are tested against).
 //!
-//! [`GEMM_MIN_ROWS`]: super::sgemm::GEMM_MIN_ROWS
+//! [`MAX_FUSED_ROWS`]: super::fused::MAX_FUSED_ROWS
 //!
 //! [`matmul`] (Q4_0, Q4_1, Q8_0): as in llama.cpp (`ggml_vec_dot_q4_1_q8_1` and friends), each row of `x`
 //! is first rounded to 8 bits per 32-element block ([`Q8Rows`]: a scale
