@@ -2,8 +2,8 @@
 //! f32 at load, kept as blocks multiplied in f32 (the default), and kept
 //! as blocks with 8-bit activations, in one run:
 //! `cargo run --release -p weir-engine --example cpu_bench -- --model FILE.gguf [--threads 2]`.
-//! Add `--decode-only q8|blocks|f32 [--steps N]` to run one path's decode
-//! at batch 1 alone (for a profiler). Everything runs on a worker of
+//! Add `--decode-only q8|blocks|f32 [--steps N] [--seqs N]` to run one
+//! path's decode alone (batch 1 unless `--seqs`), for a profiler. Everything runs on a worker of
 //! rayon's pool, as the engine's step loop does.
 //! Prints prefill tok/s of a 512-token prompt, decode tok/s at batch 1,
 //! total tok/s of 8 and 32 sequences decoding together, the resident size
@@ -112,8 +112,8 @@ fn main() {
         weir_engine::backend::cpu::simd::Isa::detect()
     );
 
-    // `--decode-only q8|blocks|f32 [--steps N]`: one path's decode at batch
-    // 1 and nothing else, for a profiler.
+    // `--decode-only q8|blocks|f32 [--steps N] [--seqs N]`: one path's
+    // decode and nothing else, for a profiler.
     if let Some(mode) = arg("--decode-only") {
         let mode = match mode.as_str() {
             "q8" => QuantizedWeights::BlocksQ8,
@@ -122,8 +122,9 @@ fn main() {
         };
         let steps = arg("--steps").map_or(256, |s| s.parse().expect("--steps N"));
         let (model, _) = load(&path, mode);
-        let tok_s = rayon::scope(|_| decode_tok_s(&model, 1, steps));
-        println!("decode b=1 tok/s {tok_s:.1}");
+        let seqs = arg("--seqs").map_or(1, |s| s.parse().expect("--seqs N"));
+        let tok_s = rayon::scope(|_| decode_tok_s(&model, seqs, steps));
+        println!("decode {seqs} seqs tok/s {tok_s:.1}");
         return;
     }
     let modes = [
