@@ -126,6 +126,11 @@ impl QuantMatrix {
         self.cols / self.ty.block_elems() * self.ty.block_bytes()
     }
 
+    /// The blocks of rows `j..j + n`, back to back.
+    pub fn rows_blocks(&self, j: usize, n: usize) -> &[u8] {
+        &self.blocks[j * self.row_bytes()..][..n * self.row_bytes()]
+    }
+
     /// The blocks of row `j`.
     pub fn row(&self, j: usize) -> &[u8] {
         let len = self.row_bytes();
@@ -318,7 +323,7 @@ pub fn matmul(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>, isa: Isa) ->
         .for_each(|(t, tile)| {
             let j0 = t * TILE_ROWS;
             let n_rows = tile.len() / m;
-            let weights = &w.blocks[j0 * w.row_bytes()..][..n_rows * w.row_bytes()];
+            let weights = w.rows_blocks(j0, n_rows);
             let mut i = 0;
             while i < m {
                 let r = (m - i).min(4);

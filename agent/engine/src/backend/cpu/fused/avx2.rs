@@ -341,6 +341,58 @@ fn block_q8_0(b: &[u8]) -> ([__m256; 4], f32, f32) {
     (q, f16x4(b, 0)[0], 0.0)
 }
 
+/// Q4_0, Q4_1 or Q8_0 blocks dequantized into `out` exactly as
+/// [`super::portable::dequantize`] does it, bit for bit (`d · (q − 8)`,
+/// `d · q + m` and `d · q`, each product and sum rounded as there);
+/// `false`, with nothing written, for another type or a processor
+/// without AVX2, FMA and F16C.
+///
+/// # Panics
+/// When `out` holds fewer values than `blocks` has weights.
+pub fn dequantize(ty: GgmlType, blocks: &[u8], out: &mut [f32]) -> bool {
+    let supported = matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
+    if !supported || !available() {
+        return false;
+    }
+    assert!(out.len() >= blocks.len() / ty.block_bytes() * 32);
+    // SAFETY: the processor has the features (checked above).
+    unsafe { dequantize_small(ty, blocks, out) };
+    true
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dequantize_small(ty: GgmlType, blocks: &[u8], out: &mut [f32]) {
+    for (b, o) in blocks
+        .chunks_exact(ty.block_bytes())
+        .zip(out.chunks_exact_mut(32))
+    {
+        let (q, d, m) = match ty {
+            GgmlType::Q4_0 => {
+                let eight = _mm256_set1_ps(8.0);
+                let q = nibbles_f32(b, 2).map(|v| _mm256_sub_ps(v, eight));
+                (q, f16x4(b, 0)[0], None)
+            }
+            GgmlType::Q4_1 => {
+                let [d, m, ..] = f16x4(b, 0);
+                (nibbles_f32(b, 4), d, Some(m))
+            }
+            _ => {
+                let (q, d, _) = block_q8_0(b);
+                (q, d, None)
+            }
+        };
+        let d = _mm256_set1_ps(d);
+        for (i, q) in q.into_iter().enumerate() {
+            let mut v = _mm256_mul_ps(d, q);
+            if let Some(m) = m {
+                v = _mm256_add_ps(v, _mm256_set1_ps(m));
+            }
+            // SAFETY: `o` holds 32 values; this stores 8 from `8 i`.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * i), v) };
+        }
+    }
+}
+
 small_kernel!(q4_0, 18, true, block_q4_0);
 small_kernel!(q4_1, 20, true, block_q4_1);
 small_kernel!(q5_0, 22, true, block_q5_0);

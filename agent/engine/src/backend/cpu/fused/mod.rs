@@ -102,6 +102,18 @@ pub fn dot_rows(isa: Isa, ty: GgmlType, w: &[u8], x: &Rows<'_>, out: &mut [f32])
     portable::dot_rows(ty, w, &x.x, out)
 }
 
+/// `blocks` of `ty` (whole rows, back to back) dequantized into `out`,
+/// bit for bit as [`portable::dequantize`]: with AVX2 for Q4_0, Q4_1 and
+/// Q8_0 when `isa` allows and the processor has it, else portably.
+pub fn dequantize(isa: Isa, ty: GgmlType, blocks: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar && avx2::dequantize(ty, blocks, out) {
+        return;
+    }
+    let _ = isa;
+    portable::dequantize(ty, blocks, out)
+}
+
 /// Most activation rows [`matmul`] takes: up to this many, a weight row
 /// read once from memory and kept in L1 while groups of [`MAX_ROWS`] rows
 /// pass costs less than the `gemm` path's dequantized panels. Measured

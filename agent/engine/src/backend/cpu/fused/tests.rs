@@ -133,3 +133,27 @@ fn matmul_f32_on_small_batches_matches_the_tile_path() {
         }
     }
 }
+
+/// The AVX2 dequantization the `gemm` path's panels take equals the
+/// portable reference bit for bit, for the types it covers, and the
+/// dispatcher falls back to the reference for every other type.
+#[test]
+fn fast_dequantization_equals_the_reference_bit_for_bit() {
+    let (rows, cols) = (3, 256);
+    for ty in TYPES {
+        let w = random_matrix_with(ty, BlockArithmetic::F32, rows, cols, 41);
+        let mut want = vec![0f32; rows * cols];
+        for (j, row) in want.chunks_exact_mut(cols).enumerate() {
+            w.dequantize_row(j, row);
+        }
+        for isa in [Isa::Scalar, Isa::detect()] {
+            let mut got = vec![f32::NAN; rows * cols];
+            dequantize(isa, ty, w.rows_blocks(0, rows), &mut got);
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(g, e)| g.to_bits() == e.to_bits());
+            assert!(same, "{isa:?} {ty:?}");
+        }
+    }
+}
