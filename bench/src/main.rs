@@ -79,6 +79,9 @@ struct Args {
     /// Sentences of the shared system prompt.
     #[arg(long, default_value_t = 8)]
     system_sentences: usize,
+    /// Words of each user turn in `multi-turn` and `mix`.
+    #[arg(long, default_value_t = 24)]
+    user_words: usize,
 }
 
 async fn run(args: &Args, url: &str, prompts: &[(String, workload::Origin)]) -> Summary {
@@ -155,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
             concurrency: args.concurrency,
             max_tokens: args.max_tokens,
             system_sentences: args.system_sentences,
+            user_words: args.user_words,
             seed: args.seed,
             ..scenarios::Options::default()
         };

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use crate::report::Summary;
+use crate::report::{Outcome, Summary};
 use crate::request::one;
 use crate::workload::Rng;
 
@@ -167,13 +167,40 @@ pub fn sessions(workload: Workload, options: &Options) -> Vec<Session> {
     }
 }
 
+/// Where in a queue of `len` waiting sessions one whose answer just came
+/// in goes back: a seeded draw from its later half (`len / 2 ..= len`).
+///
+/// Always at the back, every session would keep its place in a fixed
+/// cycle: with `n` sessions, its turns would be requests `i`, `i + n`,
+/// `i + 2n`, … and round-robin over a number of replicas dividing `n`
+/// would send all of a conversation's turns to one replica, a sticky and
+/// perfectly balanced placement no real traffic gives it. The draw stands
+/// for users' differing pauses between turns, and still puts about half
+/// the others' turns between two of one session's.
+pub fn requeue_at(len: usize, rng: &mut Rng) -> usize {
+    let from = len / 2;
+    from + ((rng.unit() * (len - from + 1) as f64) as usize).min(len - from)
+}
+
 /// Sends `sessions` to `entries` (session `i` enters at `entries[i %
 /// len]`), `options.concurrency` turns at a time, streaming. Turns are
-/// taken from one queue: a session's next turn goes to the back once its
-/// answer is in, so other users' turns come between two of its own (as
-/// people chatting at once do) and no replica sees one conversation's
-/// turns back to back by accident. The summary covers every turn.
+/// taken from one queue: a session's next turn goes back into it once its
+/// answer is in, at [`requeue_at`], so other users' turns come between
+/// two of its own (as people chatting at once do) and no replica sees one
+/// conversation's turns back to back by accident. The summary covers
+/// every turn.
 pub async fn run(entries: &[String], options: &Options, sessions: Vec<Session>) -> Summary {
+    let (outcomes, elapsed) = send(entries, options, sessions).await;
+    Summary::of(&outcomes, elapsed)
+}
+
+/// What [`run`] summarizes: every turn's outcome and the time they took,
+/// for pooling several runs into one summary.
+pub async fn send(
+    entries: &[String],
+    options: &Options,
+    sessions: Vec<Session>,
+) -> (Vec<Outcome>, std::time::Duration) {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(options.concurrency)
         .build()
@@ -189,7 +216,7 @@ pub async fn run(entries: &[String], options: &Options, sessions: Vec<Session>) 
             )
         })
         .collect();
-    let queue = Arc::new(Mutex::new(queue));
+    let queue = Arc::new(Mutex::new((queue, Rng::new(options.seed ^ 0x5EED))));
     let left = Arc::new(AtomicUsize::new(
         sessions.iter().map(|s| s.turns.len()).sum(),
     ));
@@ -201,7 +228,11 @@ pub async fn run(entries: &[String], options: &Options, sessions: Vec<Session>) 
             tokio::spawn(async move {
                 let mut outcomes = Vec::new();
                 while left.load(Ordering::Acquire) > 0 {
-                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                    let next = queue
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                        .pop_front();
                     let Some((i, mut messages)) = next else {
                         // Every pending turn is in flight; one will requeue.
                         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
@@ -215,10 +246,10 @@ pub async fn run(entries: &[String], options: &Options, sessions: Vec<Session>) 
                     outcomes.push(outcome);
                     left.fetch_sub(1, Ordering::AcqRel);
                     if turn + 1 < sessions[i].turns.len() {
-                        queue
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push_back((i, messages));
+                        let mut guard = queue.lock().unwrap_or_else(|p| p.into_inner());
+                        let (waiting, rng) = &mut *guard;
+                        let at = requeue_at(waiting.len(), rng);
+                        waiting.insert(at, (i, messages));
                     }
                 }
                 outcomes
@@ -229,7 +260,7 @@ pub async fn run(entries: &[String], options: &Options, sessions: Vec<Session>) 
     for w in workers {
         outcomes.extend(w.await.unwrap_or_default());
     }
-    Summary::of(&outcomes, started.elapsed())
+    (outcomes, started.elapsed())
 }
 
 fn request(options: &Options, messages: &[Value]) -> Value {
@@ -270,5 +301,16 @@ mod tests {
         );
         assert_eq!(sessions(Workload::Mix, &o), mix, "deterministic");
         assert_eq!("shared-prompt".parse(), Ok(Workload::SharedPrompt));
+    }
+
+    #[test]
+    fn a_session_goes_back_into_the_later_half_of_the_queue_at_varying_places() {
+        let mut rng = Rng::new(3);
+        assert_eq!(requeue_at(0, &mut rng), 0);
+        let places: Vec<usize> = (0..400).map(|_| requeue_at(12, &mut rng)).collect();
+        assert!(places.iter().all(|p| (6..=12).contains(p)), "{places:?}");
+        for p in 6..=12 {
+            assert!(places.contains(&p), "{p} never drawn");
+        }
     }
 }
