@@ -15,6 +15,7 @@
 
 pub mod attention;
 pub mod fused;
+pub mod panel_t;
 pub mod quant;
 pub mod sgemm;
 pub mod simd;

@@ -29,7 +29,7 @@ pub const GEMM_MIN_ROWS: usize = 5;
 const PARALLEL_MIN_WORK: usize = 1 << 21;
 
 /// Bytes of dequantized weights per panel of [`matmul_blocks`]: the panel
-/// and the crate's packed copies of it stay in the 1 MiB L2 of a core.
+/// and its transposed copy stay in the 1 MiB L2 of a core.
 const PANEL_BYTES: usize = 256 << 10;
 
 /// The shape of `out[m, n] = x[m, k] · w[n, k]ᵀ`.
@@ -61,11 +61,13 @@ pub fn gemm_nt(
     accumulate: bool,
     threads: usize,
 ) {
-    let rhs = RhsLayout {
-        col: shape.k,
-        row: 1,
+    assert!(ldo >= shape.n, "row stride {ldo} < {} columns", shape.n);
+    let operands = Operands {
+        lhs: (x, Layout::rows(shape.k)),
+        rhs: (w, Layout::cols(shape.k)),
+        dst: (out, Layout::rows(ldo)),
     };
-    gemm_strided(x, (w, rhs), out, shape, ldo, accumulate, threads);
+    gemm_strided(operands, shape, accumulate, threads);
 }
 
 /// As [`gemm_nt`] with `w` a row-major `[k, n]` matrix, not transposed:
@@ -83,41 +85,99 @@ pub fn gemm_nn(
     accumulate: bool,
     threads: usize,
 ) {
-    let rhs = RhsLayout {
-        col: 1,
-        row: shape.n,
+    assert!(ldo >= shape.n, "row stride {ldo} < {} columns", shape.n);
+    let operands = Operands {
+        lhs: (x, Layout::rows(shape.k)),
+        rhs: (w, Layout::rows(shape.n)),
+        dst: (out, Layout::rows(ldo)),
     };
-    gemm_strided(x, (w, rhs), out, shape, ldo, accumulate, threads);
+    gemm_strided(operands, shape, accumulate, threads);
 }
 
-/// Strides of the right operand `rhs[l, j]` (`l < k`, `j < n`) in `w`:
-/// `(k, 1)` for `[n, k]` read transposed, `(1, n)` for row-major `[k, n]`;
-/// either way every element lies below `n · k`.
+/// One panel's product for [`matmul_blocks`], on one thread, computed
+/// transposed: `block[i·m + j] = Σ_l wt[l·m + j] · x[i·k + l]` (plus the
+/// value there when `accumulate`) for the panel's `m` weight rows `j` and
+/// the `n` activation rows `i`, with `wt` the dequantized panel transposed
+/// (`[k, m]`) and `x` row-major `[n, k]`: `block` is `out[i, j0 + j]`
+/// row-major, as the panel's columns of the result.
+///
+/// This is the layout the crate's kernels read: column-major weights (a
+/// multiple of 16 rows) and activations contiguous along `k`, so it
+/// packs neither. Given the panel row-major, it gathers it one value at a
+/// time at stride `k`, which took about a fifth of a 32-sequence decode
+/// step; [`super::panel_t::transpose`] does the same in 8×8 tiles.
+///
+/// # Panics
+///
+/// When a slice is too short for the shape.
+fn gemm_panel(wt: &[f32], x: &[f32], block: &mut [f32], shape: GemmShape, accumulate: bool) {
+    let operands = Operands {
+        lhs: (wt, Layout::cols(shape.m)),
+        rhs: (x, Layout::cols(shape.k)),
+        dst: (block, Layout::cols(shape.m)),
+    };
+    gemm_strided(operands, shape, accumulate, 1);
+}
+
+/// Strides of a matrix in its slice: `a[r, c]` at `r·row + c·col`.
 #[derive(Clone, Copy)]
-struct RhsLayout {
-    col: usize,
+struct Layout {
     row: usize,
+    col: usize,
 }
 
-fn gemm_strided(
-    x: &[f32],
-    (w, rhs): (&[f32], RhsLayout),
-    out: &mut [f32],
-    shape: GemmShape,
-    ldo: usize,
-    accumulate: bool,
-    threads: usize,
-) {
+impl Layout {
+    /// Row-major with row stride `ld`.
+    fn rows(ld: usize) -> Self {
+        Self { row: ld, col: 1 }
+    }
+
+    /// Column-major with column stride `ld`.
+    fn cols(ld: usize) -> Self {
+        Self { row: 1, col: ld }
+    }
+
+    /// Elements a `rows × cols` matrix in this layout reaches (0 when
+    /// empty).
+    fn reach(self, rows: usize, cols: usize) -> usize {
+        if rows == 0 || cols == 0 {
+            return 0;
+        }
+        (rows - 1) * self.row + (cols - 1) * self.col + 1
+    }
+}
+
+/// The three matrices of `dst = lhs · rhs` and their layouts: `lhs` is
+/// `[m, k]`, `rhs` is `[k, n]`, `dst` is `[m, n]`.
+struct Operands<'a> {
+    lhs: (&'a [f32], Layout),
+    rhs: (&'a [f32], Layout),
+    dst: (&'a mut [f32], Layout),
+}
+
+fn gemm_strided(operands: Operands<'_>, shape: GemmShape, accumulate: bool, threads: usize) {
     let GemmShape { m, n, k } = shape;
+    let Operands {
+        lhs: (x, lhs),
+        rhs: (w, rhs),
+        dst: (out, dst),
+    } = operands;
     if m == 0 || n == 0 {
         return;
     }
-    assert!(ldo >= n, "row stride {ldo} < {n} columns");
-    assert!(x.len() >= m * k, "x: {} values for {m}×{k}", x.len());
-    assert!(w.len() >= n * k, "w: {} values for {n}×{k}", w.len());
     assert!(
-        out.len() >= (m - 1) * ldo + n,
-        "out: {} values for {m}×{n} at stride {ldo}",
+        x.len() >= lhs.reach(m, k),
+        "x: {} values for {m}×{k}",
+        x.len()
+    );
+    assert!(
+        w.len() >= rhs.reach(k, n),
+        "w: {} values for {k}×{n}",
+        w.len()
+    );
+    assert!(
+        out.len() >= dst.reach(m, n),
+        "out: {} values for {m}×{n}",
         out.len()
     );
     let parallelism = if threads > 1 {
@@ -125,12 +185,13 @@ fn gemm_strided(
     } else {
         Parallelism::None
     };
-    let (k_i, ldo_i) = (k as isize, ldo as isize);
+    let s = |v: usize| v as isize;
     // SAFETY: the asserts above keep every element the strides reach in
-    // bounds: x[i, l] at i·k + l < m·k, rhs[l, j] at j·col + l·row ≤ n·k − 1
-    // for both layouts, out[i, j] at i·ldo + j ≤ (m−1)·ldo + n − 1. `out` is
-    // borrowed mutably, so nothing else reads or writes it during the call,
-    // and it does not overlap `x` or `w` (shared borrows).
+    // bounds (`reach` is one past the largest offset). `out` is borrowed
+    // mutably, so nothing else reads or writes it during the call, and it
+    // does not overlap `x` or `w` (shared borrows). The callers' layouts
+    // map distinct (i, j) of `out` to distinct offsets (`ldo ≥ n`, or
+    // column stride `m`).
     #[allow(unsafe_code)]
     unsafe {
         gemm::gemm(
@@ -138,15 +199,15 @@ fn gemm_strided(
             n,
             k,
             out.as_mut_ptr(),
-            1,
-            ldo_i,
+            s(dst.col),
+            s(dst.row),
             accumulate,
             x.as_ptr(),
-            1,
-            k_i,
+            s(lhs.col),
+            s(lhs.row),
             w.as_ptr(),
-            rhs.col as isize,
-            rhs.row as isize,
+            s(rhs.col),
+            s(rhs.row),
             1.0,
             1.0,
             false,
@@ -207,9 +268,10 @@ pub fn panel_rows(k: usize) -> usize {
 }
 
 thread_local! {
-    /// Each thread's buffer for one dequantized panel (as large as the
-    /// largest panel it took, about [`PANEL_BYTES`]), reused so that a
-    /// step neither allocates nor zeroes a panel per task.
+    /// Each thread's buffer for one dequantized panel and its transposed
+    /// copy (as large as twice the largest panel it took, about 2 ×
+    /// [`PANEL_BYTES`]), reused so that a step neither allocates nor
+    /// zeroes a panel per task.
     static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -217,8 +279,9 @@ thread_local! {
 /// [`panel_rows`] weight rows dequantizes them (the GGUF reference
 /// arithmetic, as [`QuantMatrix::dequantize_row`], with AVX2 for Q4_0,
 /// Q4_1 and Q8_0 where the processor has it) and multiplies every
-/// row of `x` by the panel in one single-threaded [`gemm_nt`] into its own
-/// `[m, panel]` block; the blocks are then copied into place.
+/// row of `x` by the panel, transposed, in one single-threaded
+/// [`gemm_panel`] into its own `[m, panel]` block; the blocks are then
+/// copied into place.
 pub fn matmul_blocks(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>) -> CpuTensor {
     let (m, n, k) = (x.rows, w.rows(), w.cols());
     let p = panel_rows(k);
@@ -238,20 +301,21 @@ pub fn matmul_blocks(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>) -> Cp
         .for_each(|(t, block)| {
             let j0 = t * p;
             let rows = block.len() / m;
-            PANEL.with_borrow_mut(|deq| {
-                // Grown, never shrunk: every value is written below.
-                if deq.len() < rows * k {
-                    deq.resize(rows * k, 0.0);
+            PANEL.with_borrow_mut(|bufs| {
+                // Grown, never shrunk: every value used is written below.
+                if bufs.len() < 2 * rows * k {
+                    bufs.resize(2 * rows * k, 0.0);
                 }
-                let deq = &mut deq[..rows * k];
+                let (deq, deqt) = bufs[..2 * rows * k].split_at_mut(rows * k);
                 fused::dequantize(isa, w.ty(), w.rows_blocks(j0, rows), deq);
+                super::panel_t::transpose(deq, deqt, k, rows);
                 if let Some(b) = bias {
                     for o in block.chunks_exact_mut(rows) {
                         o.copy_from_slice(&b[j0..j0 + rows]);
                     }
                 }
-                let shape = GemmShape { m, n: rows, k };
-                gemm_nt(&x.data, deq, block, shape, rows, bias.is_some(), 1);
+                let shape = GemmShape { m: rows, n: m, k };
+                gemm_panel(deqt, &x.data, block, shape, bias.is_some());
             });
         });
     for (t, block) in panels.chunks(m * p).enumerate() {
