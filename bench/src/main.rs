@@ -160,7 +160,6 @@ async fn main() -> anyhow::Result<()> {
             system_sentences: args.system_sentences,
             user_words: args.user_words,
             seed: args.seed,
-            ..scenarios::Options::default()
         };
         println!(
             "weir-loadgen: {workload:?}, {} conversations x {} turns, {} users, concurrency {}, {} tokens\n",
