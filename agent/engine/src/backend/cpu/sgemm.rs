@@ -1,9 +1,10 @@
 //! Products of many activation rows (prefill, batched decode) through the
-//! `gemm` crate's blocked, packed f32 kernels: [`gemm_nt`] (the one
-//! `unsafe` call, `out = x · wᵀ` on row-major slices, `w` transposed by its
-//! strides), the dense [`linear`] on it, and [`matmul_blocks`], which
-//! dequantizes a panel of weight rows at a time with the GGUF reference
-//! arithmetic and multiplies every activation row by the panel at once.
+//! `gemm` crate's blocked, packed f32 kernels, all through one `unsafe`
+//! call on operands of any strides: [`gemm_nt`] (`out = x · wᵀ` on
+//! row-major slices, `w` transposed by its strides), the dense [`linear`]
+//! on it, and [`matmul_blocks`], which dequantizes a panel of weight rows
+//! at a time with the GGUF reference arithmetic, transposes it, and
+//! multiplies every activation row by the panel at once.
 //!
 //! Below [`GEMM_MIN_ROWS`] activation rows the callers keep their
 //! row-parallel dot products: there the product is bound by reading the
