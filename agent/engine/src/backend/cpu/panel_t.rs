@@ -1,5 +1,5 @@
 //! Transposing a dequantized weight panel into the column-major layout
-//! the `gemm` crate's kernels read without packing ([`transpose`]): AVX2
+//! the `gemm` crate's kernels read without packing ([`transpose()`]): AVX2
 //! in 8×8 tiles where the processor has it and both sides are multiples
 //! of 8, the `transpose` crate otherwise.
 //!

@@ -281,7 +281,7 @@ thread_local! {
 /// arithmetic, as [`QuantMatrix::dequantize_row`], with AVX2 for Q4_0,
 /// Q4_1 and Q8_0 where the processor has it) and multiplies every
 /// row of `x` by the panel, transposed, in one single-threaded
-/// [`gemm_panel`] into its own `[m, panel]` block; the blocks are then
+/// `gemm_panel` into its own `[m, panel]` block; the blocks are then
 /// copied into place.
 pub fn matmul_blocks(x: &CpuTensor, w: &QuantMatrix, bias: Option<&[f32]>) -> CpuTensor {
     let (m, n, k) = (x.rows, w.rows(), w.cols());
